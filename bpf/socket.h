@@ -1,0 +1,414 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket tracing: the part shared by every attach mode (tracepoint, kprobe,
+ * fentry). The modes differ only in where they hook; each hook calls
+ * emit_conn() or emit_data() below, so every mode produces the same events.
+ *
+ * Kernel -> user space contract (bpf2go generates the Go types):
+ *   struct conn_event  connection established (with role) or closed
+ *   struct data_event  one send or receive: true byte count, stream offset,
+ *                      and a bounded prefix of the payload
+ */
+#ifndef CLOVISOR_SOCKET_H
+#define CLOVISOR_SOCKET_H
+
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_core_read.h"
+#include "bpf_tracing.h"
+#include "bpf_endian.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define MSG_PEEK 2
+
+/* Largest payload prefix a data event can carry; the configured prefix
+ * (payload_cap) is at most this. */
+#define MAX_PAYLOAD 8192
+/* How many iovec elements of a vectored call are copied from. */
+#define MAX_IOV 8
+/* Masks a length to the scratch buffer (data + spill, 2 * MAX_PAYLOAD). */
+#define SCRATCH_MASK (2 * MAX_PAYLOAD - 1)
+
+enum event_kind {
+	EVENT_CONN_OPEN = 1,
+	EVENT_CONN_CLOSE = 2,
+	EVENT_DATA = 3,
+};
+
+enum conn_role {
+	ROLE_UNKNOWN = 0,
+	ROLE_CLIENT = 1, /* the socket connected (active open) */
+	ROLE_SERVER = 2, /* the socket was accepted (passive open) */
+};
+
+enum data_dir {
+	DIR_SEND = 1,
+	DIR_RECV = 2,
+};
+
+/* Index into the stats map: counters user space reads and exports. */
+enum stat_index {
+	STAT_DATA_LOST = 0,    /* data events the ring buffer had no room for */
+	STAT_CONN_LOST = 1,    /* connection events the ring buffer had no room for */
+	STAT_PAYLOAD_FAULT = 2,/* payload copies that faulted (event sent without payload) */
+	STAT_DATA_EVENTS = 3,  /* data events sent */
+	STAT_CONN_EVENTS = 4,  /* connection events sent */
+	STAT_MAX = 8,
+};
+
+struct conn_tuple {
+	__u8 saddr[16]; /* local address: IPv4 in the first 4 bytes, or IPv6 */
+	__u8 daddr[16]; /* remote address */
+	__u16 sport;    /* local port, host byte order */
+	__u16 dport;    /* remote port, host byte order */
+	__u16 family;   /* AF_INET or AF_INET6 */
+	__u16 _pad;
+};
+
+struct conn_event {
+	__u8 kind; /* EVENT_CONN_OPEN or EVENT_CONN_CLOSE */
+	__u8 role; /* enum conn_role (open events) */
+	__u8 old_state;
+	__u8 _pad0;
+	__u32 _pad1;
+	__u64 ts;        /* bpf_ktime_get_ns() */
+	__u64 cookie;    /* socket cookie */
+	__u64 cgroup_id; /* cgroup v2 id of the socket's owner */
+	struct conn_tuple tuple;
+	/* close events: the TCP connection's own counters */
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u32 srtt_us;
+	__u32 total_retrans;
+};
+
+struct data_event {
+	__u8 kind; /* EVENT_DATA */
+	__u8 dir;  /* enum data_dir */
+	__u16 _pad0;
+	__u32 seq;       /* TCP sequence number of the first byte (wraps) */
+	__u64 ts;        /* bpf_ktime_get_ns() when the call returned */
+	__u64 cookie;    /* socket cookie */
+	__u64 cgroup_id; /* cgroup v2 id of the calling task */
+	__u32 tgid;
+	__u32 pid;
+	__u32 len; /* true byte count of the call */
+	__u32 cap; /* bytes of payload that follow (<= len, <= payload_cap) */
+	__u8 comm[16];
+	struct conn_tuple tuple;
+	__u8 data[MAX_PAYLOAD];
+};
+
+/* Scratch space: the payload of a vectored call is copied at a variable
+ * offset, so the buffer is twice the largest prefix to keep every copy
+ * provably in bounds. */
+struct data_scratch {
+	struct data_event ev;
+	__u8 spill[MAX_PAYLOAD];
+};
+
+/* Settings fixed at load time by user space. */
+volatile const __u32 self_tgid = 0;        /* the agent: never traced */
+volatile const __u32 payload_cap = 4096;   /* payload prefix per call */
+volatile const __u8 filter_cgroups = 0;    /* trace only traced_cgroups */
+volatile const __u8 filter_ports = 0;      /* trace only traced_ports */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* cgroup v2 ids whose sockets are traced (when filter_cgroups is set). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u8);
+} traced_cgroups SEC(".maps");
+
+/* Ports (local or remote, host byte order) whose connections are traced
+ * (when filter_ports is set). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u16);
+	__type(value, __u8);
+} traced_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct data_scratch);
+} scratch SEC(".maps");
+
+/* Force bpf2go to emit the Go types of the events. */
+const struct conn_event *unused_conn_event __attribute__((unused));
+const struct data_event *unused_data_event __attribute__((unused));
+const enum event_kind *unused_event_kind __attribute__((unused));
+const enum conn_role *unused_conn_role __attribute__((unused));
+const enum data_dir *unused_data_dir __attribute__((unused));
+const enum stat_index *unused_stat_index __attribute__((unused));
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Syscall numbers of the calls whose user buffers we copy from. */
+#if defined(__TARGET_ARCH_x86)
+#define NR_read 0
+#define NR_write 1
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
+#define SYSCALL_ARG2(r) BPF_CORE_READ(r, si)
+#define SYSCALL_ARG3(r) BPF_CORE_READ(r, dx)
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_read 63
+#define NR_write 64
+#define NR_readv 65
+#define NR_writev 66
+#define NR_sendto 206
+#define NR_recvfrom 207
+#define NR_sendmsg 211
+#define NR_recvmsg 212
+#define SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
+#define SYSCALL_ARG2(r) BPF_CORE_READ(r, regs[1])
+#define SYSCALL_ARG3(r) BPF_CORE_READ(r, regs[2])
+#else
+#error "unsupported architecture"
+#endif
+
+static __always_inline int sock_traceable(const struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
+}
+
+static __always_inline void read_tuple(const struct sock *sk, struct conn_tuple *t)
+{
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	t->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	t->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET) {
+		BPF_CORE_READ_INTO((__u32 *)t->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)t->daddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO(&t->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&t->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+}
+
+static __always_inline int ports_traced(__u16 sport, __u16 dport)
+{
+	if (!filter_ports)
+		return 1;
+	return bpf_map_lookup_elem(&traced_ports, &sport) || bpf_map_lookup_elem(&traced_ports, &dport);
+}
+
+static __always_inline __u64 sock_cgroup_id(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+}
+
+/*
+ * emit_conn reports a TCP state change that opens or closes a connection.
+ * It runs in any context (softirq included), so the cgroup is the socket's
+ * own (the cgroup of the process that created it), not current's.
+ */
+static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstate, __u64 cookie)
+{
+	struct conn_event *e;
+	__u8 kind, role = ROLE_UNKNOWN;
+
+	if (newstate == TCP_ESTABLISHED) {
+		kind = EVENT_CONN_OPEN;
+		if (oldstate == TCP_SYN_SENT)
+			role = ROLE_CLIENT;
+		else if (oldstate == TCP_SYN_RECV)
+			role = ROLE_SERVER;
+		else
+			return;
+	} else if (newstate == TCP_CLOSE) {
+		/* A listener or a never-opened socket is no connection. */
+		if (oldstate == TCP_LISTEN || oldstate == TCP_CLOSE || oldstate == TCP_SYN_SENT ||
+		    oldstate == TCP_SYN_RECV)
+			return;
+		kind = EVENT_CONN_CLOSE;
+	} else {
+		return;
+	}
+	if (!sock_traceable(sk))
+		return;
+
+	__u64 cgid = sock_cgroup_id(sk);
+	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid))
+		return;
+	__u16 sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	__u16 dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (!ports_traced(sport, dport))
+		return;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(STAT_CONN_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = kind;
+	e->role = role;
+	e->old_state = oldstate;
+	e->ts = bpf_ktime_get_ns();
+	e->cookie = cookie;
+	e->cgroup_id = cgid;
+	read_tuple(sk, &e->tuple);
+	if (kind == EVENT_CONN_CLOSE) {
+		struct tcp_sock *tp = (struct tcp_sock *)sk;
+		e->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
+		e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+		e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+		e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+	}
+	bpf_ringbuf_submit(e, 0);
+	count(STAT_CONN_EVENTS);
+}
+
+/* copy_iov copies up to want bytes from a user iovec array into dst. */
+static __always_inline __u32 copy_iov(__u8 *dst, const struct iovec *iovp, __u64 iovcnt, __u32 want)
+{
+	__u32 off = 0;
+
+#pragma unroll
+	for (int i = 0; i < MAX_IOV; i++) {
+		struct iovec iov;
+		if (i >= iovcnt || off >= want)
+			break;
+		if (bpf_probe_read_user(&iov, sizeof(iov), &iovp[i]))
+			break;
+		__u64 n = iov.iov_len;
+		if (n > want - off)
+			n = want - off;
+		if (n > MAX_PAYLOAD)
+			n = MAX_PAYLOAD;
+		__u32 o = off & (MAX_PAYLOAD - 1);
+		if (n && bpf_probe_read_user(dst + o, n, iov.iov_base))
+			break;
+		off += n;
+	}
+	return off;
+}
+
+/*
+ * copy_payload copies the first want bytes the current syscall sent or
+ * received from the caller's buffers, found from the syscall's arguments in
+ * the task's saved user registers. Calls that reach a socket some other way
+ * (sendfile, splice, io_uring, ...) yield no payload: their byte counts
+ * still arrive.
+ */
+static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	long nr = SYSCALL_NR(regs);
+	__u64 arg2 = SYSCALL_ARG2(regs);
+
+	switch (nr) {
+	case NR_read:
+	case NR_write:
+	case NR_sendto:
+	case NR_recvfrom:
+		/* want <= payload_cap <= MAX_PAYLOAD: the mask changes nothing
+		 * but lets the verifier see the copy stays inside the scratch
+		 * buffer (data + spill). */
+		want &= SCRATCH_MASK;
+		if (bpf_probe_read_user(dst, want, (void *)arg2))
+			return (__u32)-1;
+		return want;
+	case NR_readv:
+	case NR_writev:
+		return copy_iov(dst, (const struct iovec *)arg2, SYSCALL_ARG3(regs), want);
+	case NR_sendmsg:
+	case NR_recvmsg: {
+		struct user_msghdr msg;
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)arg2))
+			return (__u32)-1;
+		return copy_iov(dst, msg.msg_iov, msg.msg_iovlen, want);
+	}
+	}
+	return 0;
+}
+
+/*
+ * emit_data reports one send or receive of len bytes on sk, called in the
+ * context of the task that made the call, after the bytes were copied.
+ * seq is the TCP sequence number just past the call's bytes.
+ */
+static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir, __u32 seq_end, __u64 cookie)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+	if (tgid == self_tgid)
+		return;
+
+	__u64 cgid = bpf_get_current_cgroup_id();
+	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid))
+		return;
+
+	__u32 zero = 0;
+	struct data_scratch *s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s)
+		return;
+	struct data_event *e = &s->ev;
+	read_tuple(sk, &e->tuple);
+	if (!ports_traced(e->tuple.sport, e->tuple.dport))
+		return;
+
+	e->kind = EVENT_DATA;
+	e->dir = dir;
+	e->seq = seq_end - len;
+	e->ts = bpf_ktime_get_ns();
+	e->cookie = cookie;
+	e->cgroup_id = cgid;
+	e->tgid = tgid;
+	e->pid = (__u32)pid_tgid;
+	e->len = len;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+
+	__u32 want = len < payload_cap ? len : payload_cap;
+	__u32 got = copy_payload(e->data, want);
+	if (got == (__u32)-1) {
+		count(STAT_PAYLOAD_FAULT);
+		got = 0;
+	}
+	if (got > MAX_PAYLOAD)
+		got = MAX_PAYLOAD;
+	e->cap = got;
+
+	__u64 size = offsetof(struct data_event, data) + got;
+	if (size > sizeof(*e))
+		size = sizeof(*e);
+	if (bpf_ringbuf_output(&events, e, size, 0)) {
+		count(STAT_DATA_LOST);
+		return;
+	}
+	count(STAT_DATA_EVENTS);
+}
+
+#endif /* CLOVISOR_SOCKET_H */

@@ -1,0 +1,59 @@
+package spans
+
+import (
+	"net/netip"
+
+	"github.com/clovisor/clovisor/protocols"
+)
+
+// Kind says which side of a connection a session was seen from.
+type Kind uint8
+
+const (
+	// Server: the traced process accepted the connection.
+	Server Kind = iota + 1
+	// Client: the traced process connected.
+	Client
+)
+
+// Point names where Clovisor saw the bytes (clovisor.point).
+type Point string
+
+const (
+	PointSocket Point = "socket"
+)
+
+// Process is the traced process that owns the socket.
+type Process struct {
+	PID  uint32 // thread-group id (what ps calls the pid)
+	Comm string // kernel comm, the executable name truncated to 15 bytes
+	// Exe is the executable's base name when user space could read it
+	// (longer than Comm), "" otherwise.
+	Exe string
+}
+
+// Session is one request/response exchange on one connection, as one point
+// of visibility saw it: the unit Clovisor exports as one span.
+type Session struct {
+	Point Point
+	Kind  Kind
+	// Client and Server are the two ends of the connection. Client is
+	// the side that connected.
+	Client, Server netip.AddrPort
+	// Transport is "tcp" or "udp".
+	Transport string
+
+	Process Process
+	// CgroupID is the inode of the socket owner's cgroup v2 directory;
+	// CgroupPath its path below the cgroup2 mount ("" if unknown).
+	CgroupID   uint64
+	CgroupPath string
+
+	// ConnID identifies the connection (the socket cookie), Index the
+	// exchange's place on it (0, 1, ...), so that the two ends of one
+	// exchange can be tied together.
+	ConnID uint64
+	Index  int
+
+	Tx *protocols.Transaction
+}

@@ -1,0 +1,249 @@
+// Command clovisor is Clovisor's node agent: it traces the network sessions
+// of the processes on this host with eBPF and exports each request/response
+// exchange as an OpenTelemetry span (OTLP), or prints it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/clovisor/clovisor/podmap"
+	"github.com/clovisor/clovisor/probes"
+	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/protocols/http1"
+	"github.com/clovisor/clovisor/sockets"
+	"github.com/clovisor/clovisor/spans"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "clovisor:", err)
+		os.Exit(1)
+	}
+}
+
+// listFlag collects a repeatable, comma-separable flag.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
+type options struct {
+	probeMode    string
+	cgroups      listFlag
+	ports        listFlag
+	payloadBytes int
+	ringBytes    int
+	output       string
+	endpoint     string
+	protocol     string
+	maxConns     int
+	idleTimeout  time.Duration
+	statsEvery   time.Duration
+	logLevel     string
+}
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("clovisor", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: clovisor [flags]\n\n"+
+			"Traces the TCP sessions of this host's processes with eBPF and exports one\n"+
+			"OpenTelemetry span per request/response. With no collector configured\n"+
+			"(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or\n"+
+			"--otlp-endpoint) each session is printed as a line. Needs root (or\n"+
+			"CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE) and a kernel with BTF.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.probeMode, "probe-mode", probes.ModeAuto, "how to hook the kernel: auto, "+strings.Join(probes.Modes, ", "))
+	fs.Var(&o.cgroups, "cgroup", "trace only these cgroups (v2 paths, absolute or below the cgroup2 mount; repeatable, comma-separated); default: all")
+	fs.Var(&o.ports, "port", "trace only connections with one of these local or remote ports (repeatable, comma-separated); default: all")
+	fs.IntVar(&o.payloadBytes, "payload-bytes", probes.DefaultPayload, fmt.Sprintf("payload prefix captured per send or receive call (at most %d)", probes.MaxPayload))
+	fs.IntVar(&o.ringBytes, "ring-bytes", 8<<20, "size of the kernel ring buffer (a power of two)")
+	fs.StringVar(&o.output, "output", "", "console, json or otlp (default: otlp when a collector is configured, console otherwise)")
+	fs.StringVar(&o.endpoint, "otlp-endpoint", "", "OTLP collector URL, e.g. http://localhost:4318 (overrides OTEL_EXPORTER_OTLP_ENDPOINT)")
+	fs.StringVar(&o.protocol, "otlp-protocol", "", "grpc or http/protobuf (default: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
+	fs.IntVar(&o.maxConns, "max-conns", 65536, "connections tracked at once")
+	fs.DurationVar(&o.idleTimeout, "idle-timeout", 5*time.Minute, "forget connections idle for this long")
+	fs.DurationVar(&o.statsEvery, "stats-interval", time.Minute, "log counters this often (0: only at exit)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	switch o.output {
+	case "", "console", "json", "otlp":
+	default:
+		return nil, fmt.Errorf("--output=%s: want console, json or otlp", o.output)
+	}
+	return o, nil
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+
+	ports, err := parsePorts(o.ports)
+	if err != nil {
+		return err
+	}
+	cgr, err := podmap.NewCgroupResolver()
+	if err != nil {
+		return fmt.Errorf("cgroup v2: %w", err)
+	}
+	defer cgr.Close()
+	cgroupIDs, err := resolveCgroups(cgr.Mount(), o.cgroups)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	exp, err := spans.New(ctx, spans.Config{Output: o.output, Endpoint: o.endpoint, Protocol: o.protocol, Writer: stdout}, log)
+	if err != nil {
+		return fmt.Errorf("span export: %w", err)
+	}
+
+	tr, err := probes.Open(probes.Options{
+		Mode:          o.probeMode,
+		PayloadBytes:  o.payloadBytes,
+		RingBytes:     o.ringBytes,
+		FilterCgroups: len(cgroupIDs) > 0,
+		Ports:         ports,
+		Logger:        log,
+	})
+	if err != nil {
+		_ = exp.Shutdown(context.Background())
+		return err
+	}
+	for _, id := range cgroupIDs {
+		if err := tr.AddCgroup(id); err != nil {
+			tr.Close()
+			_ = exp.Shutdown(context.Background())
+			return fmt.Errorf("tracing cgroup %d: %w", id, err)
+		}
+	}
+
+	tk := sockets.NewTracker(sockets.Config{
+		Analyzers:   protocols.NewRegistry(http1.New()),
+		Sink:        exp.Export,
+		MaxConns:    o.maxConns,
+		IdleTimeout: o.idleTimeout,
+		CgroupPath:  cgr.Path,
+		Logger:      log,
+	})
+	log.Info("tracing", "component", "agent", "cgroups", len(cgroupIDs), "ports", len(ports), "payload_bytes", o.payloadBytes)
+
+	statsDone := make(chan struct{})
+	if o.statsEvery > 0 {
+		go func() {
+			defer close(statsDone)
+			t := time.NewTicker(o.statsEvery)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					logKernelStats(log, tr)
+				}
+			}
+		}()
+	} else {
+		close(statsDone)
+	}
+
+	runErr := sockets.Run(ctx, tr.Events, tk)
+	stop()
+	<-statsDone
+	logKernelStats(log, tr)
+	st := tk.Stats()
+	log.Info("user-space counters", "component", "sockets", "events", st.Events, "bad_events", st.BadEvents,
+		"sessions", st.Sessions, "conns_evicted", st.ConnsEvicted, "conns_expired", st.ConnsExpired,
+		"unrecognized_conns", st.Unrecognized, "gap_bytes", st.GapBytes, "reordered", st.Reordered,
+		"garbage_bytes", st.GarbageBytes)
+
+	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	errs := []error{runErr}
+	if err := tr.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("detaching: %w", err))
+	}
+	if err := exp.Shutdown(shutCtx); err != nil {
+		errs = append(errs, fmt.Errorf("flushing spans: %w", err))
+	}
+	log.Info("stopped", "component", "agent")
+	return errors.Join(errs...)
+}
+
+func logKernelStats(log *slog.Logger, tr *probes.Tracer) {
+	ks, err := tr.Stats()
+	if err != nil {
+		log.Warn("reading kernel counters", "err", err)
+		return
+	}
+	log.Info("kernel counters", "component", "probes", "mode", tr.Mode, "data_events", ks.DataEvents,
+		"conn_events", ks.ConnEvents, "data_lost", ks.DataLost, "conn_lost", ks.ConnLost, "payload_faults", ks.PayloadFaults)
+}
+
+func parsePorts(list []string) ([]uint16, error) {
+	var ports []uint16
+	for _, s := range list {
+		p, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || p == 0 {
+			return nil, fmt.Errorf("--port %q: want a port number 1-65535", s)
+		}
+		ports = append(ports, uint16(p))
+	}
+	return ports, nil
+}
+
+// resolveCgroups turns cgroup paths into cgroup v2 ids.
+func resolveCgroups(mount string, paths []string) ([]uint64, error) {
+	var ids []uint64
+	for _, p := range paths {
+		full := p
+		if !strings.HasPrefix(p, mount+"/") && p != mount {
+			full = filepath.Join(mount, p)
+		}
+		id, err := podmap.CgroupID(full)
+		if err != nil {
+			return nil, fmt.Errorf("--cgroup %s: %w", p, err)
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}

@@ -1,0 +1,141 @@
+package probes
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+)
+
+// ourPrograms lists the ids of loaded programs named like ours.
+func ourPrograms(t *testing.T) map[ebpf.ProgramID]string {
+	t.Helper()
+	names := map[string]bool{}
+	spec, err := loadSocketTP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range spec.Programs {
+		names[name] = true
+		if len(name) > 15 {
+			names[name[:15]] = true // BPF_OBJ_NAME_LEN, without BTF func info
+		}
+	}
+	found := map[ebpf.ProgramID]string{}
+	var id ebpf.ProgramID
+	for {
+		id, err = ebpf.ProgramGetNextID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			return found
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		info, err := p.Info()
+		p.Close()
+		if err == nil && names[info.Name] {
+			found[id] = info.Name
+		}
+	}
+}
+
+func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {
+	testbed.RequireRoot(t)
+	before := ourPrograms(t)
+	tr, err := Open(Options{Mode: ModeTracepoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Mode != ModeTracepoint {
+		t.Errorf("mode %s", tr.Mode)
+	}
+	during := ourPrograms(t)
+	if len(during)-len(before) != 3 {
+		t.Errorf("%d programs of ours loaded, want 3: %v", len(during)-len(before), during)
+	}
+	if tr.Events.Type() != ebpf.RingBuf || tr.Events.MaxEntries() != 8<<20 {
+		t.Errorf("ring buffer %v of %d bytes", tr.Events.Type(), tr.Events.MaxEntries())
+	}
+	if err := tr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel frees programs after an RCU grace period: give it a moment.
+	var after map[ebpf.ProgramID]string
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		after = ourPrograms(t)
+		if len(after) <= len(before) || time.Now().After(deadline) {
+			break
+		}
+	}
+	for id, name := range after {
+		if _, ok := before[id]; !ok {
+			t.Errorf("program %d (%s) still loaded after Close", id, name)
+		}
+	}
+}
+
+func TestAutoPicksAWorkingModeAndSaysWhy(t *testing.T) {
+	testbed.RequireRoot(t)
+	var log strings.Builder
+	tr, err := Open(Options{Logger: testLogger(&log)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	out := log.String()
+	if !strings.Contains(out, "socket tracer attached") || !strings.Contains(out, "mode="+tr.Mode) {
+		t.Errorf("log does not name the chosen mode:\n%s", out)
+	}
+	// Every better mode than the chosen one was refused with a reason.
+	for _, m := range Modes {
+		if m == tr.Mode {
+			break
+		}
+		if !strings.Contains(out, "probe mode refused") || !strings.Contains(out, "mode="+m) {
+			t.Errorf("log does not say why %s was refused:\n%s", m, out)
+		}
+	}
+}
+
+func TestForcedModeFailsWithTheMissingFeature(t *testing.T) {
+	testbed.RequireRoot(t)
+	for _, m := range []string{ModeKprobe, ModeFentry} {
+		tr, err := Open(Options{Mode: m})
+		if err == nil {
+			tr.Close()
+			t.Fatalf("mode %s opened, but it has no programs in this build", m)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "probe mode "+m) || !strings.Contains(msg, KernelRelease()) {
+			t.Errorf("%s: error does not name the mode and kernel: %v", m, err)
+		}
+		if !errors.Is(err, ErrUnsupported) && !errors.Is(err, errNotBuilt) {
+			t.Errorf("%s: %v", m, err)
+		}
+		t.Logf("%s: %v", m, err)
+	}
+}
+
+func TestBadOptions(t *testing.T) {
+	for _, o := range []Options{
+		{Mode: "uprobe"},
+		{PayloadBytes: MaxPayload + 1},
+		{PayloadBytes: -1},
+		{RingBytes: 12345},
+	} {
+		if _, err := Open(o); err == nil {
+			t.Errorf("%+v: no error", o)
+		} else {
+			t.Logf("%+v: %v", o, err)
+		}
+	}
+}

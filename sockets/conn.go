@@ -1,0 +1,71 @@
+package sockets
+
+import (
+	"net/netip"
+
+	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/spans"
+)
+
+// conn is one TCP connection seen from one socket.
+type conn struct {
+	cookie        uint64
+	role          uint8
+	fromStart     bool // the open event was seen: exchanges are counted from the first
+	local, remote netip.AddrPort
+	cgroup        uint64
+	pid           uint32
+	process       spans.Process
+	lastTS        uint64
+
+	// streams[0] is what the socket sent, streams[1] what it received.
+	streams [2]stream
+
+	protocol     string
+	parser       protocols.Parser
+	tries        int
+	unrecognized bool
+	index        int
+
+	prev, next *conn // LRU list
+}
+
+// stream follows one direction's TCP sequence numbers.
+type stream struct {
+	started bool
+	next    uint32 // sequence number of the next byte expected
+}
+
+// connList is an intrusive doubly linked list with a sentinel.
+type connList struct{ root conn }
+
+func (l *connList) init() { l.root.next, l.root.prev = &l.root, &l.root }
+
+func (l *connList) pushFront(c *conn) {
+	c.prev, c.next = &l.root, l.root.next
+	l.root.next.prev = c
+	l.root.next = c
+}
+
+func (l *connList) remove(c *conn) {
+	if c.prev == nil {
+		return
+	}
+	c.prev.next, c.next.prev = c.next, c.prev
+	c.prev, c.next = nil, nil
+}
+
+func (l *connList) moveToFront(c *conn) {
+	if l.root.next == c {
+		return
+	}
+	l.remove(c)
+	l.pushFront(c)
+}
+
+func (l *connList) back() *conn {
+	if l.root.prev == &l.root {
+		return nil
+	}
+	return l.root.prev
+}

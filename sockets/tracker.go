@@ -1,0 +1,369 @@
+// Package sockets turns the socket tracer's kernel events into sessions:
+// it reads the ring buffer, keeps a table of connections keyed by socket
+// cookie, reassembles each direction of each connection by the kernel's
+// true byte counts, and feeds the bytes to the protocol analyzers.
+package sockets
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/clovisor/clovisor/probes"
+	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/spans"
+)
+
+// Config configures a Tracker.
+type Config struct {
+	// Analyzers recognise and parse protocols.
+	Analyzers *protocols.Registry
+	// Sink receives every completed session, from the tracker's goroutine.
+	Sink func(*spans.Session)
+	// MaxConns bounds the connection table (default 65536); the least
+	// recently active connection is dropped when it is full.
+	MaxConns int
+	// IdleTimeout drops connections with no event for this long (default
+	// 5 minutes).
+	IdleTimeout time.Duration
+	// CgroupPath maps a cgroup id to its path (optional).
+	CgroupPath func(id uint64) string
+	// Logger (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// Stats counts what the tracker did and dropped.
+type Stats struct {
+	Events        uint64 // records read
+	BadEvents     uint64 // records that could not be decoded
+	Sessions      uint64 // sessions emitted
+	Conns         int    // connections in the table now
+	ConnsEvicted  uint64 // dropped because the table was full
+	ConnsExpired  uint64 // dropped because they were idle
+	Unrecognized  uint64 // connections whose protocol no analyzer knew
+	GapBytes      uint64 // bytes the kernel saw but never reached us (lost events)
+	Reordered     uint64 // data events that arrived behind their stream position
+	GarbageBytes  int64  // bytes analyzers could not parse
+	ParserResyncs int64
+}
+
+// Tracker holds the connection table. It is not safe for concurrent use:
+// one goroutine feeds it (see Run).
+type Tracker struct {
+	cfg   Config
+	log   *slog.Logger
+	conns map[uint64]*conn
+	lru   connList // most recently active at the front
+	procs procCache
+	txs   []*protocols.Transaction
+	stats Stats
+	data  probes.DataEvent // decode buffer
+	ce    probes.ConnEvent
+}
+
+// NewTracker makes a tracker.
+func NewTracker(cfg Config) *Tracker {
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = 65536
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 5 * time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Analyzers == nil {
+		cfg.Analyzers = protocols.NewRegistry()
+	}
+	if cfg.Sink == nil {
+		cfg.Sink = func(*spans.Session) {}
+	}
+	t := &Tracker{cfg: cfg, log: cfg.Logger.With("component", "sockets"), conns: map[uint64]*conn{}}
+	t.lru.init()
+	t.procs.entries = map[uint32]procEntry{}
+	return t
+}
+
+// Stats returns the counters.
+func (t *Tracker) Stats() Stats {
+	s := t.stats
+	s.Conns = len(t.conns)
+	for _, c := range t.conns {
+		if c.parser != nil {
+			ps := c.parser.Stats()
+			s.GarbageBytes += ps.Garbage
+			s.ParserResyncs += ps.Resyncs
+		}
+	}
+	return s
+}
+
+// Handle processes one ring-buffer record.
+func (t *Tracker) Handle(raw []byte) {
+	t.stats.Events++
+	if len(raw) == 0 {
+		t.stats.BadEvents++
+		return
+	}
+	switch raw[0] {
+	case probes.EventConnOpen, probes.EventConnClose:
+		if err := decodeConn(raw, &t.ce); err != nil {
+			t.badEvent(err)
+			return
+		}
+		t.handleConn(&t.ce)
+	case probes.EventData:
+		payload, err := decodeData(raw, &t.data)
+		if err != nil {
+			t.badEvent(err)
+			return
+		}
+		t.handleData(&t.data, payload)
+	default:
+		t.stats.BadEvents++
+	}
+}
+
+func (t *Tracker) badEvent(err error) {
+	t.stats.BadEvents++
+	if t.stats.BadEvents < 10 {
+		t.log.Warn("undecodable kernel event", "err", err)
+	}
+}
+
+func (t *Tracker) handleConn(ev *probes.ConnEvent) {
+	switch ev.Kind {
+	case probes.EventConnOpen:
+		if old, ok := t.conns[ev.Cookie]; ok {
+			// A cookie is never reused; a stale entry means its close
+			// was lost.
+			t.finish(old, ev.Ts)
+		}
+		c := t.newConn(ev.Cookie, ev.Ts)
+		c.role = ev.Role
+		c.fromStart = true
+		c.cgroup = ev.CgroupId
+		c.local, c.remote = endpoints(ev.Tuple.Family, &ev.Tuple.Saddr, &ev.Tuple.Daddr, ev.Tuple.Sport, ev.Tuple.Dport)
+	case probes.EventConnClose:
+		if c, ok := t.conns[ev.Cookie]; ok {
+			t.finish(c, ev.Ts)
+		}
+	}
+}
+
+func (t *Tracker) newConn(cookie, ts uint64) *conn {
+	if len(t.conns) >= t.cfg.MaxConns {
+		if old := t.lru.back(); old != nil {
+			t.stats.ConnsEvicted++
+			t.finish(old, ts)
+		}
+	}
+	c := &conn{cookie: cookie, lastTS: ts}
+	t.conns[cookie] = c
+	t.lru.pushFront(c)
+	return c
+}
+
+// finish flushes a connection's pending transaction and forgets it.
+func (t *Tracker) finish(c *conn, ts uint64) {
+	if c.parser != nil {
+		t.txs = c.parser.Close(ts, t.txs[:0])
+		t.emit(c, t.txs)
+		ps := c.parser.Stats()
+		t.stats.GarbageBytes += ps.Garbage
+		t.stats.ParserResyncs += ps.Resyncs
+		c.parser = nil
+	}
+	delete(t.conns, c.cookie)
+	t.lru.remove(c)
+}
+
+func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
+	c, ok := t.conns[ev.Cookie]
+	if !ok {
+		// A connection that predates the agent, or whose open event was
+		// lost: its role is found from the payload.
+		c = t.newConn(ev.Cookie, ev.Ts)
+		c.local, c.remote = endpoints(ev.Tuple.Family, &ev.Tuple.Saddr, &ev.Tuple.Daddr, ev.Tuple.Sport, ev.Tuple.Dport)
+		c.cgroup = ev.CgroupId
+	}
+	c.lastTS = ev.Ts
+	t.lru.moveToFront(c)
+	if c.pid != ev.Tgid || c.process.Comm == "" {
+		c.pid = ev.Tgid
+		c.process = t.procs.lookup(ev.Tgid, ev.Comm[:])
+	}
+	if ev.CgroupId != 0 {
+		c.cgroup = ev.CgroupId
+	}
+
+	// Keep each direction in step with the kernel's stream position.
+	st := &c.streams[0]
+	if ev.Dir == probes.DirRecv {
+		st = &c.streams[1]
+	}
+	gap := 0
+	if st.started {
+		d := int32(ev.Seq - st.next)
+		if d < 0 {
+			t.stats.Reordered++
+			return
+		}
+		gap = int(d)
+	}
+	st.started = true
+	st.next = ev.Seq + ev.Len
+
+	if c.unrecognized {
+		return
+	}
+	if c.parser == nil && !t.detect(c, ev.Dir, payload) {
+		return
+	}
+	dir := t.direction(c, ev.Dir)
+	txs := t.txs[:0]
+	if gap > 0 {
+		t.stats.GapBytes += uint64(gap)
+		txs = c.parser.Feed(protocols.Chunk{Dir: dir, Len: gap, TS: ev.Ts}, txs)
+	}
+	txs = c.parser.Feed(protocols.Chunk{Dir: dir, Data: payload, Len: int(ev.Len), TS: ev.Ts}, txs)
+	t.txs = txs
+	t.emit(c, txs)
+}
+
+// detectTries is how many payload-bearing calls may pass before a
+// connection is declared unrecognized.
+const detectTries = 4
+
+// detect picks the connection's analyzer (and its role, when unknown) from
+// the first payload seen. It reports whether the connection has a parser.
+func (t *Tracker) detect(c *conn, kdir uint8, payload []byte) bool {
+	if len(payload) == 0 {
+		return false
+	}
+	role := c.role
+	if role == probes.RoleUnknown {
+		// As a request, these bytes make the sender the client.
+		if a, ok := t.cfg.Analyzers.Detect(protocols.Request, payload); ok {
+			c.role = roleOf(kdir, true)
+			c.parser = a.NewParser()
+			c.protocol = a.Name()
+			return true
+		}
+		if a, ok := t.cfg.Analyzers.Detect(protocols.Response, payload); ok {
+			c.role = roleOf(kdir, false)
+			c.parser = a.NewParser()
+			c.protocol = a.Name()
+			return true
+		}
+	} else {
+		dir := t.direction(c, kdir)
+		if a, ok := t.cfg.Analyzers.Detect(dir, payload); ok {
+			c.parser = a.NewParser()
+			c.protocol = a.Name()
+			return true
+		}
+	}
+	c.tries++
+	if c.tries >= detectTries {
+		c.unrecognized = true
+		t.stats.Unrecognized++
+	}
+	return false
+}
+
+// roleOf: a request sent makes us the client; a request received, the
+// server.
+func roleOf(kdir uint8, isRequest bool) uint8 {
+	if (kdir == probes.DirSend) == isRequest {
+		return probes.RoleClient
+	}
+	return probes.RoleServer
+}
+
+func (t *Tracker) direction(c *conn, kdir uint8) protocols.Direction {
+	sent := kdir == probes.DirSend
+	if (c.role == probes.RoleClient) == sent {
+		return protocols.Request
+	}
+	return protocols.Response
+}
+
+func (t *Tracker) emit(c *conn, txs []*protocols.Transaction) {
+	for _, tx := range txs {
+		s := &spans.Session{
+			Point:     spans.PointSocket,
+			Transport: "tcp",
+			Process:   c.process,
+			CgroupID:  c.cgroup,
+			ConnID:    c.cookie,
+			Index:     -1,
+			Tx:        tx,
+		}
+		if c.fromStart {
+			s.Index = c.index
+		}
+		c.index++
+		if c.role == probes.RoleClient {
+			s.Kind, s.Client, s.Server = spans.Client, c.local, c.remote
+		} else {
+			s.Kind, s.Client, s.Server = spans.Server, c.remote, c.local
+		}
+		if t.cfg.CgroupPath != nil {
+			s.CgroupPath = t.cfg.CgroupPath(c.cgroup)
+		}
+		t.stats.Sessions++
+		t.cfg.Sink(s)
+	}
+}
+
+// Expire drops connections idle since before now-IdleTimeout (now in
+// kernel monotonic ns), flushing their pending transactions.
+func (t *Tracker) Expire(now uint64) {
+	limit := uint64(t.cfg.IdleTimeout.Nanoseconds())
+	for {
+		c := t.lru.back()
+		if c == nil || now < limit || c.lastTS >= now-limit {
+			return
+		}
+		t.stats.ConnsExpired++
+		t.finish(c, now)
+	}
+}
+
+// Flush ends every connection (at shutdown).
+func (t *Tracker) Flush(now uint64) {
+	for c := t.lru.back(); c != nil; c = t.lru.back() {
+		t.finish(c, now)
+	}
+}
+
+// procCache remembers executable names per process.
+type procCache struct {
+	entries map[uint32]procEntry
+}
+
+type procEntry struct {
+	comm string
+	exe  string
+}
+
+const maxProcs = 8192
+
+func (p *procCache) lookup(tgid uint32, rawComm []byte) spans.Process {
+	comm := cstring(rawComm)
+	if e, ok := p.entries[tgid]; ok && e.comm == comm {
+		return spans.Process{PID: tgid, Comm: comm, Exe: e.exe}
+	}
+	exe := ""
+	if target, err := os.Readlink("/proc/" + strconv.FormatUint(uint64(tgid), 10) + "/exe"); err == nil {
+		exe = filepath.Base(target)
+	}
+	if len(p.entries) >= maxProcs {
+		clear(p.entries)
+	}
+	p.entries[tgid] = procEntry{comm: comm, exe: exe}
+	return spans.Process{PID: tgid, Comm: comm, Exe: exe}
+}

@@ -320,3 +320,39 @@ func loadErr(what string, err error) error {
 	return fmt.Errorf("loading %s: %w", what, err)
 }
 
+// LoadedPrograms lists the BPF programs loaded in the kernel (by anyone)
+// that carry the names of Clovisor's socket programs, by id. Clovisor's
+// own links are not pinned, so after its process ends none should remain.
+func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
+	spec, err := loadSocketTP()
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]bool{}
+	for name := range spec.Programs {
+		names[name] = true
+		if len(name) > 15 {
+			names[name[:15]] = true // BPF_OBJ_NAME_LEN, when the kernel has no BTF func info
+		}
+	}
+	found := map[ebpf.ProgramID]string{}
+	var id ebpf.ProgramID
+	for {
+		id, err = ebpf.ProgramGetNextID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			return found, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		info, err := p.Info()
+		p.Close()
+		if err == nil && names[info.Name] {
+			found[id] = info.Name
+		}
+	}
+}

@@ -2,7 +2,6 @@ package probes
 
 import (
 	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -12,40 +11,13 @@ import (
 	"github.com/clovisor/clovisor/internal/testbed"
 )
 
-// ourPrograms lists the ids of loaded programs named like ours.
 func ourPrograms(t *testing.T) map[ebpf.ProgramID]string {
 	t.Helper()
-	names := map[string]bool{}
-	spec, err := loadSocketTP()
+	m, err := LoadedPrograms()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name := range spec.Programs {
-		names[name] = true
-		if len(name) > 15 {
-			names[name[:15]] = true // BPF_OBJ_NAME_LEN, without BTF func info
-		}
-	}
-	found := map[ebpf.ProgramID]string{}
-	var id ebpf.ProgramID
-	for {
-		id, err = ebpf.ProgramGetNextID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return found
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := ebpf.NewProgramFromID(id)
-		if err != nil {
-			continue // gone meanwhile
-		}
-		info, err := p.Info()
-		p.Close()
-		if err == nil && names[info.Name] {
-			found[id] = info.Name
-		}
-	}
+	return m
 }
 
 func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {

@@ -54,6 +54,13 @@ type Session struct {
 	// exchange can be tied together.
 	ConnID uint64
 	Index  int
+	// ConnTag, when non-zero, is a value both ends of the connection
+	// observe identically, such as the client's TCP initial sequence number
+	// (the server learns it from the SYN). It is mixed into the IDs that
+	// link the two ends of an exchange (see the package doc), so that a
+	// later connection reusing the same address pair is not taken for this
+	// one. Both ends must fill it the same way, or both leave it 0.
+	ConnTag uint64
 
 	Tx *protocols.Transaction
 }

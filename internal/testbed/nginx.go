@@ -55,6 +55,7 @@ func NewHTTPPair(t testing.TB) *HTTPPair {
 
 	dir := t.TempDir()
 	conf := fmt.Sprintf(`daemon off;
+user root;
 master_process on;
 worker_processes 1;
 pid %[1]s/nginx.pid;
@@ -94,7 +95,7 @@ http {
 	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		err := p.ServerNS.Command(context.Background(), "sh", "-c",
+		err := p.ServerNS.Command(context.Background(), "bash", "-c",
 			fmt.Sprintf("exec 3<>/dev/tcp/%s/%d", p.ServerIP, p.Port)).Run()
 		if err == nil {
 			break

@@ -1,0 +1,333 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+	"github.com/clovisor/clovisor/probes"
+)
+
+var agentBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "clovisor-agent-test")
+	if err != nil {
+		panic(err)
+	}
+	agentBin = filepath.Join(dir, "clovisor")
+	if out, err := exec.Command("go", "build", "-o", agentBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building the agent: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// agent is a running clovisor process.
+type agent struct {
+	cmd            *exec.Cmd
+	stdout, stderr *syncBuffer
+	done           chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startAgent runs the agent binary and waits until it has attached.
+func startAgent(t *testing.T, env []string, args ...string) *agent {
+	t.Helper()
+	a := &agent{cmd: exec.Command(agentBin, args...), stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan error, 1)}
+	a.cmd.Env = append(os.Environ(), env...)
+	a.cmd.Stdout, a.cmd.Stderr = a.stdout, a.stderr
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.done <- a.cmd.Wait() }()
+	t.Cleanup(func() {
+		if a.cmd.ProcessState == nil {
+			a.cmd.Process.Kill()
+			<-a.done
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(a.stderr.String(), "msg=tracing") {
+		select {
+		case err := <-a.done:
+			t.Fatalf("agent exited: %v\n%s", err, a.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not start:\n%s", a.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return a
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (a *agent) stop(t *testing.T) {
+	t.Helper()
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-a.done:
+		if err != nil {
+			t.Fatalf("agent exited with %v:\n%s", err, a.stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("agent did not stop within 20 s of SIGTERM:\n%s", a.stderr.String())
+	}
+}
+
+func cgroupFlag(p *testbed.HTTPPair) string {
+	return "--cgroup=" + p.ClientCG.Path() + "," + p.ServerCG.Path()
+}
+
+// TestConsoleOutput is the README's main job: no collector configured, so
+// each session is printed as a line.
+func TestConsoleOutput(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	p := testbed.NewHTTPPair(t)
+	p.WriteFile(t, "index.html", []byte("<h1>hello</h1>\n"))
+	a := startAgent(t, []string{"OTEL_EXPORTER_OTLP_ENDPOINT=", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="}, cgroupFlag(p))
+	p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", p.URL("/index.html"))
+	p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", p.URL("/missing"))
+	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 4 }, a)
+	a.stop(t)
+
+	lines := strings.Split(strings.TrimSpace(a.stdout.String()), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("%d lines, want 4:\n%s", len(lines), a.stdout.String())
+	}
+	want := []struct{ proc, summary, kind string }{
+		{"curl[", "GET /index.html 200", "CLIENT"},
+		{"nginx[", "GET /index.html 200", "SERVER"},
+		{"curl[", "GET /missing 404", "CLIENT"},
+		{"nginx[", "GET /missing 404", "SERVER"},
+	}
+	for _, w := range want {
+		found := false
+		for _, l := range lines {
+			if strings.Contains(l, w.proc) && strings.Contains(l, w.summary) && strings.Contains(l, w.kind) &&
+				strings.Contains(l, p.ClientIP.String()+":") && strings.Contains(l, "-> "+p.ServerIP.String()+":8080") {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no line with %s %s %s:\n%s", w.proc, w.summary, w.kind, a.stdout.String())
+		}
+	}
+	for _, msg := range []string{"socket tracer attached", "msg=stopped"} {
+		if !strings.Contains(a.stderr.String(), msg) {
+			t.Errorf("log lacks %q:\n%s", msg, a.stderr.String())
+		}
+	}
+}
+
+// TestJSONOutput: --output=json prints one object per span.
+func TestJSONOutput(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	p := testbed.NewHTTPPair(t)
+	p.WriteFile(t, "index.html", []byte("<h1>hello</h1>\n"))
+	a := startAgent(t, nil, cgroupFlag(p), "--output=json")
+	p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", p.URL("/index.html?x=1"))
+	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 2 }, a)
+	a.stop(t)
+	sc := bufio.NewScanner(strings.NewReader(a.stdout.String()))
+	kinds := map[string]bool{}
+	for sc.Scan() {
+		var span struct {
+			Name       string         `json:"name"`
+			Kind       string         `json:"kind"`
+			TraceID    string         `json:"trace_id"`
+			Attributes map[string]any `json:"attributes"`
+			Resource   map[string]any `json:"resource"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &span); err != nil {
+			t.Fatalf("line %q: %v", sc.Text(), err)
+		}
+		kinds[span.Kind] = true
+		if span.Name != "GET" || span.Attributes["url.path"] != "/index.html" || span.Attributes["url.query"] != "x=1" ||
+			span.Attributes["http.response.status_code"] != float64(200) || len(span.TraceID) != 32 {
+			t.Errorf("span %s", sc.Text())
+		}
+	}
+	if len(kinds) != 2 {
+		t.Errorf("kinds %v, want a client and a server span:\n%s", kinds, a.stdout.String())
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool, a *agent) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out; stdout:\n%s\nstderr:\n%s", a.stdout.String(), a.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestJaeger: the agent exports over OTLP (gRPC and HTTP) to a real
+// Jaeger, where the spans are found with their attributes, the server's
+// span a child of the client's.
+func TestJaeger(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	for _, proto := range []string{"grpc", "http/protobuf"} {
+		t.Run(strings.ReplaceAll(proto, "/", "_"), func(t *testing.T) {
+			j := testbed.StartJaeger(t)
+			p := testbed.NewHTTPPair(t)
+			p.WriteFile(t, "data.json", []byte(`{"ok":true}`))
+			endpoint := j.OTLPHTTPEndpoint()
+			if proto == "grpc" {
+				endpoint = "http://" + j.OTLPGRPCEndpoint()
+			}
+			a := startAgent(t, []string{"OTEL_EXPORTER_OTLP_ENDPOINT=" + endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL=" + proto,
+				"OTEL_BSP_SCHEDULE_DELAY=200"}, cgroupFlag(p))
+			p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", "-A", "e2e-agent/1.0", p.URL("/data.json?id=7"))
+			// Flushing at SIGTERM must deliver the spans.
+			a.stop(t)
+			if a.stdout.String() != "" {
+				t.Errorf("OTLP mode printed spans:\n%s", a.stdout.String())
+			}
+			cs := j.WaitForSpans(t, "curl", 1, 20*time.Second)
+			ss := j.WaitForSpans(t, "nginx", 1, 20*time.Second)
+			if len(cs) != 1 || len(ss) != 1 {
+				t.Fatalf("%d curl spans, %d nginx spans", len(cs), len(ss))
+			}
+			check := func(s testbed.Span, kind string, cgroup uint64) {
+				t.Helper()
+				want := map[string]string{
+					"span.kind":                 kind,
+					"http.request.method":       "GET",
+					"url.path":                  "/data.json",
+					"url.query":                 "id=7",
+					"http.response.status_code": "200",
+					"user_agent.original":       "e2e-agent/1.0",
+					"server.address":            p.ServerIP.String(),
+					"network.transport":         "tcp",
+					"network.type":              "ipv4",
+					"clovisor.point":            "socket",
+					"clovisor.cgroup.id":        fmt.Sprint(cgroup),
+				}
+				for k, v := range want {
+					if tag, ok := s.Tag(k); !ok || tag.String() != v {
+						t.Errorf("%s span: %s = %v (present %v), want %s", kind, k, tag.Value, ok, v)
+					}
+				}
+				if s.OperationName != "GET" || s.Duration <= 0 {
+					t.Errorf("%s span: name %q duration %d", kind, s.OperationName, s.Duration)
+				}
+			}
+			check(cs[0], "client", p.ClientCG.ID())
+			check(ss[0], "server", p.ServerCG.ID())
+			if ss[0].TraceID != cs[0].TraceID || len(ss[0].References) != 1 || ss[0].References[0].SpanID != cs[0].SpanID {
+				t.Errorf("server span %s/%s refs %+v is not the child of client span %s/%s", ss[0].TraceID, ss[0].SpanID,
+					ss[0].References, cs[0].TraceID, cs[0].SpanID)
+			}
+		})
+	}
+}
+
+// TestSIGTERMUnderLoadLeavesNothing: stopped while traffic flows, the
+// agent exits cleanly and leaves no program of ours in the kernel.
+func TestSIGTERMUnderLoadLeavesNothing(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	p := testbed.NewHTTPPair(t)
+	p.WriteFile(t, "x", []byte("x"))
+	before, err := probes.LoadedPrograms()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, nil, cgroupFlag(p), "--output=json")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	load, start := p.ClientCommand(ctx, "sh", "-c", fmt.Sprintf("while :; do curl -s -o /dev/null %s; done", p.URL("/x")))
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); load.Wait() }()
+	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 20 }, a)
+	during, err := probes.LoadedPrograms()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(during) != len(before)+3 {
+		t.Errorf("%d programs of ours while running, want %d", len(during), len(before)+3)
+	}
+	a.stop(t)
+	var after map[ebpf.ProgramID]string
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if after, err = probes.LoadedPrograms(); err != nil {
+			t.Fatal(err)
+		}
+		if len(after) <= len(before) || time.Now().After(deadline) {
+			break
+		}
+	}
+	for id, name := range after {
+		if _, ok := before[id]; !ok {
+			t.Errorf("program %d (%s) left in the kernel after SIGTERM", id, name)
+		}
+	}
+	// Every line printed is a whole JSON object: nothing was cut off.
+	for _, l := range strings.Split(strings.TrimSpace(a.stdout.String()), "\n") {
+		if !json.Valid([]byte(l)) {
+			t.Errorf("broken output line %q", l)
+		}
+	}
+}
+
+func TestBadFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"--output=xml"},
+		{"--port=0"},
+		{"--port=http"},
+		{"--probe-mode=magic"},
+		{"--cgroup=/no/such/cgroup-of-clovisor"},
+		{"--payload-bytes=100000"},
+		{"stray"},
+	} {
+		out, err := exec.Command(agentBin, args...).CombinedOutput()
+		if err == nil {
+			t.Errorf("%v: exit 0", args)
+		}
+		if !strings.Contains(string(out), "clovisor:") && !strings.Contains(string(out), "Usage") {
+			t.Errorf("%v: no clear message: %s", args, out)
+		}
+	}
+}

@@ -1,0 +1,327 @@
+package spans
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// ScopeName is the instrumentation scope of Clovisor's spans.
+const ScopeName = "github.com/clovisor/clovisor"
+
+// Stats counts what an Exporter did with the sessions it was given.
+type Stats struct {
+	// Exported counts spans the output accepted (OTLP: the collector
+	// acknowledged the request; console/json: the line was written).
+	Exported uint64
+	// Dropped counts spans lost: the queue was full, the export failed,
+	// the session was unusable or came after Shutdown.
+	Dropped uint64
+	// ExportErrors counts failed export calls (each may carry many spans).
+	ExportErrors uint64
+	// Queued is the number of spans waiting in the OTLP batch processor
+	// (queued or being exported); they end up Exported or Dropped.
+	Queued int64
+	// Resources is the number of per-service TracerProviders alive.
+	Resources int
+}
+
+// Exporter turns Sessions into spans and exports them.
+type Exporter struct {
+	mode   string
+	log    *slog.Logger
+	clock  *monoClock
+	base   []attribute.KeyValue
+	link   func(*Session) bool
+	c      *counters
+	proc   sdktrace.SpanProcessor // the real processor, shut down once
+	shared *sharedProcessor       // registered with every provider
+	dest   sdktrace.SpanExporter  // the destination exporter
+
+	mu      sync.Mutex // guards everything below; held by Export
+	closed  bool
+	attrs   attrBuilder
+	lru     map[service]*provEntry
+	head    *provEntry // most recently used
+	tail    *provEntry // least recently used
+	maxRes  int
+	summary bool
+}
+
+// provEntry is one per-resource TracerProvider in the LRU list.
+type provEntry struct {
+	key        service
+	tp         *sdktrace.TracerProvider
+	tr         trace.Tracer
+	prev, next *provEntry
+}
+
+// New builds an Exporter. For "otlp" it creates the SDK exporter for the
+// configured protocol (which does not connect yet). It installs a
+// rate-limited slog handler as OpenTelemetry's global error handler. log may
+// be nil (slog.Default()).
+func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	mode, err := cfg.output()
+	if err != nil {
+		return nil, err
+	}
+	e := &Exporter{
+		mode:    mode,
+		log:     log,
+		link:    cfg.Link,
+		c:       &counters{},
+		lru:     make(map[service]*provEntry),
+		maxRes:  cfg.MaxResources,
+		summary: mode == OutputConsole,
+	}
+	if e.maxRes <= 0 {
+		e.maxRes = DefaultMaxResources
+	}
+
+	interval := cfg.ErrorInterval
+	if interval <= 0 {
+		interval = DefaultErrorInterval
+	}
+	otel.SetErrorHandler(&errorHandler{log: log, interval: interval, now: time.Now})
+
+	base, err := baseResourceAttrs(ctx)
+	if err != nil {
+		log.Warn("resource detection incomplete", "err", err)
+	}
+	e.base = base
+
+	switch mode {
+	case OutputOTLP:
+		dest := cfg.Exporter
+		if dest == nil {
+			proto, err := cfg.protocol()
+			if err != nil {
+				return nil, err
+			}
+			dest, err = newOTLPExporter(ctx, cfg, proto)
+			if err != nil {
+				return nil, err
+			}
+			log.Debug("otlp exporter", "protocol", proto)
+		}
+		e.dest = dest
+		q := cfg.QueueSize
+		if q <= 0 {
+			q = DefaultQueueSize
+		}
+		opts := []sdktrace.BatchSpanProcessorOption{
+			sdktrace.WithMaxQueueSize(q),
+			sdktrace.WithMaxExportBatchSize(min(sdktrace.DefaultMaxExportBatchSize, q)),
+		}
+		if cfg.BatchTimeout > 0 {
+			opts = append(opts, sdktrace.WithBatchTimeout(cfg.BatchTimeout))
+		}
+		if cfg.ExportTimeout > 0 {
+			opts = append(opts, sdktrace.WithExportTimeout(cfg.ExportTimeout))
+		}
+		e.proc = sdktrace.NewBatchSpanProcessor(&countingExporter{next: dest, c: e.c, trackPending: true}, opts...)
+		e.shared = &sharedProcessor{next: e.proc, c: e.c, limit: int64(q)}
+	case OutputConsole, OutputJSON:
+		w := cfg.Writer
+		if w == nil {
+			w = os.Stdout
+		}
+		if mode == OutputConsole {
+			e.dest = NewConsoleExporter(w, cfg.Location)
+		} else {
+			e.dest = NewJSONExporter(w)
+		}
+		e.proc = sdktrace.NewSimpleSpanProcessor(&countingExporter{next: e.dest, c: e.c})
+		e.shared = &sharedProcessor{next: e.proc, c: e.c}
+	}
+	e.clock = newMonoClock(clockRefresh, cfg.frozenOffset)
+	return e, nil
+}
+
+// Export turns s into one span and hands it to the output. It does not block
+// on the network: in "otlp" mode a full queue drops the span (counted in
+// Stats). Console and json write their line before returning. Export must
+// not be called concurrently with itself (it is safe, but serialised).
+func (e *Exporter) Export(s *Session) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed || s == nil || s.Tx == nil {
+		e.c.dropped.Add(1)
+		return
+	}
+	tx := s.Tx
+	ent := e.provider(serviceOf(s))
+
+	var start, end time.Time
+	if ms, me, ok := spanTimes(tx); ok {
+		start, end = e.clock.wall(ms), e.clock.wall(me)
+	} else {
+		start = time.Now()
+		end = start
+	}
+	failed, errType := spanError(s)
+	attrs := e.attrs.build(s, errType, e.summary)
+
+	ctx := context.Background()
+	if (s.Kind == Client || s.Kind == Server) && e.linkable(s) {
+		tid, sid := linkIDs(s)
+		if s.Kind == Client {
+			ctx = withIDs(ctx, tid, sid)
+		} else {
+			ctx = trace.ContextWithRemoteSpanContext(ctx, trace.NewSpanContext(trace.SpanContextConfig{
+				TraceID:    tid,
+				SpanID:     sid,
+				TraceFlags: trace.FlagsSampled,
+				Remote:     true,
+			}))
+		}
+	}
+	name := tx.Name
+	if name == "" {
+		name = tx.Protocol
+	}
+	if name == "" {
+		name = "transaction"
+	}
+	_, span := ent.tr.Start(ctx, name,
+		trace.WithSpanKind(spanKind(s.Kind)),
+		trace.WithTimestamp(start),
+		trace.WithAttributes(attrs...),
+	)
+	if failed {
+		span.SetStatus(codes.Error, errType)
+	}
+	span.End(trace.WithTimestamp(end))
+}
+
+func (e *Exporter) linkable(s *Session) bool {
+	if s.Index < 0 || !s.Client.Addr().IsValid() || !s.Server.Addr().IsValid() {
+		return false
+	}
+	return e.link == nil || e.link(s)
+}
+
+// provider returns the TracerProvider of service sv, creating it (and
+// evicting the least recently used one beyond MaxResources) as needed.
+func (e *Exporter) provider(sv service) *provEntry {
+	if ent, ok := e.lru[sv]; ok {
+		if ent != e.head {
+			e.unlink(ent)
+			e.pushFront(ent)
+		}
+		return ent
+	}
+	tp := sdktrace.NewTracerProvider(
+		sdktrace.WithResource(newResource(e.base, sv)),
+		sdktrace.WithSpanProcessor(e.shared),
+		sdktrace.WithIDGenerator(idGenerator{}),
+		sdktrace.WithSampler(sdktrace.AlwaysSample()),
+	)
+	ent := &provEntry{key: sv, tp: tp, tr: tp.Tracer(ScopeName)}
+	e.lru[sv] = ent
+	e.pushFront(ent)
+	for len(e.lru) > e.maxRes {
+		old := e.tail
+		e.unlink(old)
+		delete(e.lru, old.key)
+		// Its ended spans are already in the shared processor, which
+		// this does not stop: shutting the provider down only releases
+		// it.
+		_ = old.tp.Shutdown(context.Background())
+	}
+	return ent
+}
+
+func (e *Exporter) pushFront(ent *provEntry) {
+	ent.prev, ent.next = nil, e.head
+	if e.head != nil {
+		e.head.prev = ent
+	}
+	e.head = ent
+	if e.tail == nil {
+		e.tail = ent
+	}
+}
+
+func (e *Exporter) unlink(ent *provEntry) {
+	if ent.prev != nil {
+		ent.prev.next = ent.next
+	} else {
+		e.head = ent.next
+	}
+	if ent.next != nil {
+		ent.next.prev = ent.prev
+	} else {
+		e.tail = ent.prev
+	}
+	ent.prev, ent.next = nil, nil
+}
+
+// Flush exports every span handed to Export so far, waiting at most until
+// ctx is done.
+func (e *Exporter) Flush(ctx context.Context) error {
+	return e.proc.ForceFlush(ctx)
+}
+
+// Shutdown exports what is pending, then stops the output and releases
+// everything. It returns when done or when ctx is done, whichever comes
+// first (the latter with ctx's error; exports still running are cancelled).
+// Export after Shutdown drops the session. Only the first call does work.
+func (e *Exporter) Shutdown(ctx context.Context) error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	var tps []*sdktrace.TracerProvider
+	for ent := e.head; ent != nil; ent = ent.next {
+		tps = append(tps, ent.tp)
+	}
+	e.lru = map[service]*provEntry{}
+	e.head, e.tail = nil, nil
+	e.mu.Unlock()
+
+	e.clock.close()
+	for _, tp := range tps {
+		_ = tp.Shutdown(ctx) // providers only release themselves
+	}
+	// The real processor flushes, then shuts the destination down.
+	err := e.proc.Shutdown(ctx)
+	if err != nil && e.dest != nil {
+		// Timed out: shut the destination down now (with the expired
+		// ctx) so that exports still retrying are cancelled rather than
+		// left running until their own timeout. Shutting down twice is
+		// harmless for the SDK's exporters.
+		if err2 := e.dest.Shutdown(ctx); err2 != nil && !errors.Is(err2, err) {
+			err = errors.Join(err, err2)
+		}
+	}
+	return err
+}
+
+// Stats returns the Exporter's counters.
+func (e *Exporter) Stats() Stats {
+	e.mu.Lock()
+	n := len(e.lru)
+	e.mu.Unlock()
+	return Stats{
+		Exported:     e.c.exported.Load(),
+		Dropped:      e.c.dropped.Load(),
+		ExportErrors: e.c.errors.Load(),
+		Queued:       e.c.pending.Load(),
+		Resources:    n,
+	}
+}

@@ -52,8 +52,6 @@ enum stat_index {
 	STAT_DATA_LOST = 0,    /* data events the ring buffer had no room for */
 	STAT_CONN_LOST = 1,    /* connection events the ring buffer had no room for */
 	STAT_PAYLOAD_FAULT = 2,/* payload copies that faulted (event sent without payload) */
-	STAT_DATA_EVENTS = 3,  /* data events sent */
-	STAT_CONN_EVENTS = 4,  /* connection events sent */
 	STAT_MAX = 8,
 };
 
@@ -113,6 +111,11 @@ volatile const __u32 self_tgid = 0;        /* the agent: never traced */
 volatile const __u32 payload_cap = 4096;   /* payload prefix per call */
 volatile const __u8 filter_cgroups = 0;    /* trace only traced_cgroups */
 volatile const __u8 filter_ports = 0;      /* trace only traced_ports */
+/* Waking the reader for every event costs far more than the event (an
+ * irq_work and a context switch): events are written without a wakeup,
+ * the reader polls, and only a ring filling up past this many bytes wakes
+ * it at once. */
+volatile const __u64 wakeup_bytes = 1 << 20;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -158,6 +161,11 @@ const enum conn_role *unused_conn_role __attribute__((unused));
 const enum data_dir *unused_data_dir __attribute__((unused));
 const enum stat_index *unused_stat_index __attribute__((unused));
 
+static __always_inline __u64 ringbuf_flags(void)
+{
+	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
@@ -175,9 +183,9 @@ static __always_inline void count(__u32 idx)
 #define NR_recvfrom 45
 #define NR_sendmsg 46
 #define NR_recvmsg 47
-#define SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
-#define SYSCALL_ARG2(r) BPF_CORE_READ(r, si)
-#define SYSCALL_ARG3(r) BPF_CORE_READ(r, dx)
+#define SYSCALL_NR(r) ((r)->orig_ax)
+#define SYSCALL_ARG2(r) ((r)->si)
+#define SYSCALL_ARG3(r) ((r)->dx)
 #elif defined(__TARGET_ARCH_arm64)
 #define NR_read 63
 #define NR_write 64
@@ -187,32 +195,48 @@ static __always_inline void count(__u32 idx)
 #define NR_recvfrom 207
 #define NR_sendmsg 211
 #define NR_recvmsg 212
-#define SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
-#define SYSCALL_ARG2(r) BPF_CORE_READ(r, regs[1])
-#define SYSCALL_ARG3(r) BPF_CORE_READ(r, regs[2])
+#define SYSCALL_NR(r) ((r)->syscallno)
+#define SYSCALL_ARG2(r) ((r)->regs[1])
+#define SYSCALL_ARG3(r) ((r)->regs[2])
 #else
 #error "unsupported architecture"
 #endif
 
+/*
+ * Reading kernel memory. Modes whose hooks get BTF-typed pointers
+ * (tp_btf, fentry) define CLOVISOR_BTF_PTRS and read fields with plain
+ * loads, which the verifier turns into fault-safe loads: no helper call
+ * per field. The kprobe mode reads through bpf_probe_read_kernel (CO-RE).
+ */
+#ifdef CLOVISOR_BTF_PTRS
+#define KREAD(src, a) ((src)->a)
+#define KREAD_INTO(dst, src, a) __builtin_memcpy((dst), &(src)->a, sizeof(*(dst)))
+#define TCP_SK(sk) bpf_skc_to_tcp_sock(sk)
+#else
+#define KREAD(src, a) BPF_CORE_READ(src, a)
+#define KREAD_INTO(dst, src, a) BPF_CORE_READ_INTO(dst, src, a)
+#define TCP_SK(sk) ((struct tcp_sock *)(sk))
+#endif
+
 static __always_inline int sock_traceable(const struct sock *sk)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = KREAD(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
+	return KREAD(sk, sk_protocol) == IPPROTO_TCP;
 }
 
 static __always_inline void read_tuple(const struct sock *sk, struct conn_tuple *t)
 {
-	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	t->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	t->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	t->family = KREAD(sk, __sk_common.skc_family);
+	t->sport = KREAD(sk, __sk_common.skc_num);
+	t->dport = bpf_ntohs(KREAD(sk, __sk_common.skc_dport));
 	if (t->family == AF_INET) {
-		BPF_CORE_READ_INTO((__u32 *)t->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)t->daddr, sk, __sk_common.skc_daddr);
+		KREAD_INTO((__u32 *)t->saddr, sk, __sk_common.skc_rcv_saddr);
+		KREAD_INTO((__u32 *)t->daddr, sk, __sk_common.skc_daddr);
 	} else {
-		BPF_CORE_READ_INTO(&t->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&t->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		KREAD_INTO((__u8(*)[16])t->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		KREAD_INTO((__u8(*)[16])t->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
 }
 
@@ -225,7 +249,12 @@ static __always_inline int ports_traced(__u16 sport, __u16 dport)
 
 static __always_inline __u64 sock_cgroup_id(const struct sock *sk)
 {
+#ifdef CLOVISOR_BTF_PTRS
+	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
+	return cg ? cg->kn->id : 0;
+#else
 	return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+#endif
 }
 
 /*
@@ -233,7 +262,7 @@ static __always_inline __u64 sock_cgroup_id(const struct sock *sk)
  * It runs in any context (softirq included), so the cgroup is the socket's
  * own (the cgroup of the process that created it), not current's.
  */
-static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstate, __u64 cookie)
+static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstate)
 {
 	struct conn_event *e;
 	__u8 kind, role = ROLE_UNKNOWN;
@@ -261,8 +290,8 @@ static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstat
 	__u64 cgid = sock_cgroup_id(sk);
 	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid))
 		return;
-	__u16 sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	__u16 dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	__u16 sport = KREAD(sk, __sk_common.skc_num);
+	__u16 dport = bpf_ntohs(KREAD(sk, __sk_common.skc_dport));
 	if (!ports_traced(sport, dport))
 		return;
 
@@ -276,18 +305,19 @@ static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstat
 	e->role = role;
 	e->old_state = oldstate;
 	e->ts = bpf_ktime_get_ns();
-	e->cookie = cookie;
+	e->cookie = bpf_get_socket_cookie(sk);
 	e->cgroup_id = cgid;
 	read_tuple(sk, &e->tuple);
 	if (kind == EVENT_CONN_CLOSE) {
-		struct tcp_sock *tp = (struct tcp_sock *)sk;
-		e->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
-		e->bytes_received = BPF_CORE_READ(tp, bytes_received);
-		e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-		e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+		struct tcp_sock *tp = TCP_SK(sk);
+		if (tp) {
+			e->bytes_sent = KREAD(tp, bytes_sent);
+			e->bytes_received = KREAD(tp, bytes_received);
+			e->srtt_us = KREAD(tp, srtt_us) >> 3;
+			e->total_retrans = KREAD(tp, total_retrans);
+		}
 	}
-	bpf_ringbuf_submit(e, 0);
-	count(STAT_CONN_EVENTS);
+	bpf_ringbuf_submit(e, ringbuf_flags());
 }
 
 /* copy_iov copies up to want bytes from a user iovec array into dst. */
@@ -324,8 +354,7 @@ static __always_inline __u32 copy_iov(__u8 *dst, const struct iovec *iovp, __u64
  */
 static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	long nr = SYSCALL_NR(regs);
 	__u64 arg2 = SYSCALL_ARG2(regs);
 
@@ -358,9 +387,8 @@ static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
 /*
  * emit_data reports one send or receive of len bytes on sk, called in the
  * context of the task that made the call, after the bytes were copied.
- * seq is the TCP sequence number just past the call's bytes.
  */
-static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir, __u32 seq_end, __u64 cookie)
+static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
@@ -380,11 +408,18 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir, __u3
 	if (!ports_traced(e->tuple.sport, e->tuple.dport))
 		return;
 
+	struct tcp_sock *tp = TCP_SK(sk);
+	if (!tp)
+		return;
+	/* The stream position of the call's first byte: the send queue's end
+	 * or the copied-to-user mark, minus what this call moved. */
+	__u32 seq_end = dir == DIR_SEND ? KREAD(tp, write_seq) : KREAD(tp, copied_seq);
+
 	e->kind = EVENT_DATA;
 	e->dir = dir;
 	e->seq = seq_end - len;
 	e->ts = bpf_ktime_get_ns();
-	e->cookie = cookie;
+	e->cookie = bpf_get_socket_cookie(sk);
 	e->cgroup_id = cgid;
 	e->tgid = tgid;
 	e->pid = (__u32)pid_tgid;
@@ -404,11 +439,8 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir, __u3
 	__u64 size = offsetof(struct data_event, data) + got;
 	if (size > sizeof(*e))
 		size = sizeof(*e);
-	if (bpf_ringbuf_output(&events, e, size, 0)) {
+	if (bpf_ringbuf_output(&events, e, size, ringbuf_flags()))
 		count(STAT_DATA_LOST);
-		return;
-	}
-	count(STAT_DATA_EVENTS);
 }
 
 #endif /* CLOVISOR_SOCKET_H */

@@ -9,6 +9,7 @@
  *   sock_recv_length (6.3+)      every sock_recvmsg, its result
  * The payload comes from the syscall's own buffers (see copy_payload).
  */
+#define CLOVISOR_BTF_PTRS
 #include "socket.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -18,7 +19,7 @@ int BPF_PROG(tp_inet_sock_set_state, struct sock *sk, int oldstate, int newstate
 {
 	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
 		return 0;
-	emit_conn(sk, oldstate, newstate, bpf_get_socket_cookie(sk));
+	emit_conn(sk, oldstate, newstate);
 	return 0;
 }
 
@@ -27,10 +28,7 @@ int BPF_PROG(tp_sock_send_length, struct sock *sk, int ret, int flags)
 {
 	if (ret <= 0 || !sock_traceable(sk))
 		return 0;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	emit_data(sk, ret, DIR_SEND, tp->write_seq, bpf_get_socket_cookie(sk));
+	emit_data(sk, ret, DIR_SEND);
 	return 0;
 }
 
@@ -39,9 +37,6 @@ int BPF_PROG(tp_sock_recv_length, struct sock *sk, int ret, int flags)
 {
 	if (ret <= 0 || (flags & MSG_PEEK) || !sock_traceable(sk))
 		return 0;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	emit_data(sk, ret, DIR_RECV, tp->copied_seq, bpf_get_socket_cookie(sk));
+	emit_data(sk, ret, DIR_RECV);
 	return 0;
 }

@@ -124,8 +124,13 @@ type Tracer struct {
 	Events *ebpf.Map
 
 	stats, cgroups, ports *ebpf.Map
+	programs              map[string]*ebpf.Program
 	closers               []io.Closer
 }
+
+// Programs returns the attached programs by name (for their run-time
+// statistics).
+func (t *Tracer) Programs() map[string]*ebpf.Program { return t.programs }
 
 // attachMode is one way of hooking the kernel's socket calls.
 type attachMode interface {
@@ -218,7 +223,6 @@ func (t *Tracer) RemoveCgroup(id uint64) error {
 
 // Stats are the kernel side's counters, summed over CPUs.
 type Stats struct {
-	DataEvents, ConnEvents uint64
 	// DataLost and ConnLost count events dropped because the ring buffer
 	// was full.
 	DataLost, ConnLost uint64
@@ -246,8 +250,6 @@ func (t *Tracer) Stats() (Stats, error) {
 		idx socketTPStatIndex
 		dst *uint64
 	}{
-		{socketTPStatIndexSTAT_DATA_EVENTS, &s.DataEvents},
-		{socketTPStatIndexSTAT_CONN_EVENTS, &s.ConnEvents},
 		{socketTPStatIndexSTAT_DATA_LOST, &s.DataLost},
 		{socketTPStatIndexSTAT_CONN_LOST, &s.ConnLost},
 		{socketTPStatIndexSTAT_PAYLOAD_FAULT, &s.PayloadFaults},
@@ -266,6 +268,7 @@ func configure(spec *ebpf.CollectionSpec, o *Options) error {
 		"payload_cap":    uint32(o.PayloadBytes),
 		"filter_cgroups": boolByte(o.FilterCgroups),
 		"filter_ports":   boolByte(len(o.Ports) > 0),
+		"wakeup_bytes":   uint64(o.RingBytes / 8),
 	}
 	for name, v := range set {
 		vs, ok := spec.Variables[name]

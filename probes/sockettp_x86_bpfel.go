@@ -99,8 +99,6 @@ const (
 	socketTPStatIndexSTAT_DATA_LOST     socketTPStatIndex = 0
 	socketTPStatIndexSTAT_CONN_LOST     socketTPStatIndex = 1
 	socketTPStatIndexSTAT_PAYLOAD_FAULT socketTPStatIndex = 2
-	socketTPStatIndexSTAT_DATA_EVENTS   socketTPStatIndex = 3
-	socketTPStatIndexSTAT_CONN_EVENTS   socketTPStatIndex = 4
 	socketTPStatIndexSTAT_MAX           socketTPStatIndex = 8
 )
 
@@ -126,6 +124,7 @@ const (
 	socketTPVarUnusedDataEvent     = "unused_data_event"
 	socketTPVarUnusedEventKind     = "unused_event_kind"
 	socketTPVarUnusedStatIndex     = "unused_stat_index"
+	socketTPVarWakeupBytes         = "wakeup_bytes"
 )
 
 // loadSocketTP returns the embedded CollectionSpec for socketTP.
@@ -200,6 +199,7 @@ type socketTPVariableSpecs struct {
 	UnusedDataEvent *ebpf.VariableSpec `ebpf:"unused_data_event"`
 	UnusedEventKind *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedStatIndex *ebpf.VariableSpec `ebpf:"unused_stat_index"`
+	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // socketTPObjects contains all objects after they have been loaded into the kernel.
@@ -253,6 +253,7 @@ type socketTPVariables struct {
 	UnusedDataEvent *ebpf.Variable `ebpf:"unused_data_event"`
 	UnusedEventKind *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedStatIndex *ebpf.Variable `ebpf:"unused_stat_index"`
+	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // socketTPPrograms contains all programs after they have been loaded into the kernel.

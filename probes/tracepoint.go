@@ -46,6 +46,11 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
 	}
+	t.programs = map[string]*ebpf.Program{
+		"tp_inet_sock_set_state": objs.TpInetSockSetState,
+		"tp_sock_send_length":    objs.TpSockSendLength,
+		"tp_sock_recv_length":    objs.TpSockRecvLength,
+	}
 	for _, p := range []*ebpf.Program{objs.TpInetSockSetState, objs.TpSockSendLength, objs.TpSockRecvLength} {
 		l, err := link.AttachTracing(link.TracingOptions{Program: p, AttachType: ebpf.AttachTraceRawTp})
 		if err != nil {

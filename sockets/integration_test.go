@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -33,6 +35,15 @@ func TestMain(m *testing.M) {
 }
 
 func httpClient(urls []string) int {
+	// "repeat=N URL" asks for N requests of one URL.
+	if n, ok := strings.CutPrefix(urls[0], "repeat="); ok && len(urls) == 2 {
+		count, err := strconv.Atoi(n)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		urls = slices.Repeat(urls[1:], count)
+	}
 	c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1, DisableCompression: true}}
 	for _, u := range urls {
 		method := http.MethodGet
@@ -55,7 +66,9 @@ func httpClient(urls []string) int {
 		}
 		n, _ := io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
-		fmt.Printf("%s %d %d\n", u, resp.StatusCode, n)
+		if len(urls) <= 100 {
+			fmt.Printf("%s %d %d\n", u, resp.StatusCode, n)
+		}
 	}
 	return 0
 }

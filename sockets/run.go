@@ -20,6 +20,11 @@ func MonotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
+// PollInterval is how often the reader looks into the ring buffer: the
+// kernel writes events without waking it (unless the ring fills up), so
+// this bounds the delay between a call and its event.
+const PollInterval = 50 * time.Millisecond
+
 // Run reads the ring buffer into the tracker until ctx ends, expiring idle
 // connections on the way. When ctx ends it drains what the kernel already
 // wrote, flushes every connection and returns nil.
@@ -30,26 +35,28 @@ func Run(ctx context.Context, events *ebpf.Map, t *Tracker) error {
 	}
 	defer rd.Close()
 
-	const tick = 500 * time.Millisecond
+	const expireEvery = 500 * time.Millisecond
 	var rec ringbuf.Record
 	lastExpire := time.Now()
 	stopping := false
+	rd.SetDeadline(time.Now().Add(PollInterval))
 	for {
-		if !stopping && ctx.Err() != nil {
-			// Take what is already in the ring, then stop.
-			stopping = true
-			rd.SetDeadline(time.Now())
-		} else if !stopping {
-			rd.SetDeadline(time.Now().Add(tick))
-		}
 		err := rd.ReadInto(&rec)
 		switch {
 		case err == nil:
 			t.Handle(rec.RawSample)
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The ring is empty up to the poll's start.
 			if stopping {
 				t.Flush(MonotonicNow())
 				return nil
+			}
+			if ctx.Err() != nil {
+				// Take what the kernel wrote until now, then stop.
+				stopping = true
+				rd.SetDeadline(time.Now())
+			} else {
+				rd.SetDeadline(time.Now().Add(PollInterval))
 			}
 		case errors.Is(err, ringbuf.ErrClosed):
 			t.Flush(MonotonicNow())
@@ -57,7 +64,7 @@ func Run(ctx context.Context, events *ebpf.Map, t *Tracker) error {
 		default:
 			return fmt.Errorf("reading the ring buffer: %w", err)
 		}
-		if time.Since(lastExpire) >= tick {
+		if time.Since(lastExpire) >= expireEvery {
 			t.Expire(MonotonicNow())
 			lastExpire = time.Now()
 		}

@@ -57,7 +57,9 @@ type Config struct {
 	Endpoint string
 
 	// QueueSize bounds the spans waiting for the OTLP exporter (default
-	// 2048); spans beyond it are dropped and counted.
+	// OTEL_BSP_MAX_QUEUE_SIZE, else 2048); spans beyond it are dropped and
+	// counted. The batch size is OTEL_BSP_MAX_EXPORT_BATCH_SIZE, else 512
+	// (at most QueueSize).
 	QueueSize int
 	// BatchTimeout is the batch processor's delay between exports; 0 means
 	// the SDK's (OTEL_BSP_SCHEDULE_DELAY, else 5 s).

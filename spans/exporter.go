@@ -5,7 +5,9 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel"
@@ -46,6 +48,7 @@ type Exporter struct {
 	proc   sdktrace.SpanProcessor // the real processor, shut down once
 	shared *sharedProcessor       // registered with every provider
 	dest   sdktrace.SpanExporter  // the destination exporter
+	nres   atomic.Int64           // len(lru), for Stats without the lock
 
 	mu      sync.Mutex // guards everything below; held by Export
 	closed  bool
@@ -120,10 +123,17 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 		q := cfg.QueueSize
 		if q <= 0 {
 			q = DefaultQueueSize
+			if v, err := strconv.Atoi(os.Getenv("OTEL_BSP_MAX_QUEUE_SIZE")); err == nil && v > 0 {
+				q = v
+			}
+		}
+		batch := sdktrace.DefaultMaxExportBatchSize
+		if v, err := strconv.Atoi(os.Getenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")); err == nil && v > 0 {
+			batch = v
 		}
 		opts := []sdktrace.BatchSpanProcessorOption{
 			sdktrace.WithMaxQueueSize(q),
-			sdktrace.WithMaxExportBatchSize(min(sdktrace.DefaultMaxExportBatchSize, q)),
+			sdktrace.WithMaxExportBatchSize(min(batch, q)),
 		}
 		if cfg.BatchTimeout > 0 {
 			opts = append(opts, sdktrace.WithBatchTimeout(cfg.BatchTimeout))
@@ -152,8 +162,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 
 // Export turns s into one span and hands it to the output. It does not block
 // on the network: in "otlp" mode a full queue drops the span (counted in
-// Stats). Console and json write their line before returning. Export must
-// not be called concurrently with itself (it is safe, but serialised).
+// Stats). Console and json write their line before returning. Export is
+// meant to be called from one goroutine; concurrent calls are safe but
+// serialised.
 func (e *Exporter) Export(s *Session) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -195,11 +206,14 @@ func (e *Exporter) Export(s *Session) {
 	if name == "" {
 		name = "transaction"
 	}
+	// Attributes are set after Start rather than with WithAttributes: the
+	// sampler (AlwaysSample) does not need them, and it saves the SDK a
+	// copy of them.
 	_, span := ent.tr.Start(ctx, name,
 		trace.WithSpanKind(spanKind(s.Kind)),
 		trace.WithTimestamp(start),
-		trace.WithAttributes(attrs...),
 	)
+	span.SetAttributes(attrs...)
 	if failed {
 		span.SetStatus(codes.Error, errType)
 	}
@@ -231,11 +245,13 @@ func (e *Exporter) provider(sv service) *provEntry {
 	)
 	ent := &provEntry{key: sv, tp: tp, tr: tp.Tracer(ScopeName)}
 	e.lru[sv] = ent
+	e.nres.Add(1)
 	e.pushFront(ent)
 	for len(e.lru) > e.maxRes {
 		old := e.tail
 		e.unlink(old)
 		delete(e.lru, old.key)
+		e.nres.Add(-1)
 		// Its ended spans are already in the shared processor, which
 		// this does not stop: shutting the provider down only releases
 		// it.
@@ -291,6 +307,7 @@ func (e *Exporter) Shutdown(ctx context.Context) error {
 		tps = append(tps, ent.tp)
 	}
 	e.lru = map[service]*provEntry{}
+	e.nres.Store(0)
 	e.head, e.tail = nil, nil
 	e.mu.Unlock()
 
@@ -312,16 +329,13 @@ func (e *Exporter) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// Stats returns the Exporter's counters.
+// Stats returns the Exporter's counters. It does not wait for Export.
 func (e *Exporter) Stats() Stats {
-	e.mu.Lock()
-	n := len(e.lru)
-	e.mu.Unlock()
 	return Stats{
 		Exported:     e.c.exported.Load(),
 		Dropped:      e.c.dropped.Load(),
 		ExportErrors: e.c.errors.Load(),
 		Queued:       e.c.pending.Load(),
-		Resources:    n,
+		Resources:    int(e.nres.Load()),
 	}
 }

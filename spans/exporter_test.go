@@ -216,19 +216,44 @@ func TestWallClockConversion(t *testing.T) {
 	}
 	defer e.Shutdown(context.Background())
 	s := clientSession()
-	m := monoNow()
-	now := time.Now()
+	// Read the wall clock between two monotonic readings; retry if the
+	// goroutine was preempted in between.
+	var m int64
+	var now time.Time
+	for {
+		m1 := monoNow()
+		now = time.Now()
+		m2 := monoNow()
+		if m2-m1 < 20_000 {
+			m = m1 + (m2-m1)/2
+			break
+		}
+	}
 	s.Tx.ReqStart, s.Tx.ReqEnd, s.Tx.RespStart, s.Tx.RespEnd = uint64(m), uint64(m)+1, uint64(m)+2, uint64(m)+1_000_000
 	e.Export(s)
 	got := collect(t, e, mem)
 	if len(got) != 1 {
 		t.Fatalf("got %d spans", len(got))
 	}
-	if d := got[0].StartTime.Sub(now); d < -200*time.Microsecond || d > 200*time.Microsecond {
+	if d := got[0].StartTime.Sub(now); d < -100*time.Microsecond || d > 100*time.Microsecond {
 		t.Errorf("start is %v off the wall clock", d)
 	}
 	if d := got[0].EndTime.Sub(got[0].StartTime); d != time.Millisecond {
 		t.Errorf("duration = %v, want 1ms", d)
+	}
+}
+
+func TestClockRefresh(t *testing.T) {
+	c := newMonoClock(5*time.Millisecond, nil)
+	defer c.close()
+	good := c.offset.Load()
+	c.offset.Store(good + int64(time.Hour)) // as if the wall clock had stepped
+	deadline := time.Now().Add(5 * time.Second)
+	for c.offset.Load() > good+int64(time.Millisecond) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if d := c.offset.Load() - good; d > int64(time.Millisecond) || d < -int64(time.Millisecond) {
+		t.Errorf("offset not refreshed: off by %v", time.Duration(d))
 	}
 }
 

@@ -1,7 +1,6 @@
 package spans
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -156,9 +155,4 @@ func equalMaps(t *testing.T, what string, got, want map[string]any) {
 			t.Errorf("%s: unexpected %s = %#v", what, k, g)
 		}
 	}
-}
-
-// lockedBuffer is a bytes.Buffer safe for the exporter's writes.
-type lockedBuffer struct {
-	bytes.Buffer
 }

@@ -2,6 +2,7 @@ package spans
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/hex"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -33,7 +35,14 @@ func (c *otlpCollector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req := &coltracepb.ExportTraceServiceRequest{}
-	if err := proto.Unmarshal(body, req); err != nil {
+	isJSON := r.Header.Get("Content-Type") == "application/json"
+	if isJSON {
+		err = protojson.Unmarshal(body, req)
+		fixJSONIDs(req)
+	} else {
+		err = proto.Unmarshal(body, req)
+	}
+	if err != nil {
 		http.Error(w, err.Error(), 400)
 		return
 	}
@@ -42,9 +51,33 @@ func (c *otlpCollector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.paths = append(c.paths, r.URL.Path)
 	c.headers = append(c.headers, r.Header.Clone())
 	c.mu.Unlock()
+	if isJSON {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte("{}"))
+		return
+	}
 	resp, _ := proto.Marshal(&coltracepb.ExportTraceServiceResponse{})
 	w.Header().Set("Content-Type", "application/x-protobuf")
 	w.Write(resp)
+}
+
+// fixJSONIDs undoes protojson's reading of OTLP/JSON's hexadecimal IDs as
+// base64.
+func fixJSONIDs(req *coltracepb.ExportTraceServiceRequest) {
+	fix := func(b []byte) []byte {
+		if len(b) == 0 {
+			return b
+		}
+		out, _ := hex.DecodeString(base64.StdEncoding.EncodeToString(b))
+		return out
+	}
+	for _, rs := range req.ResourceSpans {
+		for _, ss := range rs.ScopeSpans {
+			for _, sp := range ss.Spans {
+				sp.TraceId, sp.SpanId, sp.ParentSpanId = fix(sp.TraceId), fix(sp.SpanId), fix(sp.ParentSpanId)
+			}
+		}
+	}
 }
 
 func pbAttrs(kvs []*commonpb.KeyValue) map[string]any {
@@ -125,7 +158,7 @@ func checkOTLPSpan(t *testing.T, reqs []*coltracepb.ExportTraceServiceRequest) {
 }
 
 func TestOTLPHTTP(t *testing.T) {
-	for _, how := range []string{"config endpoint", "environment"} {
+	for _, how := range []string{"config endpoint", "environment", "http/json"} {
 		t.Run(how, func(t *testing.T) {
 			clearOTelEnv(t)
 			col := &otlpCollector{}
@@ -133,9 +166,12 @@ func TestOTLPHTTP(t *testing.T) {
 			defer srv.Close()
 
 			cfg := Config{frozenOffset: frozen()}
-			if how == "config endpoint" {
+			switch how {
+			case "config endpoint":
 				cfg.Output, cfg.Endpoint = OutputOTLP, srv.URL
-			} else {
+			case "http/json":
+				cfg.Output, cfg.Endpoint, cfg.Protocol = OutputOTLP, srv.URL+"/", ProtocolHTTPJSON
+			default:
 				// Output left empty: a configured collector means otlp;
 				// the SDK exporter reads endpoint and headers itself.
 				t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", srv.URL)
@@ -156,6 +192,9 @@ func TestOTLPHTTP(t *testing.T) {
 			checkOTLPSpan(t, col.reqs)
 			if col.paths[0] != "/v1/traces" {
 				t.Errorf("path = %q", col.paths[0])
+			}
+			if ct := col.headers[0].Get("Content-Type"); (how == "http/json") != (ct == "application/json") {
+				t.Errorf("content type %q", ct)
 			}
 			if how == "environment" && col.headers[0].Get("x-clovisor-test") != "yes" {
 				t.Errorf("headers from environment not sent: %v", col.headers[0])

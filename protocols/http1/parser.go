@@ -87,7 +87,7 @@ func (s *stream) resetHead() {
 		s.buf = nil // do not keep a large buffer for an idle connection
 	}
 	s.buf = s.buf[:0]
-	s.scan, s.lineScan, s.lineOK, s.hdrN = 0, 0, false, 0
+	s.scan, s.lineScan, s.lineOK = 0, 0, false
 }
 
 // exchange is a request and (once matched) its response.
@@ -190,6 +190,7 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 			if len(data) > 0 {
 				s.state = stHead
 				s.resetHead()
+				s.hdrN = 0
 			}
 		case stHead:
 			k, r := p.head(s, data)
@@ -308,7 +309,7 @@ func (p *parser) skip(s *stream, gap int64) {
 func (p *parser) head(s *stream, data []byte) (int, hdrResult) {
 	if len(s.buf) == 0 {
 		// Fast path: the whole section is in this chunk.
-		if end := headerEnd(data, 0); end > 0 {
+		if end := headerEnd(data, 0); end > 0 && end <= p.cfg.maxHeader {
 			s.note(int64(end))
 			s.hdrN += int64(end)
 			return end, p.header(s, data[:end], false)

@@ -2,6 +2,7 @@ package probes
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -11,18 +12,8 @@ import (
 	"github.com/clovisor/clovisor/internal/testbed"
 )
 
-func ourPrograms(t *testing.T) map[ebpf.ProgramID]string {
-	t.Helper()
-	m, err := LoadedPrograms()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
 func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {
 	testbed.RequireRoot(t)
-	before := ourPrograms(t)
 	tr, err := Open(Options{Mode: ModeTracepoint})
 	if err != nil {
 		t.Fatal(err)
@@ -30,9 +21,24 @@ func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {
 	if tr.Mode != ModeTracepoint {
 		t.Errorf("mode %s", tr.Mode)
 	}
-	during := ourPrograms(t)
-	if len(during)-len(before) != 3 {
-		t.Errorf("%d programs of ours loaded, want 3: %v", len(during)-len(before), during)
+	held, err := testbed.BPFObjectsOf(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held.Progs) != 3 || len(held.Links) != 3 || len(held.Maps) < 4 {
+		t.Errorf("holding %+v, want 3 programs, 3 links and the maps", held)
+	}
+	if len(tr.Programs()) != 3 {
+		t.Errorf("Programs() = %v", tr.Programs())
+	}
+	loaded, err := LoadedPrograms()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range held.Progs {
+		if _, ok := loaded[ebpf.ProgramID(id)]; !ok {
+			t.Errorf("program %d not found by LoadedPrograms: %v", id, loaded)
+		}
 	}
 	if tr.Events.Type() != ebpf.RingBuf || tr.Events.MaxEntries() != 8<<20 {
 		t.Errorf("ring buffer %v of %d bytes", tr.Events.Type(), tr.Events.MaxEntries())
@@ -40,18 +46,8 @@ func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {
 	if err := tr.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The kernel frees programs after an RCU grace period: give it a moment.
-	var after map[ebpf.ProgramID]string
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		after = ourPrograms(t)
-		if len(after) <= len(before) || time.Now().After(deadline) {
-			break
-		}
-	}
-	for id, name := range after {
-		if _, ok := before[id]; !ok {
-			t.Errorf("program %d (%s) still loaded after Close", id, name)
-		}
+	if left := testbed.StillLoaded(held, 3*time.Second); left.Count() != 0 {
+		t.Errorf("still loaded after Close: %+v", left)
 	}
 }
 

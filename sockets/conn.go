@@ -26,6 +26,7 @@ type conn struct {
 	tries        int
 	unrecognized bool
 	index        int
+	tag          uint64 // see Session.ConnTag
 
 	prev, next *conn // LRU list
 }

@@ -259,6 +259,9 @@ func TestCurlNginx(t *testing.T) {
 			}
 			// Both ends saw the same bytes.
 			cs, ss := byKind(got, spans.Client)[0], byKind(got, spans.Server)[0]
+			if cs.ConnTag == 0 || cs.ConnTag != ss.ConnTag {
+				t.Errorf("connection tags differ: client %#x, server %#x", cs.ConnTag, ss.ConnTag)
+			}
 			if cs.Tx.ReqBytes != ss.Tx.ReqBytes || cs.Tx.RespBytes != ss.Tx.RespBytes || cs.Client != ss.Client {
 				t.Errorf("ends disagree: client %d/%d %s, server %d/%d %s", cs.Tx.ReqBytes, cs.Tx.RespBytes, cs.Client,
 					ss.Tx.ReqBytes, ss.Tx.RespBytes, ss.Client)

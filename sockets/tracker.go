@@ -204,6 +204,13 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 	if ev.Dir == probes.DirRecv {
 		st = &c.streams[1]
 	}
+	if !st.started && c.fromStart && c.role != probes.RoleUnknown && t.direction(c, ev.Dir) == protocols.Request {
+		// The TCP sequence number of the first request byte is the same
+		// at both ends of the connection: it tells the client's and the
+		// server's view of one connection apart from another's with the
+		// same addresses.
+		c.tag = 1<<32 | uint64(ev.Seq)
+	}
 	gap := 0
 	if st.started {
 		d := int32(ev.Seq - st.next)
@@ -299,6 +306,7 @@ func (t *Tracker) emit(c *conn, txs []*protocols.Transaction) {
 			Process:   c.process,
 			CgroupID:  c.cgroup,
 			ConnID:    c.cookie,
+			ConnTag:   c.tag,
 			Index:     -1,
 			Tx:        tx,
 		}

@@ -15,10 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/clovisor/clovisor/internal/testbed"
-	"github.com/clovisor/clovisor/probes"
 )
 
 var agentBin string
@@ -269,10 +266,6 @@ func TestSIGTERMUnderLoadLeavesNothing(t *testing.T) {
 	testbed.RequireTool(t, "curl")
 	p := testbed.NewHTTPPair(t)
 	p.WriteFile(t, "x", []byte("x"))
-	before, err := probes.LoadedPrograms()
-	if err != nil {
-		t.Fatal(err)
-	}
 	a := startAgent(t, nil, cgroupFlag(p), "--output=json")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -282,27 +275,17 @@ func TestSIGTERMUnderLoadLeavesNothing(t *testing.T) {
 	}
 	defer func() { cancel(); load.Wait() }()
 	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 20 }, a)
-	during, err := probes.LoadedPrograms()
+	held, err := testbed.BPFObjectsOf(a.cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(during) != len(before)+3 {
-		t.Errorf("%d programs of ours while running, want %d", len(during), len(before)+3)
+	// Three programs, their three links, and the maps.
+	if len(held.Progs) != 3 || len(held.Links) != 3 || len(held.Maps) < 4 {
+		t.Errorf("agent holds %+v, want 3 programs, 3 links and the maps", held)
 	}
 	a.stop(t)
-	var after map[ebpf.ProgramID]string
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if after, err = probes.LoadedPrograms(); err != nil {
-			t.Fatal(err)
-		}
-		if len(after) <= len(before) || time.Now().After(deadline) {
-			break
-		}
-	}
-	for id, name := range after {
-		if _, ok := before[id]; !ok {
-			t.Errorf("program %d (%s) left in the kernel after SIGTERM", id, name)
-		}
+	if left := testbed.StillLoaded(held, 3*time.Second); left.Count() != 0 {
+		t.Errorf("left in the kernel after SIGTERM: %+v", left)
 	}
 	// Every line printed is a whole JSON object: nothing was cut off.
 	for _, l := range strings.Split(strings.TrimSpace(a.stdout.String()), "\n") {

@@ -105,7 +105,6 @@ func (p *parser) Close(ts uint64, out []*protocols.Transaction) []*protocols.Tra
 	if !p.dead {
 		for d := range p.s {
 			s := &p.s[d]
-			s.dir = protocols.Direction(d)
 			switch s.state {
 			case stHead:
 				p.truncHeader(s, 0)
@@ -129,6 +128,9 @@ func (p *parser) Close(ts uint64, out []*protocols.Transaction) []*protocols.Tra
 		p.emit(ex, respLost)
 	}
 	for i := range p.s {
+		if p.s[i].inMsg {
+			p.ignored += p.s[i].n // after an upgrade
+		}
 		p.s[i].resetMsg()
 		p.s[i].state = stStart
 	}

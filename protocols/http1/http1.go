@@ -16,9 +16,37 @@
 // buffered up to a fixed size and only a fixed number of pipelined requests
 // waits for its response.
 //
+// # Transactions
+//
+// Name is the method ("HTTP" for a method that is not known), Summary
+// "METHOD target status" ("-" for the status when no response was read),
+// with the query redacted. ReqBytes and RespBytes count whole messages
+// (header section and body, interim 1xx responses included in RespBytes)
+// by the true byte counts; empty lines between messages are not counted.
+// ErrorType is the status code for 4xx and 5xx (ServerFault for 5xx),
+// ErrorNoResponse or ErrorResponseTruncated when the connection closed
+// early. Truncated says the capture or the parser lost part of the
+// exchange; it is not an error of the exchange.
+//
+// # Attributes
+//
+// In this order, each when known: http.request.method (a known method or
+// "_OTHER"), http.request.method_original (for "_OTHER"), url.path (absent
+// for a CONNECT), url.query (not empty, redacted), url.scheme ("http", or
+// "https" from an absolute-form target), http.response.status_code,
+// network.protocol.name ("http"), network.protocol.version ("1.0", "1.1"
+// from the request line), user_agent.original, server.address and
+// server.port (from the Host field, or the authority of an absolute-form
+// or CONNECT target; the port only when explicit), http.request.body.size
+// and http.response.body.size (when the message has a body section: the
+// payload bytes, i.e. Content-Length or the sum of the chunk sizes, by true
+// counts), http.request.size and http.response.size (ReqBytes, RespBytes).
+// error.type is not among them: it is Transaction.ErrorType.
+//
 // Only two header values are ever exported, User-Agent (user_agent.original)
-// and Host (server.address, server.port); secrets carried in the query
-// string (signatures, credentials) are replaced by "REDACTED".
+// and Host (server.address, server.port), and never userinfo of a target;
+// secrets carried in the query string (signatures, credentials) are
+// replaced by "REDACTED".
 package http1
 
 import (
@@ -152,7 +180,10 @@ func (a *analyzer) Detect(dir protocols.Direction, data []byte) bool {
 
 // NewParser returns a parser for one connection.
 func (a *analyzer) NewParser() protocols.Parser {
-	return &parser{cfg: &a.cfg}
+	p := &parser{cfg: &a.cfg}
+	p.s[protocols.Request].dir = protocols.Request
+	p.s[protocols.Response].dir = protocols.Response
+	return p
 }
 
 // maxMethod bounds the length of a method token.

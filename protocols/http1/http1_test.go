@@ -896,3 +896,50 @@ func TestStrayCRLF(t *testing.T) {
 		t.Errorf("stats = %+v", st)
 	}
 }
+
+func TestPipelinedResponseInGap(t *testing.T) {
+	// The second of three pipelined responses is all in the gap of the
+	// chunk holding the first: it is paired with its request, truncated,
+	// and the third resynchronises with the third request.
+	got, st := run(t, New(), []step{
+		{req, getReq + getReq2 + getReq, 0, 1},
+		{resp, okResp, len(okResp) + len(nfResp), 2},
+		{resp, okResp, 0, 3},
+	}, false)
+	check(t, got, []tx{getOK(1, 1, 2, 2), {
+		Name: "GET", Summary: "GET /b -", ReqStart: 1, ReqEnd: 1, RespStart: 2, RespEnd: 2,
+		ReqBytes: n64(getReq2), RespBytes: n64(nfResp), Truncated: true,
+		Attrs: []string{"http.request.method=GET", "url.path=/b", "url.scheme=http",
+			"network.protocol.name=http", "network.protocol.version=1.1", "server.address=example.com", "server.port=8080",
+			sz("http.request.size", len(getReq2)), sz("http.response.size", len(nfResp))},
+	}, getOK(1, 1, 3, 3)})
+	if want := (protocols.ParserStats{Resyncs: 1}); st != want {
+		t.Errorf("stats = %+v, want %+v", st, want)
+	}
+}
+
+func TestBadDirection(t *testing.T) {
+	got, st := run(t, New(), []step{{protocols.Direction(2), getReq, 0, 1}, {req, "", 10, 2}}, true)
+	check(t, got, nil)
+	if want := (protocols.ParserStats{Garbage: n64(getReq) + 10}); st != want {
+		t.Errorf("stats = %+v, want %+v", st, want)
+	}
+}
+
+func TestChunkSizeForms(t *testing.T) {
+	// Leading zeros, upper-case hex, bare LF line ends, whitespace before
+	// an extension.
+	rs := "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+		"00000000000000000A\r\n0123456789\r\n1 ;a=b\n-\n0\n\n"
+	got, st := run(t, New(), []step{{req, getReq2, 0, 1}, {resp, rs, 0, 2}, {req, getReq2, 0, 3}, {resp, nfResp, 0, 4}}, false)
+	if len(got) != 2 || got[0].Truncated || got[0].RespBytes != n64(rs) ||
+		got[0].Attrs[8] != "http.response.body.size=11" || st != (protocols.ParserStats{}) {
+		t.Errorf("got %+v, stats %+v", got, st)
+	}
+	// A size too large for any body loses sync.
+	rs = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF\r\n"
+	got, _ = run(t, New(), []step{{req, getReq2, 0, 1}, {resp, rs, 0, 2}}, false)
+	if len(got) != 1 || !got[0].Truncated || got[0].RespBytes != n64(rs) {
+		t.Errorf("got %+v", got)
+	}
+}

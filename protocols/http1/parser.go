@@ -140,6 +140,10 @@ type parser struct {
 	qn   int
 	free []*exchange
 	dead bool // upgraded or tunnelled: no more HTTP
+	// ignored counts the bytes neither in a transaction nor garbage:
+	// empty lines between messages, bytes after an upgrade, messages of
+	// an evicted exchange. Tests check the accounting with it.
+	ignored int64
 	// closing is set during Close.
 	closing bool
 	out     []*protocols.Transaction
@@ -149,7 +153,9 @@ type parser struct {
 // Stats reports the bytes dropped and the resynchronisations.
 func (p *parser) Stats() protocols.ParserStats { return p.stats }
 
-// Feed parses the next chunk of one direction.
+// Feed parses the next chunk of one direction. After a 101 Switching
+// Protocols or a CONNECT tunnel the bytes are not HTTP any more: they are
+// ignored (and not counted as garbage).
 func (p *parser) Feed(c protocols.Chunk, out []*protocols.Transaction) []*protocols.Transaction {
 	n := len(c.Data)
 	total := max(c.Len, n)
@@ -158,10 +164,10 @@ func (p *parser) Feed(c protocols.Chunk, out []*protocols.Transaction) []*protoc
 		return out
 	}
 	if p.dead || total == 0 {
+		p.ignored += int64(total)
 		return out
 	}
 	s := &p.s[c.Dir]
-	s.dir = c.Dir
 	s.ts = c.TS
 	p.out = out
 	p.feed(s, c.Data, int64(total-n))
@@ -187,6 +193,7 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 				i++ // RFC 9112 2.2: empty lines before a message are ignored
 			}
 			data = data[i:]
+			p.ignored += int64(i)
 			if len(data) > 0 {
 				s.state = stHead
 				s.resetHead()
@@ -207,6 +214,7 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 				p.truncHeader(s, int64(len(data))+gap)
 				return
 			case hdrDead:
+				p.ignored += int64(len(data)) + gap
 				return
 			}
 		case stBody:
@@ -229,11 +237,13 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 			}
 		case stChunkSize, stChunkEnd, stTrailer:
 			k, ok := p.chunkFraming(s, data)
-			data = data[k:]
 			if !ok {
+				// chunkFraming took nothing: the bytes belong to
+				// the message that lost sync.
 				p.lose(s, int64(len(data))+gap)
 				return
 			}
+			data = data[k:]
 		case stUntilClose:
 			s.note(int64(len(data)))
 			s.body += int64(len(data))
@@ -243,6 +253,7 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 			return
 		}
 		if p.dead {
+			p.ignored += int64(len(data)) + gap
 			return
 		}
 	}
@@ -251,7 +262,11 @@ func (p *parser) feed(s *stream, data []byte, gap int64) {
 
 // skip steps over gap bytes that were not captured.
 func (p *parser) skip(s *stream, gap int64) {
-	for gap > 0 && !p.dead {
+	for gap > 0 {
+		if p.dead {
+			p.ignored += gap
+			return
+		}
 		switch s.state {
 		case stStart:
 			if s.dir == protocols.Response && !s.interim && p.unmatched() {
@@ -439,11 +454,15 @@ func (p *parser) complete(s *stream, cut bool) {
 			ex.reqStart, ex.reqEnd = s.start, s.end
 			ex.reqBytes, ex.reqBody, ex.reqHasBody = s.n, s.body, s.hasBody
 			ex.reqDone = true
+		} else {
+			p.ignored += s.n // the exchange was evicted
 		}
 	} else {
 		switch {
 		case s.orphan:
 			p.stats.Garbage += s.n
+		case ex == nil:
+			p.ignored += s.n // the exchange was evicted
 		case ex != nil:
 			ex.respStart, ex.respEnd = s.start, s.end
 			ex.respBytes, ex.respBody, ex.respHasBody = s.n, s.body, s.hasBody
@@ -457,8 +476,8 @@ func (p *parser) complete(s *stream, cut bool) {
 }
 
 // chunkFraming reads the chunk-size line, the CRLF after chunk data or the
-// trailer section. It returns how many bytes it took, false when they are
-// not valid (sync is lost).
+// trailer section. It returns how many bytes it took, or false when they
+// are not valid (sync is lost) and it took none.
 func (p *parser) chunkFraming(s *stream, data []byte) (int, bool) {
 	i := 0
 	switch s.state {
@@ -471,7 +490,7 @@ func (p *parser) chunkFraming(s *stream, data []byte) (int, bool) {
 			case 0:
 				switch {
 				case c >= '0' && c <= '9', c >= 'a' && c <= 'f', c >= 'A' && c <= 'F':
-					if s.digits >= 15 {
+					if s.remain >= 1<<58 {
 						return i, false // larger than any real body
 					}
 					s.remain = s.remain<<4 | int64(unhex(c))

@@ -86,7 +86,12 @@ type collector struct {
 
 func startTracer(t *testing.T, payload int, cgroups ...uint64) *collector {
 	t.Helper()
-	tr, err := probes.Open(probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true, PayloadBytes: payload})
+	return startTracerWith(t, probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true, PayloadBytes: payload}, cgroups...)
+}
+
+func startTracerWith(t *testing.T, o probes.Options, cgroups ...uint64) *collector {
+	t.Helper()
+	tr, err := probes.Open(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,5 +366,33 @@ func TestUntracedCgroupIgnored(t *testing.T) {
 	}
 	if st := c.tracker.Stats(); st.Events != 0 {
 		t.Errorf("%d kernel events for untraced cgroups", st.Events)
+	}
+}
+
+// TestPortFilter: with a port filter, only connections with one of the
+// ports are traced (in the kernel: other traffic sends no events).
+func TestPortFilter(t *testing.T) {
+	p := testbed.NewHTTPPair(t)
+	testbed.RequireTool(t, "curl")
+	p.WriteFile(t, "a.txt", []byte("alpha\n"))
+	for _, tc := range []struct {
+		port uint16
+		want int
+	}{{p.Port + 1, 0}, {p.Port, 2}} {
+		c := startTracerWith(t, probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true, Ports: []uint16{tc.port}},
+			p.ClientCG.ID(), p.ServerCG.ID())
+		p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", p.URL("/a.txt"))
+		if tc.want > 0 {
+			c.wait(t, tc.want)
+		} else {
+			time.Sleep(300 * time.Millisecond)
+		}
+		c.close(t)
+		if len(c.sessions) != tc.want {
+			t.Errorf("port %d: %d sessions, want %d: %s", tc.port, len(c.sessions), tc.want, describe(c.sessions))
+		}
+		if st := c.tracker.Stats(); tc.want == 0 && st.Events != 0 {
+			t.Errorf("port %d: %d events reached user space", tc.port, st.Events)
+		}
 	}
 }

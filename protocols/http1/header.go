@@ -334,6 +334,9 @@ func (p *parser) target(ex *exchange, method, target []byte, f *fields) {
 		path = target
 	}
 	if ex.hasPath && query == nil {
+		if i := bytes.IndexByte(path, '#'); i >= 0 {
+			path = path[:i] // a fragment is not sent; drop a stray one
+		}
 		if i := bytes.IndexByte(path, '?'); i >= 0 {
 			path, query = path[:i], path[i+1:]
 		}

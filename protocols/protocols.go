@@ -59,6 +59,10 @@ type Transaction struct {
 	// Kernel timestamps (CLOCK_MONOTONIC, ns): first and last byte of the
 	// request, first and last byte of the response. Zero when not seen.
 	ReqStart, ReqEnd, RespStart, RespEnd uint64
+	// CloseTS is set on transactions that Parser.Close flushed: when the
+	// connection ended (for a request that never got its response, the
+	// time the client gave up or the server went away).
+	CloseTS uint64
 
 	// ReqBytes and RespBytes count the whole messages on the stream
 	// (headers and bodies), by the kernel's true byte counts.

@@ -101,6 +101,7 @@ func (p *parser) flush() {
 func (p *parser) Close(ts uint64, out []*protocols.Transaction) []*protocols.Transaction {
 	p.out = out
 	p.closing = true
+	p.closeTS = ts
 	respLost := p.s[protocols.Response].state == stLost
 	if !p.dead {
 		for d := range p.s {
@@ -174,6 +175,9 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 
 	t.ReqStart, t.ReqEnd, t.ReqBytes = ex.reqStart, ex.reqEnd, ex.reqBytes
 	t.Truncated = ex.truncated
+	if p.closing {
+		t.CloseTS = p.closeTS
+	}
 	if seen {
 		t.RespStart, t.RespEnd, t.RespBytes = ex.respStart, ex.respEnd, ex.respBytes
 		t.StatusCode = ex.status

@@ -658,6 +658,10 @@ func TestClose(t *testing.T) {
 	if len(out) != 2 || toTx(out[1]).Summary != "GET /b 404" {
 		t.Errorf("after Close: %d transactions", len(out))
 	}
+	// Close stamps what it flushed with the close time, and only that.
+	if out[0].CloseTS != 5 || out[1].CloseTS != 0 {
+		t.Errorf("CloseTS = %d, %d; want 5, 0", out[0].CloseTS, out[1].CloseTS)
+	}
 }
 
 func TestGarbage(t *testing.T) {

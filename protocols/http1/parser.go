@@ -146,6 +146,7 @@ type parser struct {
 	ignored int64
 	// closing is set during Close.
 	closing bool
+	closeTS uint64 // the ts given to Close
 	out     []*protocols.Transaction
 	stats   protocols.ParserStats
 }

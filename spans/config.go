@@ -73,8 +73,9 @@ type Config struct {
 	// Location is the time zone of console timestamps (default time.Local).
 	Location *time.Location
 
-	// MaxResources bounds the number of distinct resources (services) with a
-	// live TracerProvider (default 1024); the least recently used is dropped.
+	// MaxResources bounds the number of distinct resources (services) the
+	// Exporter keeps for reuse (default 1024); the least recently used is
+	// forgotten (and made again when its service comes back).
 	MaxResources int
 
 	// ErrorInterval is the least time between two logged OpenTelemetry

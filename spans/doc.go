@@ -10,9 +10,14 @@
 //   - "json": one JSON object per span per line.
 //
 // All three share the same span-building code: every Session becomes one
-// span of an SDK TracerProvider, which hands it to the output's
+// finished span (an sdktrace.ReadOnlySpan built directly from the Session,
+// since its times, attributes and IDs are all known when it arrives, without
+// the SDK's TracerProvider and live spans), handed to the output's
 // sdktrace.SpanExporter (synchronously for console and json, through the
-// batch processor for otlp).
+// batch processor for otlp). The spans carry what the SDK's own spans would:
+// the span limits of OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and
+// OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT apply, and duplicate attribute keys
+// keep their first position and last value.
 //
 // # Resources
 //
@@ -23,11 +28,12 @@
 // libpod-<id>.scope or a bare 64-hex-digit cgroupfs directory) also gets
 // container.id. host.name, host.id, telemetry.sdk.* and the attributes of
 // OTEL_RESOURCE_ATTRIBUTES are added to every resource (service.name from the
-// environment is ignored: it would name the agent). Since an SDK
-// TracerProvider has exactly one resource, the Exporter keeps one provider per
-// distinct resource in a bounded LRU cache; all of them feed one shared span
-// processor and one SpanExporter, so the number of services costs neither
-// goroutines nor queues.
+// environment is ignored: it would name the agent). Every span names its own
+// resource; the Exporter keeps the resources of recent services in a bounded
+// LRU cache (Config.MaxResources), so that the spans of one service share one
+// *resource.Resource. All spans go to one span processor and one
+// SpanExporter, so the number of services costs neither goroutines nor
+// queues.
 //
 // # Linking both ends of an exchange
 //

@@ -13,7 +13,10 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/sdk/instrumentation"
+	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -33,39 +36,47 @@ type Stats struct {
 	// Queued is the number of spans waiting in the OTLP batch processor
 	// (queued or being exported); they end up Exported or Dropped.
 	Queued int64
-	// Resources is the number of per-service TracerProviders alive.
+	// Resources is the number of per-service resources cached.
 	Resources int
 }
 
 // Exporter turns Sessions into spans and exports them.
+//
+// It builds every span directly as a finished sdktrace.ReadOnlySpan (its
+// times, attributes and IDs are all known when the Session arrives) and hands
+// it to the output's span processor, without the SDK's TracerProvider and
+// live spans.
 type Exporter struct {
-	mode   string
-	log    *slog.Logger
-	clock  *monoClock
-	base   []attribute.KeyValue
-	link   func(*Session) bool
-	c      *counters
-	proc   sdktrace.SpanProcessor // the real processor, shut down once
-	shared *sharedProcessor       // registered with every provider
-	dest   sdktrace.SpanExporter  // the destination exporter
-	nres   atomic.Int64           // len(lru), for Stats without the lock
+	mode  string
+	log   *slog.Logger
+	clock *monoClock
+	base  []attribute.KeyValue
+	link  func(*Session) bool
+	c     *counters
+	proc  sdktrace.SpanProcessor // the real processor, shut down once
+	gate  *boundedProcessor      // what Export hands spans to
+	dest  sdktrace.SpanExporter  // the destination exporter
+	norm  *sdktrace.TracerProvider
+	nres  atomic.Int64 // len(lru), for Stats without the lock
+	scope instrumentation.Scope
 
 	mu      sync.Mutex // guards everything below; held by Export
 	closed  bool
 	attrs   attrBuilder
-	lru     map[service]*provEntry
-	head    *provEntry // most recently used
-	tail    *provEntry // least recently used
+	ids     idGen
+	links   *linkCache
+	lru     map[service]*resEntry
+	head    *resEntry // most recently used
+	tail    *resEntry // least recently used
 	maxRes  int
 	summary bool
 }
 
-// provEntry is one per-resource TracerProvider in the LRU list.
-type provEntry struct {
+// resEntry is one service's resource in the LRU list.
+type resEntry struct {
 	key        service
-	tp         *sdktrace.TracerProvider
-	tr         trace.Tracer
-	prev, next *provEntry
+	res        *resource.Resource
+	prev, next *resEntry
 }
 
 // New builds an Exporter. For "otlp" it creates the SDK exporter for the
@@ -85,9 +96,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 		log:     log,
 		link:    cfg.Link,
 		c:       &counters{},
-		lru:     make(map[service]*provEntry),
+		lru:     make(map[service]*resEntry),
 		maxRes:  cfg.MaxResources,
 		summary: mode == OutputConsole,
+		ids:     newIDGen(),
+		links:   new(linkCache),
+		scope:   instrumentation.Scope{Name: ScopeName},
 	}
 	if e.maxRes <= 0 {
 		e.maxRes = DefaultMaxResources
@@ -142,7 +156,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 			opts = append(opts, sdktrace.WithExportTimeout(cfg.ExportTimeout))
 		}
 		e.proc = sdktrace.NewBatchSpanProcessor(&countingExporter{next: dest, c: e.c, trackPending: true}, opts...)
-		e.shared = &sharedProcessor{next: e.proc, c: e.c, limit: int64(q)}
+		e.gate = &boundedProcessor{next: e.proc, c: e.c, limit: int64(q)}
 	case OutputConsole, OutputJSON:
 		w := cfg.Writer
 		if w == nil {
@@ -154,8 +168,20 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 			e.dest = NewJSONExporter(w)
 		}
 		e.proc = sdktrace.NewSimpleSpanProcessor(&countingExporter{next: e.dest, c: e.c})
-		e.shared = &sharedProcessor{next: e.proc, c: e.c}
+		e.gate = &boundedProcessor{next: e.proc, c: e.c}
 	}
+	// The span limits of the environment, as an SDK TracerProvider would
+	// apply them, and a provider (with no processor) to apply them to the
+	// rare attribute lists that need more than a copy (see attrBuilder).
+	limits := sdktrace.NewSpanLimits()
+	e.attrs.countLimit = limits.AttributeCountLimit
+	e.attrs.lengthLimit = limits.AttributeValueLengthLimit
+	e.norm = sdktrace.NewTracerProvider(
+		sdktrace.WithRawSpanLimits(limits),
+		sdktrace.WithResource(resource.Empty()),
+		sdktrace.WithSampler(sdktrace.AlwaysSample()),
+	)
+	e.attrs.norm = e.norm.Tracer(ScopeName)
 	e.clock = newMonoClock(clockRefresh, cfg.frozenOffset)
 	return e, nil
 }
@@ -173,7 +199,7 @@ func (e *Exporter) Export(s *Session) {
 		return
 	}
 	tx := s.Tx
-	ent := e.provider(serviceOf(s))
+	res := e.resource(serviceOf(s))
 
 	var start, end time.Time
 	if ms, me, ok := spanTimes(tx); ok {
@@ -183,21 +209,26 @@ func (e *Exporter) Export(s *Session) {
 		end = start
 	}
 	failed, errType := spanError(s)
-	attrs := e.attrs.build(s, errType, e.summary)
+	attrs, droppedAttrs := e.attrs.build(s, errType, e.summary)
 
-	ctx := context.Background()
+	var tid trace.TraceID
+	var sid trace.SpanID
+	var parent trace.SpanContext
 	if (s.Kind == Client || s.Kind == Server) && e.linkable(s) {
-		tid, sid := linkIDs(s)
+		ltid, lsid := e.links.ids(s)
 		if s.Kind == Client {
-			ctx = withIDs(ctx, tid, sid)
+			tid, sid = ltid, lsid
 		} else {
-			ctx = trace.ContextWithRemoteSpanContext(ctx, trace.NewSpanContext(trace.SpanContextConfig{
-				TraceID:    tid,
-				SpanID:     sid,
+			tid, sid = ltid, e.ids.spanID(lsid)
+			parent = trace.NewSpanContext(trace.SpanContextConfig{
+				TraceID:    ltid,
+				SpanID:     lsid,
 				TraceFlags: trace.FlagsSampled,
 				Remote:     true,
-			}))
+			})
 		}
+	} else {
+		tid, sid = e.ids.traceID(), e.ids.spanID(trace.SpanID{})
 	}
 	name := tx.Name
 	if name == "" {
@@ -206,18 +237,27 @@ func (e *Exporter) Export(s *Session) {
 	if name == "" {
 		name = "transaction"
 	}
-	// Attributes are set after Start rather than with WithAttributes: the
-	// sampler (AlwaysSample) does not need them, and it saves the SDK a
-	// copy of them.
-	_, span := ent.tr.Start(ctx, name,
-		trace.WithSpanKind(spanKind(s.Kind)),
-		trace.WithTimestamp(start),
-	)
-	span.SetAttributes(attrs...)
+	var status sdktrace.Status
 	if failed {
-		span.SetStatus(codes.Error, errType)
+		status = sdktrace.Status{Code: codes.Error, Description: errType}
 	}
-	span.End(trace.WithTimestamp(end))
+	e.gate.OnEnd(tracetest.SpanStub{
+		Name: name,
+		SpanContext: trace.NewSpanContext(trace.SpanContextConfig{
+			TraceID:    tid,
+			SpanID:     sid,
+			TraceFlags: trace.FlagsSampled,
+		}),
+		Parent:               parent,
+		SpanKind:             spanKind(s.Kind),
+		StartTime:            start,
+		EndTime:              end,
+		Attributes:           attrs,
+		DroppedAttributes:    droppedAttrs,
+		Status:               status,
+		Resource:             res,
+		InstrumentationScope: e.scope,
+	}.Snapshot())
 }
 
 func (e *Exporter) linkable(s *Session) bool {
@@ -227,40 +267,32 @@ func (e *Exporter) linkable(s *Session) bool {
 	return e.link == nil || e.link(s)
 }
 
-// provider returns the TracerProvider of service sv, creating it (and
-// evicting the least recently used one beyond MaxResources) as needed.
-func (e *Exporter) provider(sv service) *provEntry {
+// resource returns the resource of service sv, creating it (and forgetting
+// the least recently used one beyond MaxResources) as needed. Spans of one
+// service share one *resource.Resource.
+func (e *Exporter) resource(sv service) *resource.Resource {
 	if ent, ok := e.lru[sv]; ok {
 		if ent != e.head {
 			e.unlink(ent)
 			e.pushFront(ent)
 		}
-		return ent
+		return ent.res
 	}
-	tp := sdktrace.NewTracerProvider(
-		sdktrace.WithResource(newResource(e.base, sv)),
-		sdktrace.WithSpanProcessor(e.shared),
-		sdktrace.WithIDGenerator(idGenerator{}),
-		sdktrace.WithSampler(sdktrace.AlwaysSample()),
-	)
-	ent := &provEntry{key: sv, tp: tp, tr: tp.Tracer(ScopeName)}
+	ent := &resEntry{key: sv, res: newResource(e.base, sv)}
 	e.lru[sv] = ent
 	e.nres.Add(1)
 	e.pushFront(ent)
 	for len(e.lru) > e.maxRes {
+		// Spans already made keep their pointer to it.
 		old := e.tail
 		e.unlink(old)
 		delete(e.lru, old.key)
 		e.nres.Add(-1)
-		// Its ended spans are already in the shared processor, which
-		// this does not stop: shutting the provider down only releases
-		// it.
-		_ = old.tp.Shutdown(context.Background())
 	}
-	return ent
+	return ent.res
 }
 
-func (e *Exporter) pushFront(ent *provEntry) {
+func (e *Exporter) pushFront(ent *resEntry) {
 	ent.prev, ent.next = nil, e.head
 	if e.head != nil {
 		e.head.prev = ent
@@ -271,7 +303,7 @@ func (e *Exporter) pushFront(ent *provEntry) {
 	}
 }
 
-func (e *Exporter) unlink(ent *provEntry) {
+func (e *Exporter) unlink(ent *resEntry) {
 	if ent.prev != nil {
 		ent.prev.next = ent.next
 	} else {
@@ -302,19 +334,13 @@ func (e *Exporter) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	e.closed = true
-	var tps []*sdktrace.TracerProvider
-	for ent := e.head; ent != nil; ent = ent.next {
-		tps = append(tps, ent.tp)
-	}
-	e.lru = map[service]*provEntry{}
+	e.lru = map[service]*resEntry{}
 	e.nres.Store(0)
 	e.head, e.tail = nil, nil
 	e.mu.Unlock()
 
 	e.clock.close()
-	for _, tp := range tps {
-		_ = tp.Shutdown(ctx) // providers only release themselves
-	}
+	_ = e.norm.Shutdown(ctx) // it has no processor: only releases itself
 	// The real processor flushes, then shuts the destination down.
 	err := e.proc.Shutdown(ctx)
 	if err != nil && e.dest != nil {

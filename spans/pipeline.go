@@ -49,13 +49,11 @@ func (e *countingExporter) Shutdown(ctx context.Context) error {
 	return e.next.Shutdown(ctx)
 }
 
-// sharedProcessor is the span processor registered with every per-resource
-// TracerProvider. It forwards spans to the one real processor (batch or
-// simple), bounding what the batch processor holds, and ignores Shutdown:
-// evicting a provider must not stop the pipeline the others share. The
-// Exporter shuts the real processor (and with it the SpanExporter) down once,
-// at the end.
-type sharedProcessor struct {
+// boundedProcessor is what Export hands finished spans to. It forwards them
+// to the real processor (batch or simple), bounding what the batch processor
+// holds. The Exporter flushes and shuts the real processor (and with it the
+// SpanExporter) down itself.
+type boundedProcessor struct {
 	next sdktrace.SpanProcessor
 	c    *counters
 	// limit bounds c.pending (0: no bound). It is at most the batch
@@ -64,17 +62,13 @@ type sharedProcessor struct {
 	limit int64
 }
 
-// OnStart implements sdktrace.SpanProcessor.
-func (p *sharedProcessor) OnStart(ctx context.Context, s sdktrace.ReadWriteSpan) {
-	p.next.OnStart(ctx, s)
-}
-
-// OnEnd implements sdktrace.SpanProcessor. It never blocks.
-func (p *sharedProcessor) OnEnd(s sdktrace.ReadOnlySpan) {
+// OnEnd passes s on unless the batch processor's queue is full, in which
+// case it counts s as dropped. It never blocks.
+func (p *boundedProcessor) OnEnd(s sdktrace.ReadOnlySpan) {
 	if p.limit > 0 {
-		// Only the Exporter's (locked) Export ends spans, so checking and
-		// then adding does not race with another OnEnd; exports only
-		// lower pending meanwhile.
+		// Only the Exporter's (locked) Export calls OnEnd, so checking
+		// and then adding does not race with another OnEnd; exports
+		// only lower pending meanwhile.
 		if p.c.pending.Load() >= p.limit {
 			p.c.dropped.Add(1)
 			return
@@ -82,14 +76,6 @@ func (p *sharedProcessor) OnEnd(s sdktrace.ReadOnlySpan) {
 		p.c.pending.Add(1)
 	}
 	p.next.OnEnd(s)
-}
-
-// Shutdown implements sdktrace.SpanProcessor; it does nothing (see the type).
-func (*sharedProcessor) Shutdown(context.Context) error { return nil }
-
-// ForceFlush implements sdktrace.SpanProcessor.
-func (p *sharedProcessor) ForceFlush(ctx context.Context) error {
-	return p.next.ForceFlush(ctx)
 }
 
 // errorHandler logs OpenTelemetry errors (failed exports, partial success

@@ -1,10 +1,13 @@
 package spans
 
 import (
+	"context"
+	"encoding/binary"
 	"net/netip"
 	"strings"
 
 	"go.opentelemetry.io/otel/attribute"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
@@ -93,35 +96,69 @@ func spanError(s *Session) (bool, string) {
 	return true, tx.ErrorType
 }
 
-// attrBuilder builds span attributes, reusing its buffers; it is used under
-// the Exporter's lock.
+// attrBuilder builds span attributes; it is used under the Exporter's lock.
 type attrBuilder struct {
-	buf   []attribute.KeyValue
-	addrs map[netip.Addr]string
+	addrs *addrCache
+	// countLimit and lengthLimit are the SDK's span limits
+	// (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT;
+	// negative: none).
+	countLimit, lengthLimit int
+	// norm applies the SDK's attribute rules to the attributes that need
+	// them (see build).
+	norm trace.Tracer
 }
 
-const addrCacheMax = 4096
+// maxDedupScan is the most analyzer attributes build checks for duplicate
+// keys itself; beyond it the SDK does.
+const maxDedupScan = 32
 
-// addr returns the textual form of a, cached (netip.Addr.String allocates).
+// addrCacheBits is the log2 of the number of slots of an addrCache.
+const addrCacheBits = 10
+
+// addrCache remembers the textual form of recently seen addresses
+// (netip.Addr.String allocates), in a direct-mapped table: an address
+// replaces whatever shared its slot.
+type addrCache [1 << addrCacheBits]struct {
+	a netip.Addr
+	s string
+}
+
+// addr returns the textual form of a.
 func (b *attrBuilder) addr(a netip.Addr) string {
-	if s, ok := b.addrs[a]; ok {
-		return s
+	if b.addrs == nil {
+		b.addrs = new(addrCache)
 	}
-	if b.addrs == nil || len(b.addrs) >= addrCacheMax {
-		b.addrs = make(map[netip.Addr]string, 256)
+	x := a.As16()
+	h := (binary.LittleEndian.Uint64(x[:8]) ^ binary.LittleEndian.Uint64(x[8:])) * 0x9e3779b97f4a7c15
+	e := &b.addrs[h>>(64-addrCacheBits)]
+	if e.a != a || e.s == "" {
+		e.a, e.s = a, a.String()
 	}
-	s := a.String()
-	b.addrs[a] = s
-	return s
+	return e.s
 }
 
-// build returns the attributes of the span of s. The slice is reused by the
-// next call.
-func (b *attrBuilder) build(s *Session, errType string, summary bool) []attribute.KeyValue {
+// build returns the attributes of the span of s, in a new slice the span
+// owns, and the number of attributes the span limits dropped.
+//
+// The result is what the SDK's span would have held after one SetAttributes
+// call with the same list: invalid (keyless) attributes are dropped,
+// duplicate keys keep their first position and their last value, the count
+// and value length limits apply, and slice and map values are normalised.
+// The list built here is almost always already in that form (the analyzers'
+// keys are distinct and none is one of the keys added here); build checks
+// so cheaply and otherwise hands the list to a span of the SDK (b.norm) to
+// apply the rules exactly.
+func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribute.KeyValue, int) {
 	tx := s.Tx
-	a := b.buf[:0]
+	client := netip.AddrPortFrom(s.Client.Addr().Unmap(), s.Client.Port())
+	server := netip.AddrPortFrom(s.Server.Addr().Unmap(), s.Server.Port())
+	serverOK, clientOK := server.Addr().IsValid(), client.Addr().IsValid()
+
+	// First pass: which keys the analyzer set, and whether the list
+	// needs the SDK's rules.
 	var hasServerAddr, hasServerPort, hasClientAddr, hasClientPort, hasErrType bool
-	for _, kv := range tx.Attrs {
+	simple := len(tx.Attrs) <= maxDedupScan
+	for i, kv := range tx.Attrs {
 		switch kv.Key {
 		case semconv.ServerAddressKey:
 			hasServerAddr = true
@@ -133,51 +170,104 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) []attribut
 			hasClientPort = true
 		case semconv.ErrorTypeKey:
 			hasErrType = true
+		case semconv.NetworkTransportKey, semconv.NetworkTypeKey,
+			semconv.NetworkPeerAddressKey, semconv.NetworkPeerPortKey,
+			semconv.NetworkLocalAddressKey, semconv.NetworkLocalPortKey,
+			semconv.ProcessPIDKey, semconv.ProcessExecutableNameKey,
+			AttrPoint, AttrCgroupID, AttrCgroupPath, AttrTruncated, AttrSummary:
+			// Also added below: the SDK's deduplication decides.
+			simple = false
+		case "":
+			simple = false // invalid: the SDK drops it
 		}
-		if kv, ok := sanitize(kv); ok {
-			a = append(a, kv)
+		switch kv.Value.Type() {
+		case attribute.SLICE, attribute.MAP:
+			simple = false // the SDK normalises these
+		}
+		if simple {
+			// A duplicate among those sanitize drops is harmless, but
+			// rare enough not to tell apart.
+			for j := range i {
+				if tx.Attrs[j].Key == kv.Key {
+					simple = false
+					break
+				}
+			}
 		}
 	}
 
+	// The number of attributes added here, exactly (see below).
+	n := 4 // process.pid, process.executable.name, clovisor.point, clovisor.cgroup.id
+	if s.Transport != "" {
+		n++
+	}
+	if server.Addr().Is4() || (!serverOK && client.Addr().Is4()) || server.Addr().Is6() || client.Addr().Is6() {
+		n++ // network.type
+	}
+	if serverOK {
+		n += 2 + b2i(!hasServerAddr) + b2i(!hasServerPort) // + network.peer or .local
+	}
+	if clientOK {
+		n += 2
+		if s.Kind == Server {
+			n += b2i(!hasClientAddr) + b2i(!hasClientPort)
+		}
+	}
+	n += b2i(s.CgroupPath != "") + b2i(tx.Truncated) + b2i(errType != "" && !hasErrType) + b2i(summary && tx.Summary != "")
+
+	a := make([]attribute.KeyValue, 0, len(tx.Attrs)+n)
+	for i := range tx.Attrs {
+		kv := &tx.Attrs[i]
+		if !maySanitize(kv.Key) {
+			a = append(a, *kv)
+		} else if kv, ok := sanitize(*kv); ok {
+			a = append(a, kv)
+		}
+	}
 	if s.Transport != "" {
 		a = append(a, semconv.NetworkTransportKey.String(s.Transport))
 	}
-	client := netip.AddrPortFrom(s.Client.Addr().Unmap(), s.Client.Port())
-	server := netip.AddrPortFrom(s.Server.Addr().Unmap(), s.Server.Port())
 	switch {
-	case server.Addr().Is4() || (!server.Addr().IsValid() && client.Addr().Is4()):
+	case server.Addr().Is4() || (!serverOK && client.Addr().Is4()):
 		a = append(a, semconv.NetworkTypeKey.String("ipv4"))
 	case server.Addr().Is6() || client.Addr().Is6():
 		a = append(a, semconv.NetworkTypeKey.String("ipv6"))
 	}
-	if server.Addr().IsValid() {
+	var serverStr, clientStr string
+	if serverOK {
+		serverStr = b.addr(server.Addr())
 		if !hasServerAddr {
-			a = append(a, semconv.ServerAddressKey.String(b.addr(server.Addr())))
+			a = append(a, semconv.ServerAddressKey.String(serverStr))
 		}
 		if !hasServerPort {
 			a = append(a, semconv.ServerPortKey.Int(int(server.Port())))
 		}
 	}
-	if s.Kind == Server && client.Addr().IsValid() {
-		if !hasClientAddr {
-			a = append(a, semconv.ClientAddressKey.String(b.addr(client.Addr())))
-		}
-		if !hasClientPort {
-			a = append(a, semconv.ClientPortKey.Int(int(client.Port())))
+	if clientOK {
+		clientStr = b.addr(client.Addr())
+		if s.Kind == Server {
+			if !hasClientAddr {
+				a = append(a, semconv.ClientAddressKey.String(clientStr))
+			}
+			if !hasClientPort {
+				a = append(a, semconv.ClientPortKey.Int(int(client.Port())))
+			}
 		}
 	}
 	peer, local := server, client
+	peerStr, localStr := serverStr, clientStr
 	if s.Kind == Server {
 		peer, local = client, server
+		peerStr, localStr = clientStr, serverStr
 	}
 	if peer.Addr().IsValid() {
 		a = append(a,
-			semconv.NetworkPeerAddressKey.String(b.addr(peer.Addr())),
+			semconv.NetworkPeerAddressKey.String(peerStr),
 			semconv.NetworkPeerPortKey.Int(int(peer.Port())))
 	}
 	if local.Addr().IsValid() {
 		a = append(a,
-			semconv.NetworkLocalAddressKey.String(b.addr(local.Addr())),
+			semconv.NetworkLocalAddressKey.String(localStr),
 			semconv.NetworkLocalPortKey.Int(int(local.Port())))
 	}
 
@@ -199,8 +289,43 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) []attribut
 	if summary && tx.Summary != "" {
 		a = append(a, AttrSummary.String(tx.Summary))
 	}
-	b.buf = a
-	return a
+
+	if b.countLimit >= 0 && len(a) > b.countLimit {
+		simple = false
+	}
+	if simple && b.lengthLimit >= 0 {
+		for _, kv := range a {
+			switch kv.Value.Type() {
+			case attribute.STRING:
+				if len(kv.Value.AsString()) > b.lengthLimit {
+					simple = false
+				}
+			case attribute.STRINGSLICE, attribute.BYTESLICE:
+				simple = false
+			}
+		}
+	}
+	if !simple {
+		return b.normalize(a)
+	}
+	return a, 0
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// normalize applies the SDK's attribute rules to a through a span of the
+// SDK, and returns the resulting attributes and the number dropped.
+func (b *attrBuilder) normalize(a []attribute.KeyValue) ([]attribute.KeyValue, int) {
+	_, span := b.norm.Start(context.Background(), "")
+	span.SetAttributes(a...) // copies a
+	span.End()
+	ro := span.(sdktrace.ReadOnlySpan)
+	return ro.Attributes(), ro.DroppedAttributes()
 }
 
 // Defence in depth: analyzers promise not to emit secrets, but the exporter
@@ -222,6 +347,18 @@ var sensitiveHeaders = map[string]bool{
 var sensitiveQueryParams = [...]string{"AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"}
 
 const redacted = "REDACTED"
+
+// maySanitize tells whether sanitize may change or drop an attribute with
+// key k (a cheaper test than sanitize's).
+func maySanitize(k attribute.Key) bool {
+	switch {
+	case len(k) > len("http.request.header.") && k[0] == 'h':
+		return k[12:20] == ".header." || k[13:21] == ".header."
+	case len(k) >= len("url.full") && k[0] == 'u':
+		return k == "url.full" || k == "url.query"
+	}
+	return false
+}
 
 // sanitize drops or redacts one analyzer attribute.
 func sanitize(kv attribute.KeyValue) (attribute.KeyValue, bool) {

@@ -396,3 +396,35 @@ func TestPortFilter(t *testing.T) {
 		}
 	}
 }
+
+// TestServerClosesWithoutResponse: nginx closes the connection without
+// answering (return 444): each end gets a span for the unanswered request
+// that lasts until the connection closed.
+func TestServerClosesWithoutResponse(t *testing.T) {
+	p := testbed.NewHTTPPair(t)
+	testbed.RequireTool(t, "curl")
+	c := startTracer(t, probes.DefaultPayload, p.ClientCG.ID(), p.ServerCG.ID())
+	cmd, start := p.ClientCommand(context.Background(), "curl", "-sS", "-o", "/dev/null", p.URL("/drop"))
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err == nil {
+		t.Fatal("curl succeeded against a server that closes without answering")
+	}
+	got := c.wait(t, 2)
+	if len(got) != 2 {
+		t.Fatalf("%d sessions: %s", len(got), describe(got))
+	}
+	for _, s := range got {
+		tx := s.Tx
+		if !tx.NoResponse || tx.ErrorType != "no_response" || !tx.ServerFault || tx.StatusCode != 0 {
+			t.Errorf("kind %d: %+v", s.Kind, tx)
+		}
+		if attr(tx, "url.path").AsString() != "/drop" || tx.CloseTS < tx.ReqEnd || tx.ReqEnd == 0 {
+			t.Errorf("kind %d: path %q, request end %d, close %d", s.Kind, attr(tx, "url.path").AsString(), tx.ReqEnd, tx.CloseTS)
+		}
+	}
+	if len(byKind(got, spans.Client)) != 1 || len(byKind(got, spans.Server)) != 1 {
+		t.Errorf("kinds: %s", describe(got))
+	}
+}

@@ -193,8 +193,13 @@ func TestTimestamps(t *testing.T) {
 	s = clientSession()
 	s.Tx.ReqStart, s.Tx.ReqEnd, s.Tx.RespStart, s.Tx.RespEnd = 0, 0, mono0+10, mono0+20
 	e.Export(s)
+	// Unanswered until the connection closed: end at the close.
+	s = clientSession()
+	s.Tx.ReqStart, s.Tx.ReqEnd, s.Tx.RespStart, s.Tx.RespEnd, s.Tx.CloseTS = mono0+100, mono0+200, 0, 0, mono0+9000
+	s.Tx.NoResponse = true
+	e.Export(s)
 	got := collect(t, e, mem)
-	if len(got) != 2 {
+	if len(got) != 3 {
 		t.Fatalf("got %d spans", len(got))
 	}
 	check := func(i int, start, end time.Time) {
@@ -205,6 +210,7 @@ func TestTimestamps(t *testing.T) {
 	}
 	check(0, wall0.Add(500), wall0.Add(500))
 	check(1, wall0.Add(10), wall0.Add(20))
+	check(2, wall0.Add(100), wall0.Add(9000))
 }
 
 func TestWallClockConversion(t *testing.T) {

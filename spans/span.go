@@ -69,7 +69,11 @@ func spanTimes(tx *protocols.Transaction) (start, end uint64, ok bool) {
 	}
 	end = tx.RespEnd
 	if end == 0 && tx.NoResponse {
-		end = tx.ReqEnd
+		// A request left unanswered lasted until its connection ended.
+		end = tx.CloseTS
+		if end == 0 {
+			end = tx.ReqEnd
+		}
 	}
 	if end == 0 {
 		end = hi

@@ -75,6 +75,7 @@ http {
         root %[5]s;
         location /echo { return 200 "echo\n"; }
         location /missing-teapot { return 418; }
+        location /drop { return 444; }
     }
 }
 `, dir, p.ServerIP, p.ServerIP6, p.Port, p.Root)

@@ -70,9 +70,14 @@ struct conn_event {
 	__u8 old_state;
 	__u8 _pad0;
 	__u32 _pad1;
-	__u64 ts;        /* bpf_ktime_get_ns() */
+	__u64 ts;        /* bpf_ktime_get_ns(): open: when the connection was established */
 	__u64 cookie;    /* socket cookie */
 	__u64 cgroup_id; /* cgroup v2 id of the socket's owner */
+	/* The process that connected or accepted (open events; 0 when not
+	 * known: close events, or accepts the mode cannot see). */
+	__u32 tgid;
+	__u32 pid;
+	__u8 comm[16];
 	struct conn_tuple tuple;
 	/* close events: the TCP connection's own counters */
 	__u64 bytes_sent;
@@ -212,10 +217,16 @@ static __always_inline void count(__u32 idx)
 #define KREAD(src, a) ((src)->a)
 #define KREAD_INTO(dst, src, a) __builtin_memcpy((dst), &(src)->a, sizeof(*(dst)))
 #define TCP_SK(sk) bpf_skc_to_tcp_sock(sk)
+#define SOCK_COOKIE(sk) bpf_get_socket_cookie(sk)
 #else
 #define KREAD(src, a) BPF_CORE_READ(src, a)
 #define KREAD_INTO(dst, src, a) BPF_CORE_READ_INTO(dst, src, a)
 #define TCP_SK(sk) ((struct tcp_sock *)(sk))
+/* kprobe programs may not call bpf_get_socket_cookie: the socket's address,
+ * scrambled by an odd multiplier (a bijection, so still unique), stands in
+ * for it. */
+volatile const __u64 cookie_mult = 0x9e3779b97f4a7c15ULL;
+#define SOCK_COOKIE(sk) ((__u64)(sk) * cookie_mult)
 #endif
 
 static __always_inline int sock_traceable(const struct sock *sk)
@@ -257,45 +268,55 @@ static __always_inline __u64 sock_cgroup_id(const struct sock *sk)
 #endif
 }
 
-/*
- * emit_conn reports a TCP state change that opens or closes a connection.
- * It runs in any context (softirq included), so the cgroup is the socket's
- * own (the cgroup of the process that created it), not current's.
- */
-static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstate)
+/* Who opened a connection, kept from the moment the process context is
+ * known until the event can be sent: the connecting task (at SYN_SENT)
+ * until the handshake completes, or the establishment time of an incoming
+ * connection until a task accepts it. */
+struct pending_conn {
+	__u64 ts;
+	__u32 tgid;
+	__u32 pid;
+	__u8 comm[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct pending_conn);
+} pending_conns SEC(".maps");
+
+/* Set when the mode sees accepts (in process context): incoming
+ * connections are then reported when accepted, with the accepting task;
+ * otherwise when established, without it. */
+volatile const __u8 accept_hook = 0;
+
+static __always_inline void fill_task(__u32 *tgid, __u32 *pid, __u8 *comm)
 {
-	struct conn_event *e;
-	__u8 kind, role = ROLE_UNKNOWN;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	*tgid = pid_tgid >> 32;
+	*pid = (__u32)pid_tgid;
+	bpf_get_current_comm(comm, 16);
+}
 
-	if (newstate == TCP_ESTABLISHED) {
-		kind = EVENT_CONN_OPEN;
-		if (oldstate == TCP_SYN_SENT)
-			role = ROLE_CLIENT;
-		else if (oldstate == TCP_SYN_RECV)
-			role = ROLE_SERVER;
-		else
-			return;
-	} else if (newstate == TCP_CLOSE) {
-		/* A listener or a never-opened socket is no connection. */
-		if (oldstate == TCP_LISTEN || oldstate == TCP_CLOSE || oldstate == TCP_SYN_SENT ||
-		    oldstate == TCP_SYN_RECV)
-			return;
-		kind = EVENT_CONN_CLOSE;
-	} else {
-		return;
-	}
-	if (!sock_traceable(sk))
-		return;
-
-	__u64 cgid = sock_cgroup_id(sk);
-	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid))
-		return;
+static __always_inline int conn_traced(const struct sock *sk, __u64 *cgid)
+{
+	*cgid = sock_cgroup_id(sk);
+	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, cgid))
+		return 0;
 	__u16 sport = KREAD(sk, __sk_common.skc_num);
 	__u16 dport = bpf_ntohs(KREAD(sk, __sk_common.skc_dport));
-	if (!ports_traced(sport, dport))
-		return;
+	return ports_traced(sport, dport);
+}
 
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+/*
+ * emit_conn_event sends an open or close event for sk. For opens, p (if
+ * not NULL) names the process and the establishment time.
+ */
+static __always_inline void emit_conn_event(struct sock *sk, __u64 cookie, __u64 cgid, __u8 kind, __u8 role,
+					    __u8 oldstate, const struct pending_conn *p)
+{
+	struct conn_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(STAT_CONN_LOST);
 		return;
@@ -305,8 +326,15 @@ static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstat
 	e->role = role;
 	e->old_state = oldstate;
 	e->ts = bpf_ktime_get_ns();
-	e->cookie = bpf_get_socket_cookie(sk);
+	e->cookie = cookie;
 	e->cgroup_id = cgid;
+	if (p) {
+		if (p->ts)
+			e->ts = p->ts;
+		e->tgid = p->tgid;
+		e->pid = p->pid;
+		__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
+	}
 	read_tuple(sk, &e->tuple);
 	if (kind == EVENT_CONN_CLOSE) {
 		struct tcp_sock *tp = TCP_SK(sk);
@@ -318,6 +346,72 @@ static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstat
 		}
 	}
 	bpf_ringbuf_submit(e, ringbuf_flags());
+}
+
+/*
+ * emit_conn reports a TCP state change that opens or closes a connection.
+ * It runs in any context (softirq included), so the cgroup is the socket's
+ * own (the cgroup of the process that created it), not current's.
+ */
+static __always_inline void emit_conn(struct sock *sk, int oldstate, int newstate)
+{
+	if (!sock_traceable(sk))
+		return;
+	__u64 cgid;
+	if (!conn_traced(sk, &cgid))
+		return;
+	__u64 cookie = SOCK_COOKIE(sk);
+	struct pending_conn *p;
+
+	switch (newstate) {
+	case TCP_SYN_SENT:
+		/* connect(): the only moment the connecting task is current. */
+		if (oldstate == TCP_CLOSE) {
+			struct pending_conn pc = {};
+			fill_task(&pc.tgid, &pc.pid, pc.comm);
+			bpf_map_update_elem(&pending_conns, &cookie, &pc, BPF_ANY);
+		}
+		return;
+	case TCP_ESTABLISHED:
+		if (oldstate == TCP_SYN_SENT) {
+			p = bpf_map_lookup_elem(&pending_conns, &cookie);
+			emit_conn_event(sk, cookie, cgid, EVENT_CONN_OPEN, ROLE_CLIENT, oldstate, p);
+			if (p)
+				bpf_map_delete_elem(&pending_conns, &cookie);
+		} else if (oldstate == TCP_SYN_RECV) {
+			if (accept_hook) {
+				/* Reported by the accept hook, with the task. */
+				struct pending_conn pc = {.ts = bpf_ktime_get_ns()};
+				bpf_map_update_elem(&pending_conns, &cookie, &pc, BPF_ANY);
+			} else {
+				emit_conn_event(sk, cookie, cgid, EVENT_CONN_OPEN, ROLE_SERVER, oldstate, NULL);
+			}
+		}
+		return;
+	case TCP_CLOSE:
+		bpf_map_delete_elem(&pending_conns, &cookie);
+		/* A listener or a never-opened socket is no connection. */
+		if (oldstate == TCP_LISTEN || oldstate == TCP_CLOSE || oldstate == TCP_SYN_SENT ||
+		    oldstate == TCP_SYN_RECV)
+			return;
+		emit_conn_event(sk, cookie, cgid, EVENT_CONN_CLOSE, ROLE_UNKNOWN, oldstate, NULL);
+		return;
+	}
+}
+
+/*
+ * emit_accept reports an incoming connection when a task accepts it (in
+ * that task's context); cookie is the socket's cookie.
+ */
+static __always_inline void emit_accept(struct sock *sk, __u64 cookie)
+{
+	struct pending_conn *p = bpf_map_lookup_elem(&pending_conns, &cookie);
+	if (!p)
+		return; /* not traced, or established before we started */
+	struct pending_conn pc = *p;
+	bpf_map_delete_elem(&pending_conns, &cookie);
+	fill_task(&pc.tgid, &pc.pid, pc.comm);
+	emit_conn_event(sk, cookie, sock_cgroup_id(sk), EVENT_CONN_OPEN, ROLE_SERVER, TCP_SYN_RECV, &pc);
 }
 
 /* copy_iov copies up to want bytes from a user iovec array into dst. */
@@ -419,7 +513,7 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
 	e->dir = dir;
 	e->seq = seq_end - len;
 	e->ts = bpf_ktime_get_ns();
-	e->cookie = bpf_get_socket_cookie(sk);
+	e->cookie = SOCK_COOKIE(sk);
 	e->cgroup_id = cgid;
 	e->tgid = tgid;
 	e->pid = (__u32)pid_tgid;

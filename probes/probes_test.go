@@ -25,10 +25,10 @@ func TestOpenAttachesAndCloseRemovesEverything(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(held.Progs) != 3 || len(held.Links) != 3 || len(held.Maps) < 4 {
-		t.Errorf("holding %+v, want 3 programs, 3 links and the maps", held)
+	if len(held.Progs) != 5 || len(held.Links) != 5 || len(held.Maps) < 4 {
+		t.Errorf("holding %+v, want 5 programs, 5 links and the maps", held)
 	}
-	if len(tr.Programs()) != 3 {
+	if len(tr.Programs()) != 5 {
 		t.Errorf("Programs() = %v", tr.Programs())
 	}
 	loaded, err := LoadedPrograms()

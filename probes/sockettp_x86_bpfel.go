@@ -23,6 +23,9 @@ type socketTPConnEvent struct {
 	Ts       uint64
 	Cookie   uint64
 	CgroupId uint64
+	Tgid     uint32
+	Pid      uint32
+	Comm     [16]uint8
 	Tuple    struct {
 		_      structs.HostLayout
 		Saddr  [16]uint8
@@ -93,6 +96,14 @@ const (
 	socketTPEventKindEVENT_DATA       socketTPEventKind = 3
 )
 
+type socketTPPendingConn struct {
+	_    structs.HostLayout
+	Ts   uint64
+	Tgid uint32
+	Pid  uint32
+	Comm [16]uint8
+}
+
 type socketTPStatIndex uint32
 
 const (
@@ -107,6 +118,7 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	socketTPMapEvents              = "events"
+	socketTPMapPendingConns        = "pending_conns"
 	socketTPMapScratch             = "scratch"
 	socketTPMapStats               = "stats"
 	socketTPMapTracedCgroups       = "traced_cgroups"
@@ -114,6 +126,9 @@ const (
 	socketTPProgTpInetSockSetState = "tp_inet_sock_set_state"
 	socketTPProgTpSockRecvLength   = "tp_sock_recv_length"
 	socketTPProgTpSockSendLength   = "tp_sock_send_length"
+	socketTPProgTpSysExitAccept    = "tp_sys_exit_accept"
+	socketTPProgTpSysExitAccept4   = "tp_sys_exit_accept4"
+	socketTPVarAcceptHook          = "accept_hook"
 	socketTPVarFilterCgroups       = "filter_cgroups"
 	socketTPVarFilterPorts         = "filter_ports"
 	socketTPVarPayloadCap          = "payload_cap"
@@ -172,6 +187,8 @@ type socketTPProgramSpecs struct {
 	TpInetSockSetState *ebpf.ProgramSpec `ebpf:"tp_inet_sock_set_state"`
 	TpSockRecvLength   *ebpf.ProgramSpec `ebpf:"tp_sock_recv_length"`
 	TpSockSendLength   *ebpf.ProgramSpec `ebpf:"tp_sock_send_length"`
+	TpSysExitAccept    *ebpf.ProgramSpec `ebpf:"tp_sys_exit_accept"`
+	TpSysExitAccept4   *ebpf.ProgramSpec `ebpf:"tp_sys_exit_accept4"`
 }
 
 // socketTPMapSpecs contains maps before they are loaded into the kernel.
@@ -179,6 +196,7 @@ type socketTPProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketTPMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
+	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -189,6 +207,7 @@ type socketTPMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketTPVariableSpecs struct {
+	AcceptHook      *ebpf.VariableSpec `ebpf:"accept_hook"`
 	FilterCgroups   *ebpf.VariableSpec `ebpf:"filter_cgroups"`
 	FilterPorts     *ebpf.VariableSpec `ebpf:"filter_ports"`
 	PayloadCap      *ebpf.VariableSpec `ebpf:"payload_cap"`
@@ -223,6 +242,7 @@ func (o *socketTPObjects) Close() error {
 // It can be passed to loadSocketTPObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketTPMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
+	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -232,6 +252,7 @@ type socketTPMaps struct {
 func (m *socketTPMaps) Close() error {
 	return _SocketTPClose(
 		m.Events,
+		m.PendingConns,
 		m.Scratch,
 		m.Stats,
 		m.TracedCgroups,
@@ -243,6 +264,7 @@ func (m *socketTPMaps) Close() error {
 //
 // It can be passed to loadSocketTPObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketTPVariables struct {
+	AcceptHook      *ebpf.Variable `ebpf:"accept_hook"`
 	FilterCgroups   *ebpf.Variable `ebpf:"filter_cgroups"`
 	FilterPorts     *ebpf.Variable `ebpf:"filter_ports"`
 	PayloadCap      *ebpf.Variable `ebpf:"payload_cap"`
@@ -263,6 +285,8 @@ type socketTPPrograms struct {
 	TpInetSockSetState *ebpf.Program `ebpf:"tp_inet_sock_set_state"`
 	TpSockRecvLength   *ebpf.Program `ebpf:"tp_sock_recv_length"`
 	TpSockSendLength   *ebpf.Program `ebpf:"tp_sock_send_length"`
+	TpSysExitAccept    *ebpf.Program `ebpf:"tp_sys_exit_accept"`
+	TpSysExitAccept4   *ebpf.Program `ebpf:"tp_sys_exit_accept4"`
 }
 
 func (p *socketTPPrograms) Close() error {
@@ -270,6 +294,8 @@ func (p *socketTPPrograms) Close() error {
 		p.TpInetSockSetState,
 		p.TpSockRecvLength,
 		p.TpSockSendLength,
+		p.TpSysExitAccept,
+		p.TpSysExitAccept4,
 	)
 }
 

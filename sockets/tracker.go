@@ -146,6 +146,11 @@ func (t *Tracker) handleConn(ev *probes.ConnEvent) {
 		c.fromStart = true
 		c.cgroup = ev.CgroupId
 		c.local, c.remote = endpoints(ev.Tuple.Family, &ev.Tuple.Saddr, &ev.Tuple.Daddr, ev.Tuple.Sport, ev.Tuple.Dport)
+		if ev.Tgid != 0 {
+			// The task that connected or accepted.
+			c.pid = ev.Tgid
+			c.process = t.procs.lookup(ev.Tgid, ev.Comm[:])
+		}
 	case probes.EventConnClose:
 		if c, ok := t.conns[ev.Cookie]; ok {
 			t.finish(c, ev.Ts)

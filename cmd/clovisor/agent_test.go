@@ -279,9 +279,9 @@ func TestSIGTERMUnderLoadLeavesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Three programs, their three links, and the maps.
-	if len(held.Progs) != 3 || len(held.Links) != 3 || len(held.Maps) < 4 {
-		t.Errorf("agent holds %+v, want 3 programs, 3 links and the maps", held)
+	// Five programs, their five links, and the maps.
+	if len(held.Progs) != 5 || len(held.Links) != 5 || len(held.Maps) < 4 {
+		t.Errorf("agent holds %+v, want 5 programs, 5 links and the maps", held)
 	}
 	a.stop(t)
 	if left := testbed.StillLoaded(held, 3*time.Second); left.Count() != 0 {

@@ -1,0 +1,141 @@
+package sockets
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+	"github.com/clovisor/clovisor/probes"
+)
+
+// TestKernelEvents checks the raw events for one curl request to nginx:
+// each side's open event names the task that connected or accepted, with
+// the right tuple and role; each close event carries the TCP counters,
+// which equal the sum of the data events' true byte counts.
+func TestKernelEvents(t *testing.T) {
+	p := testbed.NewHTTPPair(t)
+	testbed.RequireTool(t, "curl")
+	p.WriteFile(t, "f.txt", []byte(strings.Repeat("z", 5000)))
+	tr, err := probes.Open(probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	for _, id := range []uint64{p.ClientCG.ID(), p.ServerCG.ID()} {
+		if err := tr.AddCgroup(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd, start := p.ClientCommand(context.Background(), "curl", "-sS", "-o", "/dev/null", p.URL("/f.txt"))
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	curlPID := uint32(cmd.Process.Pid)
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+
+	rd, err := ringbuf.NewReader(tr.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	type side struct {
+		open, close   *probes.ConnEvent
+		sent, recvd   uint64
+		dataProcesses map[uint32]bool
+	}
+	sides := map[uint64]*side{}
+	get := func(cookie uint64) *side {
+		if sides[cookie] == nil {
+			sides[cookie] = &side{dataProcesses: map[uint32]bool{}}
+		}
+		return sides[cookie]
+	}
+	closes := 0
+	deadline := time.Now().Add(5 * time.Second)
+	for closes < 2 && time.Now().Before(deadline) {
+		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		rec, err := rd.Read()
+		if err != nil {
+			continue
+		}
+		switch rec.RawSample[0] {
+		case probes.EventConnOpen, probes.EventConnClose:
+			ev := new(probes.ConnEvent)
+			if err := decodeConn(rec.RawSample, ev); err != nil {
+				t.Fatal(err)
+			}
+			if ev.Kind == probes.EventConnOpen {
+				get(ev.Cookie).open = ev
+			} else {
+				get(ev.Cookie).close = ev
+				closes++
+			}
+		case probes.EventData:
+			var ev probes.DataEvent
+			if _, err := decodeData(rec.RawSample, &ev); err != nil {
+				t.Fatal(err)
+			}
+			s := get(ev.Cookie)
+			s.dataProcesses[ev.Tgid] = true
+			if ev.Dir == probes.DirSend {
+				s.sent += uint64(ev.Len)
+			} else {
+				s.recvd += uint64(ev.Len)
+			}
+		}
+	}
+	if len(sides) != 2 {
+		t.Fatalf("events for %d sockets, want 2", len(sides))
+	}
+	roles := map[uint8]bool{}
+	for cookie, s := range sides {
+		if s.open == nil || s.close == nil {
+			t.Fatalf("socket %d: open %v close %v", cookie, s.open != nil, s.close != nil)
+		}
+		o, c := s.open, s.close
+		roles[o.Role] = true
+		local, remote := endpoints(o.Tuple.Family, &o.Tuple.Saddr, &o.Tuple.Daddr, o.Tuple.Sport, o.Tuple.Dport)
+		comm := cstring(o.Comm[:])
+		switch o.Role {
+		case probes.RoleClient:
+			if o.Tgid != curlPID || comm != "curl" || o.CgroupId != p.ClientCG.ID() {
+				t.Errorf("client open: tgid %d comm %q cgroup %d, want curl %d in %d", o.Tgid, comm, o.CgroupId, curlPID, p.ClientCG.ID())
+			}
+			if local.Addr() != p.ClientIP || remote.Addr() != p.ServerIP || remote.Port() != p.Port {
+				t.Errorf("client tuple %s -> %s", local, remote)
+			}
+		case probes.RoleServer:
+			procComm, _ := os.ReadFile("/proc/" + strconv.Itoa(int(o.Tgid)) + "/comm")
+			if comm != "nginx" || strings.TrimSpace(string(procComm)) != "nginx" || o.CgroupId != p.ServerCG.ID() {
+				t.Errorf("server open: tgid %d comm %q (/proc says %q) cgroup %d", o.Tgid, comm, procComm, o.CgroupId)
+			}
+			if !s.dataProcesses[o.Tgid] || len(s.dataProcesses) != 1 {
+				t.Errorf("accepting task %d, data from %v", o.Tgid, s.dataProcesses)
+			}
+			if local.Addr() != p.ServerIP || local.Port() != p.Port || remote.Addr() != p.ClientIP {
+				t.Errorf("server tuple %s -> %s", local, remote)
+			}
+		default:
+			t.Errorf("open with role %d", o.Role)
+		}
+		if o.Ts == 0 || c.Ts < o.Ts {
+			t.Errorf("open at %d, close at %d", o.Ts, c.Ts)
+		}
+		// bytes_received counts the peer's FIN too (it takes a sequence
+		// number); both ends here close with FINs.
+		if c.BytesSent != s.sent || c.BytesReceived != s.recvd+1 || s.sent == 0 || s.recvd == 0 {
+			t.Errorf("role %d: TCP counted %d sent / %d received, data events %d / %d", o.Role, c.BytesSent, c.BytesReceived, s.sent, s.recvd)
+		}
+	}
+	if len(roles) != 2 {
+		t.Errorf("roles %v", roles)
+	}
+}

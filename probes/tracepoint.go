@@ -2,9 +2,11 @@ package probes
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -42,22 +44,12 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 	if err := configure(spec, o); err != nil {
 		return err
 	}
-	// Accepts are seen through the syscall tracepoints, which need tracefs.
-	acceptHook := true
-	unmount, err := ensureTracefs()
-	if err == nil {
-		if unmount != nil {
-			t.add(unmount)
-		}
-		for _, tp := range []string{"sys_exit_accept4", "sys_exit_accept"} {
-			if _, err2 := os.Stat(filepath.Join(tracefsDir, "events/syscalls", tp)); err2 != nil {
-				err = fmt.Errorf("tracepoint syscalls/%s is missing (CONFIG_FTRACE_SYSCALLS): %w", tp, err2)
-			}
-		}
-	}
+	// Accepts are seen through the syscall tracepoints, found in tracefs.
+	acceptIDs, err := tracepointIDs("syscalls", "sys_exit_accept4", "sys_exit_accept")
+	acceptHook := err == nil
 	if err != nil {
-		acceptHook = false
-		o.Logger.Warn("accepting processes will not be known at accept time", "component", "probes", "reason", err.Error())
+		o.Logger.Warn("accepting processes will not be known at accept time", "component", "probes",
+			"reason", err.Error())
 	}
 	if err := spec.Variables["accept_hook"].Set(boolByte(acceptHook)); err != nil {
 		return err
@@ -86,31 +78,68 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 	if acceptHook {
 		t.programs["tp_sys_exit_accept4"] = objs.TpSysExitAccept4
 		t.programs["tp_sys_exit_accept"] = objs.TpSysExitAccept
-		for name, p := range map[string]*ebpf.Program{"sys_exit_accept4": objs.TpSysExitAccept4, "sys_exit_accept": objs.TpSysExitAccept} {
-			l, err := link.Tracepoint("syscalls", name, p, nil)
-			if err != nil {
-				return fmt.Errorf("attaching to tracepoint syscalls/%s: %w", name, err)
+		for i, p := range []*ebpf.Program{objs.TpSysExitAccept4, objs.TpSysExitAccept} {
+			if err := t.attachTracepoint(p, acceptIDs[i]); err != nil {
+				return err
 			}
-			t.add(l)
 		}
 	}
 	return nil
 }
 
-const tracefsDir = "/sys/kernel/tracing"
-
-// ensureTracefs mounts tracefs at /sys/kernel/tracing when it is not
-// there; the returned closer (nil if it was mounted already) unmounts it.
-func ensureTracefs() (io.Closer, error) {
-	if _, err := os.Stat(filepath.Join(tracefsDir, "events")); err == nil {
-		return nil, nil
+// attachTracepoint attaches a tracepoint program to the trace event with
+// this id through a perf event and a BPF link (Linux 5.15+), so that
+// nothing depends on tracefs staying mounted.
+func (t *Tracer) attachTracepoint(p *ebpf.Program, id uint64) error {
+	attr := unix.PerfEventAttr{
+		Type:        unix.PERF_TYPE_TRACEPOINT,
+		Config:      id,
+		Size:        uint32(unsafe.Sizeof(unix.PerfEventAttr{})),
+		Sample_type: unix.PERF_SAMPLE_RAW,
+		Sample:      1,
+		Wakeup:      1,
 	}
-	if err := unix.Mount("tracefs", tracefsDir, "tracefs", 0, ""); err != nil {
-		return nil, fmt.Errorf("mounting tracefs at %s: %w", tracefsDir, err)
+	fd, err := unix.PerfEventOpen(&attr, -1, 0, -1, unix.PERF_FLAG_FD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("perf event for trace event %d (%s): %w", id, p, err)
 	}
-	return closerFunc(func() error { return unix.Unmount(tracefsDir, 0) }), nil
+	pe := os.NewFile(uintptr(fd), "perf-tracepoint")
+	t.add(pe)
+	l, err := link.AttachRawLink(link.RawLinkOptions{Target: fd, Program: p, Attach: ebpf.AttachPerfEvent})
+	if err != nil {
+		return fmt.Errorf("attaching %s to trace event %d: %w", p, id, err)
+	}
+	t.add(l)
+	return nil
 }
 
-type closerFunc func() error
+const tracefsDir = "/sys/kernel/tracing"
 
-func (f closerFunc) Close() error { return f() }
+// tracepointIDs reads the ids of trace events from tracefs: the mounted
+// one, or else a private mount made for the purpose and removed at once.
+func tracepointIDs(group string, names ...string) ([]uint64, error) {
+	dir := tracefsDir
+	if _, err := os.Stat(filepath.Join(dir, "events")); err != nil {
+		tmp, err := os.MkdirTemp("", "clovisor-tracefs-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.Remove(tmp)
+		if err := unix.Mount("tracefs", tmp, "tracefs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return nil, fmt.Errorf("tracefs is not mounted and mounting it failed: %w", err)
+		}
+		defer unix.Unmount(tmp, unix.MNT_DETACH)
+		dir = tmp
+	}
+	ids := make([]uint64, len(names))
+	for i, name := range names {
+		raw, err := os.ReadFile(filepath.Join(dir, "events", group, name, "id"))
+		if err != nil {
+			return nil, fmt.Errorf("trace event %s/%s (CONFIG_FTRACE_SYSCALLS): %w", group, name, err)
+		}
+		if ids[i], err = strconv.ParseUint(strings.TrimSpace(string(raw)), 10, 64); err != nil {
+			return nil, fmt.Errorf("trace event %s/%s: id %q: %w", group, name, raw, err)
+		}
+	}
+	return ids, nil
+}

@@ -225,7 +225,7 @@ func TestJaeger(t *testing.T) {
 			if len(cs) != 1 || len(ss) != 1 {
 				t.Fatalf("%d curl spans, %d nginx spans", len(cs), len(ss))
 			}
-			check := func(s testbed.Span, kind string, cgroup uint64) {
+			check := func(s testbed.Span, kind string, cg *testbed.Cgroup, exe string) {
 				t.Helper()
 				want := map[string]string{
 					"span.kind":                 kind,
@@ -238,7 +238,9 @@ func TestJaeger(t *testing.T) {
 					"network.transport":         "tcp",
 					"network.type":              "ipv4",
 					"clovisor.point":            "socket",
-					"clovisor.cgroup.id":        fmt.Sprint(cgroup),
+					"clovisor.cgroup.id":        fmt.Sprint(cg.ID()),
+					"clovisor.cgroup.path":      cg.Path(),
+					"process.executable.name":   exe,
 				}
 				for k, v := range want {
 					if tag, ok := s.Tag(k); !ok || tag.String() != v {
@@ -249,8 +251,16 @@ func TestJaeger(t *testing.T) {
 					t.Errorf("%s span: name %q duration %d", kind, s.OperationName, s.Duration)
 				}
 			}
-			check(cs[0], "client", p.ClientCG.ID())
-			check(ss[0], "server", p.ServerCG.ID())
+			check(cs[0], "client", p.ClientCG, "curl")
+			check(ss[0], "server", p.ServerCG, "nginx")
+			for _, s := range []testbed.Span{cs[0], ss[0]} {
+				if pid, ok := s.Tag("process.pid"); !ok || pid.String() == "0" {
+					t.Errorf("%s: process.pid %v", s.OperationName, pid.Value)
+				}
+				if _, ok := s.Process.Tag("host.name"); !ok {
+					t.Errorf("resource without host.name: %+v", s.Process)
+				}
+			}
 			if ss[0].TraceID != cs[0].TraceID || len(ss[0].References) != 1 || ss[0].References[0].SpanID != cs[0].SpanID {
 				t.Errorf("server span %s/%s refs %+v is not the child of client span %s/%s", ss[0].TraceID, ss[0].SpanID,
 					ss[0].References, cs[0].TraceID, cs[0].SpanID)

@@ -327,17 +327,20 @@ func loadErr(what string, err error) error {
 // that carry the names of Clovisor's socket programs, by id. Clovisor's
 // own links are not pinned, so after its process ends none should remain.
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
-	spec, err := loadSocketTP()
-	if err != nil {
-		return nil, err
-	}
 	names := map[string]bool{}
-	for name := range spec.Programs {
-		names[name] = true
-		if len(name) > 15 {
-			names[name[:15]] = true // BPF_OBJ_NAME_LEN, when the kernel has no BTF func info
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketKprobe, loadSocketFentry} {
+		spec, err := load()
+		if err != nil {
+			return nil, err
+		}
+		for name := range spec.Programs {
+			names[name] = true
+			if len(name) > 15 {
+				names[name[:15]] = true // BPF_OBJ_NAME_LEN, when the kernel has no BTF func info
+			}
 		}
 	}
+	var err error
 	found := map[ebpf.ProgramID]string{}
 	var id ebpf.ProgramID
 	for {

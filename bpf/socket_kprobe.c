@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * kprobe attach mode, for kernels with kprobes (most production kernels):
+ *   tcp_v4_connect, tcp_v6_connect  (entry + return)  the task connected
+ *   inet_csk_accept                 (return)          the task accepted
+ *   tcp_close                       (entry)           connection closed
+ *   tcp_sendmsg                     (entry + return)  bytes sent
+ *   tcp_recvmsg                     (entry + return)  bytes received
+ * Receives are taken at tcp_recvmsg's return rather than per
+ * skb_copy_datagram_iter call: one event per call with its true byte
+ * count, as in the other modes (skb_copy_datagram_iter fires once per
+ * segment copied, for every protocol). Kernel memory is read with
+ * bpf_probe_read_kernel (CO-RE); the payload, as in every mode, from the
+ * syscall's buffers.
+ */
+#include "socket.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Which argument of tcp_recvmsg holds the flags: 3 since Linux 5.19, 4
+ * before (a nonblock argument came first). Set at load from kernel BTF. */
+volatile const __u8 recvmsg_flags_arg = 3;
+
+struct call {
+	__u64 sk; /* struct sock * */
+	__u32 seq; /* copied_seq at entry (receives) */
+	__u32 peek;
+};
+
+/* Calls in flight, from entry to return, by task. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct call);
+} inflight SEC(".maps");
+
+static __always_inline void enter(struct sock *sk, __u32 seq, __u32 peek)
+{
+	if (!sock_traceable(sk))
+		return;
+	__u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == self_tgid)
+		return;
+	struct call c = {.sk = (__u64)sk, .seq = seq, .peek = peek};
+	bpf_map_update_elem(&inflight, &id, &c, BPF_ANY);
+}
+
+static __always_inline int leave(struct call *out)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&inflight, &id);
+	if (!c)
+		return 0;
+	*out = *c;
+	bpf_map_delete_elem(&inflight, &id);
+	return 1;
+}
+
+/* emit_open reports a connection opened by the current task. */
+static __always_inline void emit_open(struct sock *sk, __u8 role)
+{
+	__u64 cgid;
+	if (!sock_traceable(sk) || !conn_traced(sk, &cgid))
+		return;
+	struct pending_conn pc = {};
+	fill_task(&pc.tgid, &pc.pid, pc.comm);
+	emit_conn_event(sk, SOCK_COOKIE(sk), cgid, EVENT_CONN_OPEN, role,
+			role == ROLE_CLIENT ? TCP_SYN_SENT : TCP_SYN_RECV, &pc);
+}
+
+SEC("kprobe/tcp_v4_connect")
+int BPF_KPROBE(kp_tcp_v4_connect, struct sock *sk)
+{
+	enter(sk, 0, 0);
+	return 0;
+}
+
+SEC("kretprobe/tcp_v4_connect")
+int BPF_KRETPROBE(krp_tcp_v4_connect, int ret)
+{
+	struct call c;
+	if (leave(&c) && ret == 0)
+		emit_open((struct sock *)c.sk, ROLE_CLIENT);
+	return 0;
+}
+
+SEC("kprobe/tcp_v6_connect")
+int BPF_KPROBE(kp_tcp_v6_connect, struct sock *sk)
+{
+	enter(sk, 0, 0);
+	return 0;
+}
+
+SEC("kretprobe/tcp_v6_connect")
+int BPF_KRETPROBE(krp_tcp_v6_connect, int ret)
+{
+	struct call c;
+	if (leave(&c) && ret == 0)
+		emit_open((struct sock *)c.sk, ROLE_CLIENT);
+	return 0;
+}
+
+SEC("kretprobe/inet_csk_accept")
+int BPF_KRETPROBE(krp_inet_csk_accept, struct sock *sk)
+{
+	if (sk)
+		emit_open(sk, ROLE_SERVER);
+	return 0;
+}
+
+SEC("kprobe/tcp_close")
+int BPF_KPROBE(kp_tcp_close, struct sock *sk)
+{
+	__u64 cgid;
+	if (!sock_traceable(sk) || BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_LISTEN || !conn_traced(sk, &cgid))
+		return 0;
+	emit_conn_event(sk, SOCK_COOKIE(sk), cgid, EVENT_CONN_CLOSE, ROLE_UNKNOWN,
+			BPF_CORE_READ(sk, __sk_common.skc_state), NULL);
+	return 0;
+}
+
+SEC("kprobe/tcp_sendmsg")
+int BPF_KPROBE(kp_tcp_sendmsg, struct sock *sk)
+{
+	enter(sk, 0, 0);
+	return 0;
+}
+
+SEC("kretprobe/tcp_sendmsg")
+int BPF_KRETPROBE(krp_tcp_sendmsg, int ret)
+{
+	struct call c;
+	if (leave(&c) && ret > 0)
+		emit_data((struct sock *)c.sk, ret, DIR_SEND);
+	return 0;
+}
+
+SEC("kprobe/tcp_recvmsg")
+int BPF_KPROBE(kp_tcp_recvmsg, struct sock *sk)
+{
+	int flags = recvmsg_flags_arg == 3 ? (int)PT_REGS_PARM4(ctx) : (int)PT_REGS_PARM5(ctx);
+	enter(sk, 0, flags & MSG_PEEK);
+	return 0;
+}
+
+SEC("kretprobe/tcp_recvmsg")
+int BPF_KRETPROBE(krp_tcp_recvmsg, int ret)
+{
+	struct call c;
+	if (leave(&c) && ret > 0 && !c.peek)
+		emit_data((struct sock *)c.sk, ret, DIR_RECV);
+	return 0;
+}

@@ -1,0 +1,901 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Wire-level session tracing with tc programs (tcx or cls_bpf), shared by
+ * the ingress and egress programs of bpf/tc.c. Both run the same code: a
+ * packet's direction within its connection comes from the connection's
+ * roles (client -> server is the request direction), not from the hook.
+ *
+ * The programs never change, redirect or drop a packet: they always return
+ * TC_PASS (TC_ACT_UNSPEC for cls_bpf, TCX_NEXT for tcx: both -1).
+ *
+ * Tables (Clovisor's, from the original design):
+ *   dports2proto         user -> kernel: server port (per interface or on
+ *                        every interface) -> protocol id
+ *   egress_lookup_table  user -> kernel: server address prefix + port (LPM
+ *                        trie) -> protocol id, for connections to peers
+ *                        outside the node
+ *   sessions             kernel: one entry per TCP connection per
+ *                        interface (bounded LRU), keyed by the 5-tuple in
+ *                        canonical order plus the interface
+ * and, for node interfaces, workload_ips / workload_traffic (bytes and
+ * packets per local workload, attributed by IP address).
+ *
+ * Kernel -> user space contract (bpf2go generates the Go types):
+ *   struct exchange_event  one request/response exchange of a connection,
+ *                          with its timestamps and per-direction counters
+ *   struct payload_event   a bounded prefix of the first new payload of one
+ *                          direction of one exchange
+ *
+ * Concurrency: the packets of one connection may run on several CPUs at
+ * once (the two directions usually do). Counters are only ever added to
+ * atomically and never reset; an exchange's counts are the difference
+ * between the totals when it ended and when it began (base), so no packet
+ * is lost or counted twice, and the exchanges of a connection add up to its
+ * totals exactly. The exchange state (index and phase) changes only by
+ * compare-and-exchange, so exactly one CPU ends each exchange.
+ */
+#ifndef CLOVISOR_TC_H
+#define CLOVISOR_TC_H
+
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_endian.h"
+
+/* TC_ACT_UNSPEC (cls_bpf) and TCX_NEXT (tcx): let the packet go on. */
+#define TC_PASS (-1)
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
+/* How many IPv6 extension headers are stepped over before giving up. */
+#define MAX_IPV6_EXT 6
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+
+/* Largest payload prefix an event can carry; the configured prefix
+ * (payload_cap) is at most this. */
+#define MAX_PREFIX 4096
+/* Masks a length to the scratch buffer (data + spill, 2 * MAX_PREFIX). */
+#define PREFIX_MASK (2 * MAX_PREFIX - 1)
+
+/* Most workloads whose traffic is counted (indexes into workload_traffic). */
+#define MAX_WORKLOADS 4096
+
+enum tc_event_kind {
+	TC_EVENT_EXCHANGE = 1,
+	TC_EVENT_PAYLOAD = 2,
+};
+
+/* Direction of a packet within its connection. */
+enum tc_dir {
+	TC_DIR_REQUEST = 0,  /* client -> server */
+	TC_DIR_RESPONSE = 1, /* server -> client */
+};
+
+/* How far an exchange got: no payload yet, request payload seen, response
+ * payload seen. */
+enum tc_phase {
+	PHASE_IDLE = 0,
+	PHASE_REQUEST = 1,
+	PHASE_RESPONSE = 2,
+};
+
+/* Why an exchange record was made. */
+enum exchange_end {
+	END_NEXT_REQUEST = 1, /* request payload after response payload: keep-alive */
+	END_FIN = 2,          /* both sides sent FIN */
+	END_RST = 3,          /* a RST */
+	END_REUSED = 4,       /* a new SYN on the same 5-tuple */
+};
+
+/* session.conn_flags and exchange_event.conn_flags */
+enum conn_flag {
+	CONN_FIN_REQUEST = 1 << 0,  /* the client sent FIN */
+	CONN_FIN_RESPONSE = 1 << 1, /* the server sent FIN */
+	CONN_CLOSED = 1 << 2,       /* the final record was made */
+	CONN_HIGH_REQUEST = 1 << 3, /* high_end[TC_DIR_REQUEST] is set */
+	CONN_HIGH_RESPONSE = 1 << 4,
+	CONN_FROM_SYN = 1 << 5,      /* first seen: the client's SYN */
+	CONN_FROM_SYNACK = 1 << 6,   /* first seen: the server's SYN-ACK */
+	CONN_FROM_MIDSTREAM = 1 << 7,/* first seen: a payload packet */
+	CONN_ROLES_GUESSED = 1 << 8, /* midstream, no table matched: the lower port is the server */
+};
+
+/* ifaces values: what the programs do on an interface. */
+enum iface_flag {
+	IFACE_SESSIONS = 1 << 0,  /* track TCP sessions */
+	IFACE_WORKLOADS = 1 << 1, /* count bytes and packets per local workload */
+};
+
+/* dports2proto / egress_lookup_table value that means "never track". */
+#define PROTO_IGNORE 0xffff
+
+/* Index into the stats map: counters user space reads and exports. */
+enum tc_stat_index {
+	TC_STAT_EXCHANGE_LOST = 0,  /* exchange records the ring buffer had no room for */
+	TC_STAT_PAYLOAD_LOST = 1,   /* payload prefixes the ring buffer had no room for */
+	TC_STAT_PAYLOAD_FAULT = 2,  /* payload prefixes that could not be read from the packet */
+	TC_STAT_HEADER_FAULT = 3,   /* IP packets whose headers could not be read or made no sense */
+	TC_STAT_FRAGMENTS = 4,      /* non-first fragments of TCP/other packets: no L4 header, no session */
+	TC_STAT_EXT_HDR_LIMIT = 5,  /* IPv6 packets with more extension headers than followed */
+	TC_STAT_SESSION_CREATED = 6,/* sessions entries made */
+	TC_STAT_SESSION_CLOSED = 7, /* sessions entries removed on FIN/RST/reuse */
+	TC_STAT_SESSION_FULL = 8,   /* sessions entries that could not be made */
+	TC_STAT_STATE_RACE = 9,     /* exchange transitions lost to a concurrent one twice */
+	TC_STAT_MAX = 16,
+};
+
+/* A TCP connection on one interface, endpoints in canonical order: lo is the
+ * (address, port) pair that compares lower (addresses as two native u64,
+ * then port), so both directions of a connection give the same key.
+ * Addresses are 16 bytes, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). */
+struct flow_key {
+	__u8 addr_lo[16];
+	__u8 addr_hi[16];
+	__u16 port_lo; /* host byte order */
+	__u16 port_hi;
+	__u32 ifindex;
+};
+
+/* An exchange's or a connection's counts in one direction. */
+struct dir_counters {
+	__u64 bytes;           /* IP bytes; a GSO/GRO packet counts its headers once per segment */
+	__u64 packets;         /* wire packets: GSO/GRO segments */
+	__u64 payload_bytes;   /* TCP payload bytes, retransmissions included */
+	__u64 retrans_packets; /* packets carrying payload at or below the highest sequence seen */
+	__u64 retrans_bytes;   /* those payload bytes */
+};
+
+struct session {
+	struct dir_counters total[2]; /* whole connection, by enum tc_dir; only added to */
+	struct dir_counters base[2];  /* total[] when the current exchange began */
+	__u64 state;     /* exchange index << 8 | enum tc_phase; changed by cmpxchg only */
+	__u64 first_ts;  /* when the connection was first seen: with the tuple, its identity */
+	__u64 syn_ts;    /* the client's (latest) SYN, 0 if not seen */
+	__u64 synack_ts; /* the server's first SYN-ACK, 0 if not seen */
+	/* the current exchange: first and last new payload per direction */
+	__u64 req_first_ts;
+	__u64 req_last_ts;
+	__u64 resp_first_ts;
+	__u64 resp_last_ts;
+	__u32 high_end[2]; /* end sequence of the highest payload seen per direction */
+	__u32 flags[2];    /* TCP flags seen in the current exchange per direction */
+	__u32 conn_flags;  /* enum conn_flag */
+	__u16 proto;       /* protocol id from the table that matched (0 if none) */
+	__u8 client_is_lo; /* the client is flow_key's lo endpoint */
+	__u8 _pad;
+};
+
+/* The connection of an event, in client/server order. */
+struct conn_tuple {
+	__u8 client_addr[16];
+	__u8 server_addr[16];
+	__u16 client_port;
+	__u16 server_port;
+	__u32 ifindex;
+};
+
+struct exchange_event {
+	__u8 kind;  /* TC_EVENT_EXCHANGE */
+	__u8 end;   /* enum exchange_end */
+	__u8 phase; /* enum tc_phase the exchange reached */
+	__u8 _pad0;
+	__u16 proto;
+	__u16 _pad1;
+	struct conn_tuple tuple;
+	__u32 index;      /* the exchange's place on the connection: 0, 1, ... */
+	__u32 conn_flags; /* enum conn_flag */
+	__u64 first_ts;   /* the connection's first_ts */
+	__u64 syn_ts;
+	__u64 synack_ts;
+	__u64 req_first_ts;
+	__u64 req_last_ts;
+	__u64 resp_first_ts;
+	__u64 resp_last_ts;
+	__u64 end_ts;      /* when the record was made */
+	__u32 flags[2];    /* TCP flags seen, by enum tc_dir */
+	struct dir_counters dir[2];
+};
+
+struct payload_event {
+	__u8 kind; /* TC_EVENT_PAYLOAD */
+	__u8 dir;  /* enum tc_dir */
+	__u16 cap; /* bytes of data that follow */
+	__u32 index;
+	struct conn_tuple tuple;
+	__u64 first_ts; /* the connection's first_ts */
+	__u64 ts;
+	__u32 len; /* the packet's payload bytes */
+	__u32 seq; /* the TCP sequence number of the first byte */
+	__u8 data[MAX_PREFIX];
+};
+
+/* Scratch space for a payload event: the buffer is twice the largest prefix
+ * so the variable-length copy is provably in bounds. */
+struct payload_scratch {
+	struct payload_event ev;
+	__u8 spill[MAX_PREFIX];
+};
+
+struct port_key {
+	__u32 ifindex; /* 0: every interface */
+	__u16 port;    /* host byte order */
+	__u16 _pad;
+};
+
+/* LPM trie key: prefixlen covers port then addr, so a match needs the exact
+ * port (0 for any port) and the address prefix. prefixlen = 16 + bits of
+ * the 16-byte address (IPv4: 16 + 96 + prefix bits). */
+struct egress_key {
+	__u32 prefixlen;
+	__u8 port[2]; /* network byte order */
+	__u8 addr[16];
+};
+
+struct iface_cfg {
+	__u32 flags; /* enum iface_flag */
+};
+
+struct addr16 {
+	__u8 a[16];
+};
+
+struct workload_counters {
+	__u64 rx_bytes;   /* IP packets addressed to the workload */
+	__u64 rx_packets;
+	__u64 tx_bytes;   /* IP packets from the workload */
+	__u64 tx_packets;
+};
+
+/* Settings fixed at load time by user space. */
+volatile const __u32 payload_cap = 1024; /* payload prefix per exchange direction */
+volatile const __u8 track_all = 0;       /* track connections no table matches */
+/* Events are written without waking the reader, which polls; only a ring
+ * filled beyond this many bytes wakes it at once. */
+volatile const __u64 wakeup_bytes = 1 << 20;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} tc_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TC_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct port_key);
+	__type(value, __u32);
+} dports2proto SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct egress_key);
+	__type(value, __u32);
+} egress_lookup_table SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct flow_key);
+	__type(value, struct session);
+} sessions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct iface_cfg);
+} ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct addr16);
+	__type(value, __u32);
+} workload_ips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_WORKLOADS);
+	__type(key, __u32);
+	__type(value, struct workload_counters);
+} workload_traffic SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct payload_scratch);
+} tc_scratch SEC(".maps");
+
+/* A zeroed session, the template of new entries (too large for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct session);
+} session_init SEC(".maps");
+
+/* Force bpf2go to emit the Go types. */
+const struct exchange_event *unused_exchange_event __attribute__((unused));
+const struct payload_event *unused_payload_event __attribute__((unused));
+const enum tc_event_kind *unused_tc_event_kind __attribute__((unused));
+const enum tc_dir *unused_tc_dir __attribute__((unused));
+const enum tc_phase *unused_tc_phase __attribute__((unused));
+const enum exchange_end *unused_exchange_end __attribute__((unused));
+const enum conn_flag *unused_conn_flag __attribute__((unused));
+const enum iface_flag *unused_iface_flag __attribute__((unused));
+const enum tc_stat_index *unused_tc_stat_index __attribute__((unused));
+
+static __always_inline void tc_count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&tc_stats, &idx);
+	if (v)
+		*v += 1; /* per-CPU: no other writer */
+}
+
+static __always_inline __u64 tc_ringbuf_flags(void)
+{
+	return bpf_ringbuf_query(&tc_events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+/* What parse_ip found out about a packet. */
+struct pkt {
+	struct addr16 saddr, daddr;
+	__u32 l4_off;    /* offset of the L4 header from the start of the packet */
+	__u32 ip_len;    /* IP bytes of this skb: headers and payload */
+	__u32 l3_hlen;   /* IP header and extension headers */
+	__u8 l4proto;    /* 0 when there is no L4 header to read */
+	__u8 fragment;   /* a fragment (first or not) */
+	__u8 later_fragment; /* a non-first fragment: no L4 header */
+	__u8 _pad;
+};
+
+static __always_inline void map_v4(struct addr16 *dst, __u32 addr)
+{
+	__u64 *q = (__u64 *)dst->a;
+	q[0] = 0;
+	((__u32 *)dst->a)[2] = bpf_htonl(0x0000ffff);
+	((__u32 *)dst->a)[3] = addr;
+}
+
+/* parse_ip reads the IP header (and IPv6 extension headers) of an Ethernet
+ * frame. It returns 0 for an IP packet it understood, -1 otherwise. */
+static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			goto fault;
+		if (ip.version != 4 || ip.ihl < 5)
+			goto fault;
+		__u32 hlen = ip.ihl * 4;
+		__u32 tot = bpf_ntohs(ip.tot_len);
+		if (tot == 0 && skb->len > ETH_HLEN + hlen)
+			tot = skb->len - ETH_HLEN; /* BIG TCP: the length is the skb's */
+		if (tot < hlen)
+			goto fault;
+		__u16 frag = bpf_ntohs(ip.frag_off);
+		map_v4(&p->saddr, ip.saddr);
+		map_v4(&p->daddr, ip.daddr);
+		p->l3_hlen = hlen;
+		p->ip_len = tot;
+		p->l4_off = ETH_HLEN + hlen;
+		p->l4proto = ip.protocol;
+		p->fragment = (frag & 0x3fff) != 0; /* MF or an offset */
+		p->later_fragment = (frag & 0x1fff) != 0;
+		return 0;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			goto fault;
+		if (ip6.version != 6)
+			goto fault;
+		__u32 plen = bpf_ntohs(ip6.payload_len);
+		if (plen == 0 && skb->len > ETH_HLEN + sizeof(ip6))
+			plen = skb->len - ETH_HLEN - sizeof(ip6); /* jumbo / BIG TCP */
+		__builtin_memcpy(p->saddr.a, &ip6.saddr, 16);
+		__builtin_memcpy(p->daddr.a, &ip6.daddr, 16);
+		p->ip_len = sizeof(ip6) + plen;
+		__u32 off = ETH_HLEN + sizeof(ip6);
+		__u8 next = ip6.nexthdr;
+#pragma unroll
+		for (int i = 0; i < MAX_IPV6_EXT; i++) {
+			if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
+			    next != NEXTHDR_AUTH && next != NEXTHDR_FRAGMENT)
+				break;
+			__u8 h[4];
+			if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+				goto fault;
+			if (next == NEXTHDR_FRAGMENT) {
+				__u16 fo = ((__u16)h[2] << 8) | h[3];
+				p->fragment = 1;
+				if (fo & 0xfff8)
+					p->later_fragment = 1;
+				off += 8;
+			} else if (next == NEXTHDR_AUTH) {
+				off += ((__u32)h[1] + 2) * 4;
+			} else {
+				off += ((__u32)h[1] + 1) * 8;
+			}
+			next = h[0];
+		}
+		if (next == NEXTHDR_HOP || next == NEXTHDR_ROUTING || next == NEXTHDR_DEST || next == NEXTHDR_AUTH ||
+		    next == NEXTHDR_FRAGMENT) {
+			tc_count(TC_STAT_EXT_HDR_LIMIT);
+			next = 0; /* L4 header not found */
+		}
+		p->l3_hlen = off - ETH_HLEN;
+		if (p->l3_hlen > p->ip_len)
+			goto fault;
+		p->l4_off = off;
+		p->l4proto = next;
+		return 0;
+	}
+	return -1;
+fault:
+	tc_count(TC_STAT_HEADER_FAULT);
+	return -1;
+}
+
+/* count_workloads adds a packet to the workloads it comes from and goes to. */
+static __always_inline void count_workloads(struct pkt *p, __u64 bytes, __u64 packets)
+{
+	__u32 *idx = bpf_map_lookup_elem(&workload_ips, &p->saddr);
+	if (idx) {
+		struct workload_counters *w = bpf_map_lookup_elem(&workload_traffic, idx);
+		if (w) {
+			w->tx_bytes += bytes;
+			w->tx_packets += packets;
+		}
+	}
+	idx = bpf_map_lookup_elem(&workload_ips, &p->daddr);
+	if (idx) {
+		struct workload_counters *w = bpf_map_lookup_elem(&workload_traffic, idx);
+		if (w) {
+			w->rx_bytes += bytes;
+			w->rx_packets += packets;
+		}
+	}
+}
+
+/* server_match reports whether (addr, port) is a server Clovisor traces on
+ * this interface, and its protocol id. A PROTO_IGNORE entry says no. */
+static __always_inline int server_match(__u32 ifindex, const struct addr16 *addr, __u16 port, __u32 *proto)
+{
+	struct port_key pk = {.ifindex = ifindex, .port = port};
+	__u32 *v = bpf_map_lookup_elem(&dports2proto, &pk);
+	if (!v) {
+		pk.ifindex = 0;
+		v = bpf_map_lookup_elem(&dports2proto, &pk);
+	}
+	if (!v) {
+		struct egress_key ek = {.prefixlen = 16 + 128};
+		ek.port[0] = port >> 8;
+		ek.port[1] = port & 0xff;
+		__builtin_memcpy(ek.addr, addr->a, 16);
+		v = bpf_map_lookup_elem(&egress_lookup_table, &ek);
+		if (!v) {
+			ek.port[0] = 0;
+			ek.port[1] = 0;
+			v = bpf_map_lookup_elem(&egress_lookup_table, &ek);
+		}
+	}
+	if (!v)
+		return 0;
+	*proto = *v;
+	return *v != PROTO_IGNORE;
+}
+
+static __always_inline void fill_tuple(struct conn_tuple *t, const struct flow_key *k, __u8 client_is_lo)
+{
+	if (client_is_lo) {
+		__builtin_memcpy(t->client_addr, k->addr_lo, 16);
+		__builtin_memcpy(t->server_addr, k->addr_hi, 16);
+		t->client_port = k->port_lo;
+		t->server_port = k->port_hi;
+	} else {
+		__builtin_memcpy(t->client_addr, k->addr_hi, 16);
+		__builtin_memcpy(t->server_addr, k->addr_lo, 16);
+		t->client_port = k->port_hi;
+		t->server_port = k->port_lo;
+	}
+	t->ifindex = k->ifindex;
+}
+
+/*
+ * end_exchange makes the record of the exchange (index, phase) of s and
+ * starts the counts of the next one: the caller won the transition that
+ * ended it. The record is lost (and counted) when the ring buffer is full;
+ * the counts move on either way.
+ */
+static __always_inline void end_exchange(struct session *s, const struct flow_key *k, __u32 index, __u8 phase,
+					 __u8 end, __u64 now)
+{
+	struct exchange_event *e = bpf_ringbuf_reserve(&tc_events, sizeof(*e), 0);
+	if (e) {
+		e->kind = TC_EVENT_EXCHANGE;
+		e->end = end;
+		e->phase = phase;
+		e->_pad0 = 0;
+		e->proto = s->proto;
+		e->_pad1 = 0;
+		fill_tuple(&e->tuple, k, s->client_is_lo);
+		e->index = index;
+		e->conn_flags = s->conn_flags;
+		e->first_ts = s->first_ts;
+		e->syn_ts = s->syn_ts;
+		e->synack_ts = s->synack_ts;
+		e->req_first_ts = s->req_first_ts;
+		e->req_last_ts = s->req_last_ts;
+		e->resp_first_ts = s->resp_first_ts;
+		e->resp_last_ts = s->resp_last_ts;
+		e->end_ts = now;
+	} else {
+		tc_count(TC_STAT_EXCHANGE_LOST);
+	}
+#pragma unroll
+	for (int d = 0; d < 2; d++) {
+		/* Read each total once: what is added after the read belongs
+		 * to the next exchange. */
+		struct dir_counters cur;
+		cur.bytes = *(volatile __u64 *)&s->total[d].bytes;
+		cur.packets = *(volatile __u64 *)&s->total[d].packets;
+		cur.payload_bytes = *(volatile __u64 *)&s->total[d].payload_bytes;
+		cur.retrans_packets = *(volatile __u64 *)&s->total[d].retrans_packets;
+		cur.retrans_bytes = *(volatile __u64 *)&s->total[d].retrans_bytes;
+		__u32 flags = __sync_lock_test_and_set(&s->flags[d], 0);
+		if (e) {
+			e->flags[d] = flags;
+			e->dir[d].bytes = cur.bytes - s->base[d].bytes;
+			e->dir[d].packets = cur.packets - s->base[d].packets;
+			e->dir[d].payload_bytes = cur.payload_bytes - s->base[d].payload_bytes;
+			e->dir[d].retrans_packets = cur.retrans_packets - s->base[d].retrans_packets;
+			e->dir[d].retrans_bytes = cur.retrans_bytes - s->base[d].retrans_bytes;
+		}
+		s->base[d] = cur;
+	}
+	if (e)
+		bpf_ringbuf_submit(e, tc_ringbuf_flags());
+}
+
+/* capture sends the first cap bytes of the packet's payload (at off, len
+ * bytes long) to user space. */
+static __always_inline void capture(struct __sk_buff *skb, const struct session *s, const struct flow_key *k,
+				    __u8 dir, __u32 index, __u32 off, __u32 len, __u32 seq, __u64 now)
+{
+	__u32 zero = 0;
+	struct payload_scratch *sc = bpf_map_lookup_elem(&tc_scratch, &zero);
+	if (!sc)
+		return;
+	struct payload_event *e = &sc->ev;
+	e->kind = TC_EVENT_PAYLOAD;
+	e->dir = dir;
+	e->index = index;
+	fill_tuple(&e->tuple, k, s->client_is_lo);
+	e->first_ts = s->first_ts;
+	e->ts = now;
+	e->len = len;
+	e->seq = seq;
+	__u32 want = len < payload_cap ? len : payload_cap;
+	if (want > MAX_PREFIX)
+		want = MAX_PREFIX;
+	/* want <= MAX_PREFIX already; the mask lets the verifier see that
+	 * the copy stays inside data + spill. */
+	want &= PREFIX_MASK;
+	if (want > 0 && bpf_skb_load_bytes(skb, off, e->data, want)) {
+		tc_count(TC_STAT_PAYLOAD_FAULT);
+		want = 0;
+	}
+	e->cap = want;
+	__u64 size = offsetof(struct payload_event, data) + want;
+	if (size > sizeof(*e))
+		size = sizeof(*e);
+	if (bpf_ringbuf_output(&tc_events, e, size, tc_ringbuf_flags()))
+		tc_count(TC_STAT_PAYLOAD_LOST);
+}
+
+/* A 64-bit compare of two 16-byte addresses as native u64 pairs: any total
+ * order does, as long as both directions agree on it. */
+static __always_inline int addr_cmp(const struct addr16 *a, const struct addr16 *b)
+{
+	__u64 a0 = ((const __u64 *)a->a)[0], b0 = ((const __u64 *)b->a)[0];
+	if (a0 != b0)
+		return a0 < b0 ? -1 : 1;
+	__u64 a1 = ((const __u64 *)a->a)[1], b1 = ((const __u64 *)b->a)[1];
+	if (a1 != b1)
+		return a1 < b1 ? -1 : 1;
+	return 0;
+}
+
+/* new_session makes the entry of a connection first seen now, or finds the
+ * one a concurrent packet made. */
+static __always_inline struct session *new_session(const struct flow_key *k, __u8 client_is_lo, __u32 proto,
+						   __u32 origin, __u64 now)
+{
+	__u32 zero = 0;
+	struct session *init = bpf_map_lookup_elem(&session_init, &zero);
+	if (!init)
+		return 0;
+	__builtin_memset(init, 0, sizeof(*init));
+	init->first_ts = now;
+	init->client_is_lo = client_is_lo;
+	init->proto = proto;
+	init->conn_flags = origin;
+	if (bpf_map_update_elem(&sessions, k, init, BPF_NOEXIST) == 0)
+		tc_count(TC_STAT_SESSION_CREATED);
+	struct session *s = bpf_map_lookup_elem(&sessions, k);
+	if (!s)
+		tc_count(TC_STAT_SESSION_FULL);
+	return s;
+}
+
+/* close_session makes the last record of a connection and removes it; only
+ * the caller that sets CONN_CLOSED does. */
+static __always_inline void close_session(struct session *s, const struct flow_key *k, __u8 end, __u64 now)
+{
+	__u32 old = __sync_fetch_and_or(&s->conn_flags, CONN_CLOSED);
+	if (old & CONN_CLOSED)
+		return;
+	__u64 st = *(volatile __u64 *)&s->state;
+	end_exchange(s, k, st >> 8, st & 0xff, end, now);
+	bpf_map_delete_elem(&sessions, k);
+	tc_count(TC_STAT_SESSION_CLOSED);
+}
+
+/* track_tcp follows one TCP packet of a connection. */
+static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u64 wire_bytes, __u64 segs)
+{
+	struct tcphdr tcp;
+	if (bpf_skb_load_bytes(skb, p->l4_off, &tcp, sizeof(tcp))) {
+		tc_count(TC_STAT_HEADER_FAULT);
+		return;
+	}
+	__u32 thlen = tcp.doff * 4;
+	if (thlen < sizeof(tcp) || p->l3_hlen + thlen > p->ip_len) {
+		tc_count(TC_STAT_HEADER_FAULT);
+		return;
+	}
+	__u32 payload = p->ip_len - p->l3_hlen - thlen;
+	__u8 tflags = ((__u8 *)&tcp)[13];
+	__u16 sport = bpf_ntohs(tcp.source), dport = bpf_ntohs(tcp.dest);
+	__u32 ifindex = skb->ifindex;
+	int syn = (tflags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	int synack = (tflags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK);
+
+	/* GSO/GRO: segments carry one set of headers each. */
+	if (segs > 1)
+		wire_bytes += (segs - 1) * (__u64)(p->l3_hlen + thlen);
+
+	struct flow_key k;
+	int c = addr_cmp(&p->saddr, &p->daddr);
+	__u8 from_lo = c < 0 || (c == 0 && sport <= dport);
+	if (from_lo) {
+		__builtin_memcpy(k.addr_lo, p->saddr.a, 16);
+		__builtin_memcpy(k.addr_hi, p->daddr.a, 16);
+		k.port_lo = sport;
+		k.port_hi = dport;
+	} else {
+		__builtin_memcpy(k.addr_lo, p->daddr.a, 16);
+		__builtin_memcpy(k.addr_hi, p->saddr.a, 16);
+		k.port_lo = dport;
+		k.port_hi = sport;
+	}
+	k.ifindex = ifindex;
+
+	__u64 now = bpf_ktime_get_ns();
+	struct session *s = bpf_map_lookup_elem(&sessions, &k);
+	if (s && syn) {
+		/* A new connection on the tuple of one that never closed (or
+		 * the SYN is a retransmission: then nothing happened yet). */
+		__u64 st = *(volatile __u64 *)&s->state;
+		if (st != 0 || (s->conn_flags & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))) {
+			close_session(s, &k, END_REUSED, now);
+			s = 0;
+		}
+	}
+	if (!s) {
+		if (!syn && !synack && payload == 0)
+			return; /* only a SYN, a SYN-ACK or payload opens a session */
+		__u32 proto = 0, origin;
+		__u8 client_is_src;
+		if (syn) {
+			if (!server_match(ifindex, &p->daddr, dport, &proto) && (proto == PROTO_IGNORE || !track_all))
+				return;
+			client_is_src = 1;
+			origin = CONN_FROM_SYN;
+		} else if (synack) {
+			if (!server_match(ifindex, &p->saddr, sport, &proto) && (proto == PROTO_IGNORE || !track_all))
+				return;
+			client_is_src = 0;
+			origin = CONN_FROM_SYNACK;
+		} else {
+			origin = CONN_FROM_MIDSTREAM;
+			if (server_match(ifindex, &p->daddr, dport, &proto)) {
+				client_is_src = 1;
+			} else if (proto == PROTO_IGNORE) {
+				return;
+			} else if (server_match(ifindex, &p->saddr, sport, &proto)) {
+				client_is_src = 0;
+			} else if (proto == PROTO_IGNORE || !track_all) {
+				return;
+			} else {
+				/* Nothing says which end serves: ephemeral
+				 * ports are the higher ones. */
+				client_is_src = sport > dport || (sport == dport && from_lo);
+				origin |= CONN_ROLES_GUESSED;
+			}
+		}
+		__u8 client_is_lo = client_is_src ? from_lo : !from_lo;
+		s = new_session(&k, client_is_lo, proto, origin, now);
+		if (!s)
+			return;
+	}
+
+	__u8 dir = from_lo == s->client_is_lo ? TC_DIR_REQUEST : TC_DIR_RESPONSE;
+	if (syn && dir == TC_DIR_REQUEST)
+		s->syn_ts = now;
+	if (synack && dir == TC_DIR_RESPONSE && s->synack_ts == 0)
+		s->synack_ts = now;
+
+	/* Retransmissions: payload at or below the highest end seen. */
+	__u32 seq = bpf_ntohl(tcp.seq);
+	__u32 fresh = payload, rbytes = 0;
+	if (payload > 0) {
+		__u32 end = seq + payload;
+		__u32 hbit = dir == TC_DIR_REQUEST ? CONN_HIGH_REQUEST : CONN_HIGH_RESPONSE;
+		if (!(s->conn_flags & hbit)) {
+			s->high_end[dir & 1] = end;
+			__sync_fetch_and_or(&s->conn_flags, hbit);
+		} else {
+			__u32 high = s->high_end[dir & 1];
+			if ((__s32)(end - high) <= 0) {
+				rbytes = payload;
+				fresh = 0;
+			} else {
+				if ((__s32)(seq - high) < 0) {
+					rbytes = high - seq;
+					fresh = end - high;
+				}
+				s->high_end[dir & 1] = end;
+			}
+		}
+	}
+
+	/* The exchange: new request payload after response payload starts
+	 * the next one; the first new payload of each direction is captured. */
+	int cap = 0;
+	__u32 index = 0;
+	if (fresh > 0) {
+		int done = 0;
+#pragma unroll
+		for (int attempt = 0; attempt < 2 && !done; attempt++) {
+			__u64 st = *(volatile __u64 *)&s->state;
+			__u8 phase = st & 0xff;
+			index = st >> 8;
+			__u64 next;
+			if (dir == TC_DIR_REQUEST) {
+				if (phase == PHASE_REQUEST) {
+					s->req_last_ts = now;
+					done = 1;
+					break;
+				}
+				if (phase == PHASE_RESPONSE)
+					next = ((__u64)(index + 1) << 8) | PHASE_REQUEST;
+				else
+					next = ((__u64)index << 8) | PHASE_REQUEST;
+				if (__sync_val_compare_and_swap(&s->state, st, next) != st)
+					continue;
+				if (phase == PHASE_RESPONSE) {
+					end_exchange(s, &k, index, phase, END_NEXT_REQUEST, now);
+					index++;
+				}
+				s->req_first_ts = now;
+				s->req_last_ts = now;
+				s->resp_first_ts = 0;
+				s->resp_last_ts = 0;
+			} else {
+				if (phase == PHASE_RESPONSE) {
+					s->resp_last_ts = now;
+					done = 1;
+					break;
+				}
+				next = ((__u64)index << 8) | PHASE_RESPONSE;
+				if (__sync_val_compare_and_swap(&s->state, st, next) != st)
+					continue;
+				s->resp_first_ts = now;
+				s->resp_last_ts = now;
+			}
+			cap = 1;
+			done = 1;
+		}
+		if (!done)
+			tc_count(TC_STAT_STATE_RACE);
+	}
+
+	struct dir_counters *t = &s->total[dir & 1];
+	__sync_fetch_and_add(&t->bytes, wire_bytes);
+	__sync_fetch_and_add(&t->packets, segs);
+	if (payload > 0)
+		__sync_fetch_and_add(&t->payload_bytes, payload);
+	if (rbytes > 0) {
+		__sync_fetch_and_add(&t->retrans_packets, 1);
+		__sync_fetch_and_add(&t->retrans_bytes, rbytes);
+	}
+	__sync_fetch_and_or(&s->flags[dir & 1], tflags);
+
+	if (cap)
+		capture(skb, s, &k, dir, index, p->l4_off + thlen + (payload - fresh), fresh, seq + (payload - fresh), now);
+
+	if (tflags & TCP_RST) {
+		close_session(s, &k, END_RST, now);
+	} else if (tflags & TCP_FIN) {
+		__u32 bit = dir == TC_DIR_REQUEST ? CONN_FIN_REQUEST : CONN_FIN_RESPONSE;
+		__u32 old = __sync_fetch_and_or(&s->conn_flags, bit);
+		if (((old | bit) & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE)) == (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))
+			close_session(s, &k, END_FIN, now);
+	}
+}
+
+/* handle is the whole program: it always lets the packet pass. */
+static __always_inline int handle(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct iface_cfg *cfg = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!cfg)
+		return TC_PASS;
+	__u32 flags = cfg->flags;
+
+	struct pkt p = {};
+	if (parse_ip(skb, &p))
+		return TC_PASS;
+
+	__u64 segs = skb->gso_segs;
+	if (segs == 0)
+		segs = 1;
+	int tcp = p.l4proto == IPPROTO_TCP && !p.later_fragment;
+
+	if (flags & IFACE_WORKLOADS) {
+		/* Per segment headers for GSO/GRO packets: IP, and TCP when
+		 * it can be read (UDP GSO: 8 bytes). */
+		__u64 bytes = p.ip_len;
+		if (segs > 1) {
+			__u32 l4h = 0;
+			if (tcp) {
+				__u8 doff;
+				if (bpf_skb_load_bytes(skb, p.l4_off + 12, &doff, 1) == 0)
+					l4h = (doff >> 4) * 4;
+			} else if (p.l4proto == IPPROTO_UDP) {
+				l4h = 8;
+			}
+			bytes += (segs - 1) * (__u64)(p.l3_hlen + l4h);
+		}
+		count_workloads(&p, bytes, segs);
+	}
+	if (p.later_fragment)
+		tc_count(TC_STAT_FRAGMENTS);
+	if ((flags & IFACE_SESSIONS) && tcp)
+		track_tcp(skb, &p, p.ip_len, segs);
+	return TC_PASS;
+}
+
+#endif /* CLOVISOR_TC_H */

@@ -1,0 +1,109 @@
+package probes
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+)
+
+// kprobeMode hooks tcp_v4_connect, tcp_v6_connect, inet_csk_accept,
+// tcp_close, tcp_sendmsg and tcp_recvmsg with kprobes and kretprobes.
+type kprobeMode struct{}
+
+func (kprobeMode) name() string { return ModeKprobe }
+
+func (kprobeMode) open(t *Tracer, o *Options) error {
+	if _, err := os.Stat("/sys/bus/event_source/devices/kprobe/type"); err != nil {
+		return fmt.Errorf("%w: no kprobe PMU (/sys/bus/event_source/devices/kprobe): the kernel is built without CONFIG_KPROBES", ErrUnsupported)
+	}
+	spec, err := loadSocketKprobe()
+	if err != nil {
+		return err
+	}
+	if err := configure(spec, o); err != nil {
+		return err
+	}
+	if err := setRecvmsgFlagsArg(spec); err != nil {
+		return err
+	}
+	// Stands in for the socket cookie (kprobes may not make cookies): a
+	// random odd multiplier keeps kernel addresses out of the events.
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	if err := spec.Variables["cookie_mult"].Set(binary.LittleEndian.Uint64(b[:]) | 1); err != nil {
+		return err
+	}
+	var objs socketKprobeObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return loadErr("kprobe programs", err)
+	}
+	t.add(&objs)
+	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	if err := t.fillPorts(o.Ports); err != nil {
+		return err
+	}
+	hooks := []struct {
+		fn   string
+		ret  bool
+		prog *ebpf.Program
+	}{
+		{"tcp_v4_connect", false, objs.KpTcpV4Connect},
+		{"tcp_v4_connect", true, objs.KrpTcpV4Connect},
+		{"tcp_v6_connect", false, objs.KpTcpV6Connect},
+		{"tcp_v6_connect", true, objs.KrpTcpV6Connect},
+		{"inet_csk_accept", true, objs.KrpInetCskAccept},
+		{"tcp_close", false, objs.KpTcpClose},
+		{"tcp_sendmsg", false, objs.KpTcpSendmsg},
+		{"tcp_sendmsg", true, objs.KrpTcpSendmsg},
+		{"tcp_recvmsg", false, objs.KpTcpRecvmsg},
+		{"tcp_recvmsg", true, objs.KrpTcpRecvmsg},
+	}
+	t.programs = map[string]*ebpf.Program{}
+	for _, h := range hooks {
+		attach, kind := link.Kprobe, "kprobe"
+		if h.ret {
+			attach, kind = link.Kretprobe, "kretprobe"
+		}
+		l, err := attach(h.fn, h.prog, nil)
+		if err != nil {
+			return fmt.Errorf("%w: %s on %s: %v", ErrUnsupported, kind, h.fn, err)
+		}
+		t.add(l)
+		info, _ := h.prog.Info()
+		if info != nil {
+			t.programs[info.Name] = h.prog
+		}
+	}
+	return nil
+}
+
+// setRecvmsgFlagsArg tells the programs which argument of tcp_recvmsg
+// holds the flags on this kernel, from its BTF.
+func setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
+	kspec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
+	}
+	var fn *btf.Func
+	if err := kspec.TypeByName("tcp_recvmsg", &fn); err != nil {
+		return fmt.Errorf("%w: tcp_recvmsg in kernel BTF: %v", ErrUnsupported, err)
+	}
+	proto, ok := fn.Type.(*btf.FuncProto)
+	if !ok {
+		return errors.New("tcp_recvmsg: no prototype in kernel BTF")
+	}
+	for i, p := range proto.Params {
+		if p.Name == "flags" {
+			return spec.Variables["recvmsg_flags_arg"].Set(uint8(i))
+		}
+	}
+	return fmt.Errorf("%w: tcp_recvmsg has no flags argument in kernel BTF", ErrUnsupported)
+}

@@ -17,6 +17,7 @@ packages=(
 	nginx-light                         # HTTP(S) server peer
 	iperf3                              # TCP traffic generator
 	ca-certificates git                 # go module downloads
+	etcd-server                         # etcd 3.4 under the test kube-apiserver (internal/testbed/kube.go)
 )
 
 if [[ $(id -u) -ne 0 ]]; then

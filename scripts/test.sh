@@ -12,6 +12,8 @@ export PATH="/usr/local/go/bin:$PATH"
 scripts/setup.sh
 echo "--- Jaeger (cached build)"
 scripts/jaeger.sh >/dev/null
+echo "--- kube-apiserver (cached build)"
+scripts/kube-apiserver.sh >/dev/null
 
 echo "--- gofmt / go vet"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if urls := os.Getenv("CLOVISOR_TEST_HTTP_CLIENT"); urls != "" {
 		os.Exit(httpClient(strings.Fields(urls)))
 	}
+	if addr := os.Getenv("CLOVISOR_TEST_HTTP_SERVER"); addr != "" {
+		os.Exit(httpServer(addr))
+	}
 	os.Exit(m.Run())
 }
 

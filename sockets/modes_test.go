@@ -1,0 +1,272 @@
+package sockets_test
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+	"github.com/clovisor/clovisor/probes"
+	"github.com/clovisor/clovisor/spans"
+)
+
+// The test binary doubles as the workload's HTTP server: with
+// CLOVISOR_TEST_HTTP_SERVER=ADDR it serves a few fixed paths on ADDR (once
+// the address exists), with keep-alive. Only Go is needed, so the workload
+// runs in the VM kernels' initramfs too.
+func httpServer(addr string) int {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/a", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "alpha\n") })
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { w.Write(make([]byte, 100000)) })
+	mux.HandleFunc("/post", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "got %d\n", n)
+	})
+	var ln net.Listener
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if ln, err = net.Listen("tcp", addr); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println("listening")
+	if err := http.Serve(ln, mux); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// modeWorkload is the scripted workload every mode must see the same way:
+// keep-alive requests between two network namespaces (the test's own and
+// the server's), client and server in their own cgroups.
+type modeWorkload struct {
+	server        *exec.Cmd
+	serverCG      *testbed.Cgroup
+	clientCG      *testbed.Cgroup
+	serverAddr    netip.AddrPort
+	clientCommand func() (string, error)
+}
+
+var (
+	modeHostSide   = netip.MustParsePrefix("10.201.9.1/24")
+	modeServerSide = netip.MustParsePrefix("10.201.9.2/24")
+)
+
+func startModeWorkload(t *testing.T) *modeWorkload {
+	t.Helper()
+	testbed.RequireRoot(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &modeWorkload{
+		serverCG:   testbed.NewCgroup(t, "mode-srv"),
+		clientCG:   testbed.NewCgroup(t, "mode-cli"),
+		serverAddr: netip.AddrPortFrom(modeServerSide.Addr(), 8080),
+	}
+	// The server, in a new network namespace and its cgroup.
+	w.server = exec.Command(exe)
+	w.server.Env = append(os.Environ(), "CLOVISOR_TEST_HTTP_SERVER="+w.serverAddr.String())
+	w.server.Stderr = os.Stderr
+	w.server.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	out := &lineWaiter{ch: make(chan struct{})}
+	w.server.Stdout = out
+	if err := w.serverCG.Start(w.server); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.server.Process.Kill(); w.server.Wait() })
+
+	// A veth pair from here into the server's namespace.
+	name := fmt.Sprintf("clvtm%d", os.Getpid()%100000)
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name + "a"}, PeerName: name + "b",
+		PeerNamespace: netlink.NsPid(w.server.Process.Pid)}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatalf("veth: %v", err)
+	}
+	t.Cleanup(func() { netlink.LinkDel(veth) })
+	setUp := func(h *netlink.Handle, dev string, p netip.Prefix) {
+		t.Helper()
+		l, err := h.LinkByName(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr, _ := netlink.ParseAddr(p.String())
+		if err := h.AddrAdd(l, addr); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	host, err := netlink.NewHandle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	setUp(host, name+"a", modeHostSide)
+	ns, err := netns.GetFromPid(w.server.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	inside, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inside.Close()
+	setUp(inside, name+"b", modeServerSide)
+	if lo, err := inside.LinkByName("lo"); err == nil {
+		inside.LinkSetUp(lo)
+	}
+	select {
+	case <-out.ch:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the workload server did not start")
+	}
+	base := "http://" + w.serverAddr.String()
+	urls := []string{base + "/a", base + "/big", base + "/missing", "POST:" + base + "/post", base + "/a"}
+	w.clientCommand = func() (string, error) {
+		cmd := exec.Command(exe)
+		cmd.Env = append(os.Environ(), "CLOVISOR_TEST_HTTP_CLIENT="+strings.Join(urls, " "))
+		var b strings.Builder
+		cmd.Stdout, cmd.Stderr = &b, &b
+		if err := w.clientCG.Start(cmd); err != nil {
+			return "", err
+		}
+		err := cmd.Wait()
+		return b.String(), err
+	}
+	return w
+}
+
+type lineWaiter struct {
+	ch   chan struct{}
+	done bool
+}
+
+func (l *lineWaiter) Write(p []byte) (int, error) {
+	if !l.done && strings.Contains(string(p), "listening") {
+		l.done = true
+		close(l.ch)
+	}
+	return len(p), nil
+}
+
+// sessionKey is what every mode must agree on.
+type sessionKey struct {
+	Kind                string
+	Method, Path        string
+	Status              int
+	ReqBytes, RespBytes int64
+	ReqBody, RespBody   int64
+}
+
+func keyOf(s *spans.Session) sessionKey {
+	k := sessionKey{Kind: map[spans.Kind]string{spans.Client: "CLIENT", spans.Server: "SERVER"}[s.Kind],
+		Method: attr(s.Tx, "http.request.method").AsString(), Path: attr(s.Tx, "url.path").AsString(),
+		Status: s.Tx.StatusCode, ReqBytes: s.Tx.ReqBytes, RespBytes: s.Tx.RespBytes,
+		ReqBody: attr(s.Tx, "http.request.body.size").AsInt64(), RespBody: attr(s.Tx, "http.response.body.size").AsInt64()}
+	return k
+}
+
+// TestModeEquivalence runs the same workload under every attach mode the
+// kernel allows and requires the same sessions from each. Modes the kernel
+// refuses are logged; CLOVISOR_REQUIRE_MODES (comma-separated, set by the
+// VM harness for kernels known to have them) makes a refusal a failure.
+func TestModeEquivalence(t *testing.T) {
+	w := startModeWorkload(t)
+	required := map[string]bool{}
+	for _, m := range strings.Split(os.Getenv("CLOVISOR_REQUIRE_MODES"), ",") {
+		if m != "" {
+			required[m] = true
+		}
+	}
+	results := map[string][]sessionKey{}
+	for _, mode := range probes.Modes {
+		t.Run(mode, func(t *testing.T) {
+			tr, err := probes.Open(probes.Options{Mode: mode, FilterCgroups: true})
+			if errors.Is(err, probes.ErrUnsupported) && !required[mode] {
+				t.Logf("not on this kernel: %v", err)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tr.Close()
+			c := startTracerWith(t, probes.Options{Mode: mode, FilterCgroups: true}, w.clientCG.ID(), w.serverCG.ID())
+			out, err := w.clientCommand()
+			if err != nil {
+				t.Fatalf("client: %v\n%s", err, out)
+			}
+			got := c.wait(t, 10)
+			c.close(t)
+			var keys []sessionKey
+			for _, s := range got {
+				keys = append(keys, keyOf(s))
+				if s.Process.PID == 0 || s.CgroupID == 0 {
+					t.Errorf("session without process or cgroup: %+v", s)
+				}
+			}
+			slices.SortFunc(keys, func(a, b sessionKey) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
+			results[mode] = keys
+			t.Logf("%s: %d sessions", mode, len(keys))
+		})
+	}
+	want := []sessionKey{}
+	for _, kind := range []string{"CLIENT", "SERVER"} {
+		want = append(want,
+			sessionKey{kind, "GET", "/a", 200, 0, 0, 0, 6},
+			sessionKey{kind, "GET", "/a", 200, 0, 0, 0, 6},
+			sessionKey{kind, "GET", "/big", 200, 0, 0, 0, 100000},
+			sessionKey{kind, "GET", "/missing", 404, 0, 0, 0, 19},
+			sessionKey{kind, "POST", "/post", 200, 0, 0, 300, 8},
+		)
+	}
+	if len(results) == 0 {
+		t.Fatal("no mode ran")
+	}
+	for mode, keys := range results {
+		if len(keys) != len(want) {
+			t.Errorf("%s: %d sessions, want %d: %+v", mode, len(keys), len(want), keys)
+			continue
+		}
+		// Byte counts depend on headers (dates, lengths): every mode must
+		// agree on them, and the rest must be as scripted.
+		for i, k := range keys {
+			w := want[i]
+			w.ReqBytes, w.RespBytes = k.ReqBytes, k.RespBytes
+			if k != w {
+				t.Errorf("%s #%d: %+v, want %+v", mode, i, k, w)
+			}
+			if k.ReqBytes <= 0 || k.RespBytes <= k.RespBody {
+				t.Errorf("%s #%d: byte counts %+v", mode, i, k)
+			}
+		}
+		for other, ok := range results {
+			if !slices.EqualFunc(ok, keys, func(a, b sessionKey) bool {
+				return a.Kind == b.Kind && a.Method == b.Method && a.Path == b.Path && a.Status == b.Status &&
+					a.ReqBody == b.ReqBody && a.RespBody == b.RespBody && a.ReqBytes == b.ReqBytes
+			}) {
+				t.Errorf("%s and %s disagree:\n%+v\n%+v", mode, other, keys, ok)
+			}
+		}
+	}
+}

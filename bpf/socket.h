@@ -13,6 +13,28 @@
 #define CLOVISOR_SOCKET_H
 
 #include "vmlinux.h"
+
+#if defined(__TARGET_ARCH_arm64)
+/* vmlinux.h comes from an x86 kernel, and CO-RE relocates the kernel's
+ * structs for the running kernel; only the register layouts are
+ * arch-specific. arm64's, under names CO-RE matches to "pt_regs" and the
+ * UAPI kprobe context: */
+struct user_pt_regs {
+	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
+	__u64 pstate;
+};
+struct pt_regs___arm64_task {
+	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
+	__u64 pstate;
+	__u64 orig_x0;
+	__s32 syscallno;
+} __attribute__((preserve_access_index));
+#endif
+
 #include "bpf_helpers.h"
 #include "bpf_core_read.h"
 #include "bpf_tracing.h"
@@ -200,9 +222,9 @@ static __always_inline void count(__u32 idx)
 #define NR_recvfrom 207
 #define NR_sendmsg 211
 #define NR_recvmsg 212
-#define SYSCALL_NR(r) ((r)->syscallno)
-#define SYSCALL_ARG2(r) ((r)->regs[1])
-#define SYSCALL_ARG3(r) ((r)->regs[2])
+#define SYSCALL_NR(r) (((struct pt_regs___arm64_task *)(r))->syscallno)
+#define SYSCALL_ARG2(r) (((struct pt_regs___arm64_task *)(r))->regs[1])
+#define SYSCALL_ARG3(r) (((struct pt_regs___arm64_task *)(r))->regs[2])
 #else
 #error "unsupported architecture"
 #endif

@@ -843,7 +843,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	}
 	__sync_fetch_and_or(&s->flags[dir & 1], tflags);
 
-	if (cap)
+	if (cap && payload_cap)
 		capture(skb, s, &k, dir, index, p->l4_off + thlen + (payload - fresh), fresh, seq + (payload - fresh), now);
 
 	if (tflags & TCP_RST) {

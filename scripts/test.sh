@@ -22,6 +22,8 @@ if [[ -n "$unformatted" ]]; then
 	exit 1
 fi
 go vet ./...
+echo "--- arm64 build"
+GOARCH=arm64 CGO_ENABLED=0 go build -o /dev/null ./cmd/clovisor
 
 echo "--- go test"
 # Privileged tests fail rather than skip when they cannot run.

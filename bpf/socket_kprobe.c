@@ -141,7 +141,11 @@ int BPF_KRETPROBE(krp_tcp_sendmsg, int ret)
 SEC("kprobe/tcp_recvmsg")
 int BPF_KPROBE(kp_tcp_recvmsg, struct sock *sk)
 {
-	int flags = recvmsg_flags_arg == 3 ? (int)PT_REGS_PARM4(ctx) : (int)PT_REGS_PARM5(ctx);
+	/* Both loads, then the choice: the verifier forbids a context access
+	 * at a computed offset, which clang would otherwise make of this. */
+	unsigned long p4 = PT_REGS_PARM4(ctx), p5 = PT_REGS_PARM5(ctx);
+	asm volatile("" : "+r"(p4), "+r"(p5));
+	int flags = recvmsg_flags_arg == 3 ? (int)p4 : (int)p5;
 	enter(sk, 0, flags & MSG_PEEK);
 	return 0;
 }

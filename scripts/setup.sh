@@ -18,6 +18,7 @@ packages=(
 	iperf3                              # TCP traffic generator
 	ca-certificates git                 # go module downloads
 	etcd-server                         # etcd 3.4 under the test kube-apiserver (internal/testbed/kube.go)
+	qemu-system-x86 busybox-static      # second kernel under qemu: VM tests (internal/vmtest, scripts/vmkernel.sh)
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -1,6 +1,7 @@
 package sockets_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/testbed"
 	"github.com/clovisor/clovisor/probes"
@@ -116,7 +118,7 @@ func startModeWorkload(t *testing.T) *modeWorkload {
 			t.Fatal(err)
 		}
 	}
-	host, err := netlink.NewHandle()
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +129,7 @@ func startModeWorkload(t *testing.T) *modeWorkload {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	inside, err := netlink.NewHandleAt(ns)
+	inside, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,6 +194,13 @@ func keyOf(s *spans.Session) sessionKey {
 // refuses are logged; CLOVISOR_REQUIRE_MODES (comma-separated, set by the
 // VM harness for kernels known to have them) makes a refusal a failure.
 func TestModeEquivalence(t *testing.T) {
+	runModeEquivalence(t)
+}
+
+// runModeEquivalence runs the workload under each mode, checks the
+// sessions, logs them as MODE-RESULT lines (for the kernel matrix to
+// compare across kernels) and returns them by mode.
+func runModeEquivalence(t *testing.T) map[string][]sessionKey {
 	w := startModeWorkload(t)
 	required := map[string]bool{}
 	for _, m := range strings.Split(os.Getenv("CLOVISOR_REQUIRE_MODES"), ",") {
@@ -227,7 +236,8 @@ func TestModeEquivalence(t *testing.T) {
 			}
 			slices.SortFunc(keys, func(a, b sessionKey) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
 			results[mode] = keys
-			t.Logf("%s: %d sessions", mode, len(keys))
+			line, _ := json.Marshal(keys)
+			t.Logf("MODE-RESULT %s %s", mode, line)
 		})
 	}
 	want := []sessionKey{}
@@ -269,4 +279,5 @@ func TestModeEquivalence(t *testing.T) {
 			}
 		}
 	}
+	return results
 }

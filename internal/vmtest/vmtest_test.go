@@ -1,0 +1,428 @@
+package vmtest
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+)
+
+// requireHost skips host-side VM tests inside a VM (where the guest tests of
+// the same binary run) and checks what the host needs to boot a VM.
+func requireHost(t *testing.T) {
+	t.Helper()
+	if InGuest() {
+		t.Skip("host-side test: not run inside the VM")
+	}
+	testbed.RequireRoot(t) // vmkernel.sh may need to run apt-get update
+	testbed.RequireTool(t, "qemu-system-x86_64")
+	testbed.RequireTool(t, "busybox")
+	testbed.RequireTool(t, "apt-get")
+	testbed.RequireTool(t, "dpkg-deb")
+}
+
+// TestVMGuestFacts boots every supported kernel with this package's own test
+// binary and runs the guest-side tests of guest_test.go in it: kernel
+// release, BTF, the kprobe PMU, loaded modules, mounts, a veth pair, and
+// kprobe and fentry programs on tcp_sendmsg that attach and fire.
+func TestVMGuestFacts(t *testing.T) {
+	requireHost(t)
+	bin := BuildTestBinary(t, "./internal/vmtest")
+	for _, k := range Kernels(t) {
+		t.Run(k.Series, func(t *testing.T) {
+			res := RunGoTest(t, k, bin, "^TestGuest", Options{Timeout: 120 * time.Second})
+			for _, name := range []string{"TestGuestKernelRelease", "TestGuestSysfs", "TestGuestMounts",
+				"TestGuestVethPair", "TestGuestKprobeTCPSendmsg", "TestGuestFentryTCPSendmsg"} {
+				if !strings.Contains(res.Output, "--- PASS: "+name+" ") {
+					t.Errorf("guest test %s did not pass (skipped or missing)", name)
+				}
+			}
+			t.Logf("%s: boot-to-poweroff %v (qemu wall time), guest boot %v, guest tests %v",
+				k, res.Duration.Round(time.Millisecond), res.GuestBoot.Round(time.Millisecond), res.GuestRun.Round(time.Millisecond))
+		})
+	}
+}
+
+// TestVMShellCommand runs a busybox command line, checks that arguments
+// arrive verbatim, the environment is set, and the command's output is kept
+// apart from kernel messages (which go to the console only).
+func TestVMShellCommand(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	script := filepath.Join(t.TempDir(), "hello.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"script: $1\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	arg := `it's "quoted" $HOME; exit 9`
+	res := Run(t, k, Options{
+		Args:    []string{"sh", "-c", `/opt/hello.sh "$1"; echo "env: $FOO $CLOVISOR_VMTEST"; echo "<2>vmtest-kmsg-line" >/dev/kmsg; uname -r`, "sh", arg},
+		Files:   map[string]string{"/opt/hello.sh": script},
+		Env:     map[string]string{"FOO": "bar baz"},
+		Modules: []string{},
+		Timeout: 60 * time.Second,
+	})
+	want := "script: " + arg + "\nenv: bar baz 1\n" + k.Version + "\n"
+	if res.Output != want {
+		t.Errorf("guest output:\n%q\nwant\n%q", res.Output, want)
+	}
+	if !strings.Contains(res.Console, "vmtest-kmsg-line") {
+		t.Errorf("kernel message missing from the console:\n%s", res.Console)
+	}
+	if res.ExitCode != 0 || res.Duration <= 0 || res.GuestBoot <= 0 {
+		t.Errorf("result %+v", res)
+	}
+	t.Logf("boot-to-poweroff %v (guest boot %v)", res.Duration.Round(time.Millisecond), res.GuestBoot.Round(time.Millisecond))
+}
+
+func TestVMNonZeroExitFails(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	opts := Options{Args: []string{"sh", "-c", "echo before-failing; exit 3"}, Modules: []string{}, Timeout: 60 * time.Second}
+	msg := expectFailure(t, func(tb testing.TB) { Run(tb, k, opts) })
+	for _, s := range []string{"exited 3", "before-failing"} {
+		if !strings.Contains(msg, s) {
+			t.Errorf("failure message lacks %q:\n%s", s, msg)
+		}
+	}
+
+	// The same through RunGoTest: a failing guest test fails the host test
+	// and its output shows in the host's log.
+	script := filepath.Join(t.TempDir(), "fake.test")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho '=== RUN   TestX'\necho '    x_test.go:1: guest says no'\necho '--- FAIL: TestX (0.00s)'\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	msg = expectFailure(t, func(tb testing.TB) {
+		RunGoTest(tb, k, script, ".", Options{Modules: []string{}, Timeout: 60 * time.Second})
+	})
+	for _, s := range []string{"guest says no", "--- FAIL: TestX", "exited 1"} {
+		if !strings.Contains(msg, s) {
+			t.Errorf("RunGoTest failure message lacks %q:\n%s", s, msg)
+		}
+	}
+
+	// With IgnoreExitCode the code is a result.
+	opts.IgnoreExitCode = true
+	if res := Run(t, k, opts); res.ExitCode != 3 || res.Output != "before-failing\n" {
+		t.Errorf("IgnoreExitCode: exit %d, output %q", res.ExitCode, res.Output)
+	}
+}
+
+func TestVMHostTimeoutKillsQemu(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	start := time.Now()
+	msg := expectFailure(t, func(tb testing.TB) {
+		Run(tb, k, Options{
+			Args:         []string{"sh", "-c", "echo hanging-now; sleep 1000"},
+			Modules:      []string{},
+			Timeout:      15 * time.Second,
+			GuestTimeout: -1, // only the host's limit
+		})
+	})
+	took := time.Since(start)
+	for _, s := range []string{"timed out after 15s, qemu killed: the command did not finish", "hanging-now"} {
+		if !strings.Contains(msg, s) {
+			t.Errorf("failure message lacks %q:\n%s", s, msg)
+		}
+	}
+	if took > 30*time.Second {
+		t.Errorf("a 15 s limit took %v", took)
+	}
+	t.Logf("hung guest killed after %v", took.Round(time.Millisecond))
+}
+
+func TestVMGuestTimeoutKillsCommand(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	var res Result
+	msg := expectFailure(t, func(tb testing.TB) {
+		var err error
+		res, err = run(tb, k, Options{
+			Args:         []string{"sh", "-c", "echo hanging-now; sleep 1000"},
+			Modules:      []string{},
+			Timeout:      90 * time.Second,
+			GuestTimeout: 5 * time.Second,
+		})
+		if err != nil {
+			tb.Fatalf("%v", err)
+		}
+	})
+	if !strings.Contains(msg, "guest time limit of 5s") || !strings.Contains(msg, "hanging-now") {
+		t.Errorf("failure message:\n%s", msg)
+	}
+	if res.ExitCode != 128+15 {
+		t.Errorf("exit code %d, want 143 (SIGTERM)", res.ExitCode)
+	}
+	if res.Duration > 60*time.Second {
+		t.Errorf("the guest limit did not end the run early: %v", res.Duration)
+	}
+}
+
+func TestVMKernelWithoutInitFails(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	msg := expectFailure(t, func(tb testing.TB) {
+		Run(tb, k, Options{Args: []string{"true"}, KernelArgs: []string{"rdinit=/no-such-init"}, Modules: []string{}, Timeout: 60 * time.Second})
+	})
+	if !strings.Contains(msg, "never started the command") || !strings.Contains(msg, "Kernel panic") {
+		t.Errorf("failure message:\n%s", msg)
+	}
+}
+
+func TestVMSetupErrorFails(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	// The per-run archive is unpacked over the base one: replace the module
+	// list with a module that does not exist, so /init's insmod fails.
+	list := filepath.Join(t.TempDir(), "modules")
+	if err := os.WriteFile(list, []byte("no_such_module\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	msg := expectFailure(t, func(tb testing.TB) {
+		Run(tb, k, Options{Args: []string{"true"}, Files: map[string]string{guestModules: list}, Modules: []string{}, Timeout: 60 * time.Second})
+	})
+	if !strings.Contains(msg, "guest setup failed in /init: insmod no_such_module") {
+		t.Errorf("failure message:\n%s", msg)
+	}
+}
+
+func TestKernelsPinned(t *testing.T) {
+	requireHost(t)
+	ks := Kernels(t)
+	var series []string
+	for _, k := range ks {
+		series = append(series, k.Series)
+		if !strings.HasPrefix(k.Version, k.Series+".") || !strings.Contains(k.Package, k.Version) || k.PackageVersion == "" {
+			t.Errorf("kernel %+v", k)
+		}
+		if fi, err := os.Stat(k.Vmlinuz()); err != nil || fi.Size() < 1<<20 {
+			t.Errorf("vmlinuz: %v", err)
+		}
+		t.Logf("%s: %s=%s in %s", k.Series, k.Package, k.PackageVersion, k.Dir)
+	}
+	if !slices.Contains(series, "6.1") || !slices.Contains(series, "6.12") {
+		t.Errorf("series %v, want 6.1 and 6.12", series)
+	}
+	// Cached: fast.
+	start := time.Now()
+	LoadKernel(t, DefaultSeries)
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("cached LoadKernel took %v", d)
+	}
+}
+
+// --- unprivileged unit tests ---
+
+func TestCpioWriter(t *testing.T) {
+	var buf bytes.Buffer
+	c := newCpioWriter(&buf)
+	c.Dir("/a", 0o700)
+	c.File("/a/b/c.txt", []byte("hello"), 0o644)
+	c.Symlink("/bin/sh", "busybox")
+	c.CharDev("/dev/console", 0o600, 5, 1)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ents := parseCpio(t, buf.Bytes())
+	var got []string
+	for _, e := range ents {
+		got = append(got, fmt.Sprintf("%s %o %q %d:%d", e.name, e.mode, e.data, e.rmaj, e.rmin))
+	}
+	want := []string{
+		`a 40700 "" 0:0`,
+		`a/b 40755 "" 0:0`,
+		`a/b/c.txt 100644 "hello" 0:0`,
+		`bin 40755 "" 0:0`,
+		`bin/sh 120777 "busybox" 0:0`,
+		`dev 40755 "" 0:0`,
+		`dev/console 20600 "" 5:1`,
+		`TRAILER!!! 0 "" 0:0`,
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("entries:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if len(buf.Bytes())%4 != 0 {
+		t.Errorf("archive length %d not 4-aligned", buf.Len())
+	}
+}
+
+type cpioEntry struct {
+	name       string
+	mode       uint64
+	data       []byte
+	rmaj, rmin uint64
+}
+
+// parseCpio reads a newc archive, checking alignment as it goes.
+func parseCpio(t *testing.T, b []byte) []cpioEntry {
+	t.Helper()
+	var ents []cpioEntry
+	off := 0
+	field := func(i int) uint64 {
+		v, err := strconv.ParseUint(string(b[off+6+8*i:off+14+8*i]), 16, 32)
+		if err != nil {
+			t.Fatalf("header at %d: %v", off, err)
+		}
+		return v
+	}
+	for off < len(b) {
+		if string(b[off:off+6]) != "070701" {
+			t.Fatalf("bad magic at %d: %q", off, b[off:off+6])
+		}
+		mode, size, rmaj, rmin, nameSize := field(1), field(6), field(9), field(10), field(11)
+		name := string(b[off+110 : off+110+int(nameSize)-1])
+		dataOff := (off + 110 + int(nameSize) + 3) &^ 3
+		e := cpioEntry{name: name, mode: mode, data: b[dataOff : dataOff+int(size)], rmaj: rmaj, rmin: rmin}
+		ents = append(ents, e)
+		off = (dataOff + int(size) + 3) &^ 3
+		if name == "TRAILER!!!" {
+			break
+		}
+	}
+	return ents
+}
+
+func TestResolveModules(t *testing.T) {
+	dir := t.TempDir()
+	dep := strings.Join([]string{
+		"kernel/net/tls/tls.ko.xz:",
+		"kernel/drivers/net/bonding/bonding.ko.xz: kernel/net/tls/tls.ko.xz",
+		"kernel/net/a.ko: kernel/net/b-dash.ko kernel/net/c.ko",
+		"kernel/net/b-dash.ko: kernel/net/c.ko",
+		"kernel/net/c.ko:",
+		"kernel/net/loop1.ko: kernel/net/loop2.ko",
+		"kernel/net/loop2.ko: kernel/net/loop1.ko",
+		"kernel/net/needsgone.ko: kernel/net/gone.ko",
+		"",
+	}, "\n")
+	if err := os.WriteFile(filepath.Join(dir, "modules.dep"), []byte(dep), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "modules.builtin"), []byte("kernel/net/veth.ko\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	names := func(ms []module) (s []string) {
+		for _, m := range ms {
+			s = append(s, m.name)
+		}
+		return s
+	}
+	got, err := resolveModules(dir, []string{"a", "veth", "bonding", "c"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"c", "b_dash", "a", "tls", "bonding"}; !slices.Equal(names(got), want) {
+		t.Errorf("order %v, want %v", names(got), want)
+	}
+	if got[0].path != filepath.Join(dir, "kernel/net/c.ko") {
+		t.Errorf("path %s", got[0].path)
+	}
+	for w, errWant := range map[string]string{"nosuch": "neither", "loop1": "cycle", "needsgone": "needed by needsgone"} {
+		if _, err := resolveModules(dir, []string{w}); err == nil || !strings.Contains(err.Error(), errWant) {
+			t.Errorf("resolveModules(%s): %v, want an error with %q", w, err, errWant)
+		}
+	}
+}
+
+func TestParseOutput(t *testing.T) {
+	p := parseOutput("noise\n" + markerStart + " uptime=2.50\nline 1\nline 2\n" + markerEnd + " uptime=3.75\n" + markerExit + "7\n")
+	if !p.started || !p.exited || p.exit != 7 || p.output != "line 1\nline 2\n" ||
+		p.boot != 2500*time.Millisecond || p.run != 1250*time.Millisecond {
+		t.Errorf("%+v", p)
+	}
+	if p := parseOutput(markerStart + " uptime=1\npartial"); p.exited || p.output != "partial" {
+		t.Errorf("%+v", p)
+	}
+	if p := parseOutput(markerSetup + "insmod tls\n"); p.setupErr != "insmod tls" || p.started {
+		t.Errorf("%+v", p)
+	}
+}
+
+func TestOptionsLimits(t *testing.T) {
+	for _, c := range []struct {
+		o           Options
+		host, guest time.Duration
+	}{
+		{Options{}, DefaultTimeout, DefaultTimeout - 30*time.Second},
+		{Options{Timeout: 20 * time.Second}, 20 * time.Second, 15 * time.Second},
+		{Options{Timeout: 20 * time.Second, GuestTimeout: -1}, 20 * time.Second, -1},
+		{Options{GuestTimeout: 5 * time.Second}, DefaultTimeout, 5 * time.Second},
+	} {
+		if h, g := c.o.limits(); h != c.host || g != c.guest {
+			t.Errorf("%+v: limits %v %v, want %v %v", c.o, h, g, c.host, c.guest)
+		}
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	if got := shellQuote(`a'b "c" $d`); got != `'a'\''b "c" $d'` {
+		t.Errorf("shellQuote: %s", got)
+	}
+	for name, ok := range map[string]bool{"FOO": true, "_x1": true, "1X": false, "A-B": false, "": false} {
+		if validEnvName(name) != ok {
+			t.Errorf("validEnvName(%q) != %v", name, ok)
+		}
+	}
+}
+
+// fakeTB records Fatal/Error calls instead of failing the real test; Fatal
+// and FailNow end the calling goroutine as testing.T does.
+type fakeTB struct {
+	testing.TB
+	mu     sync.Mutex
+	failed bool
+	msgs   []string
+}
+
+func (f *fakeTB) record(s string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failed = true
+	f.msgs = append(f.msgs, s)
+}
+func (f *fakeTB) Helper()                        {}
+func (f *fakeTB) Fail()                          { f.record("Fail") }
+func (f *fakeTB) FailNow()                       { f.record("FailNow"); runtime.Goexit() }
+func (f *fakeTB) Error(args ...any)              { f.record(fmt.Sprint(args...)) }
+func (f *fakeTB) Errorf(format string, a ...any) { f.record(fmt.Sprintf(format, a...)) }
+func (f *fakeTB) Fatal(args ...any)              { f.record(fmt.Sprint(args...)); runtime.Goexit() }
+func (f *fakeTB) Fatalf(format string, a ...any) {
+	f.record(fmt.Sprintf(format, a...))
+	runtime.Goexit()
+}
+func (f *fakeTB) Skip(args ...any)                { f.record("skipped: " + fmt.Sprint(args...)); runtime.Goexit() }
+func (f *fakeTB) Skipf(format string, a ...any)   { f.Skip(fmt.Sprintf(format, a...)) }
+func (f *fakeTB) SkipNow()                        { f.Skip() }
+func (f *fakeTB) Failed() bool                    { f.mu.Lock(); defer f.mu.Unlock(); return f.failed }
+func (f *fakeTB) Logf(format string, args ...any) { f.TB.Logf(format, args...) }
+
+// expectFailure runs fn with a fakeTB and returns the failure it reported;
+// it fails t if fn did not fail.
+func expectFailure(t *testing.T, fn func(testing.TB)) string {
+	t.Helper()
+	f := &fakeTB{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn(f)
+	}()
+	<-done
+	msg := strings.Join(f.msgs, "\n")
+	if !f.Failed() {
+		t.Fatalf("expected a test failure, got none")
+	}
+	if strings.HasPrefix(msg, "skipped: ") {
+		t.Fatalf("expected a test failure, got a skip: %s", msg)
+	}
+	t.Logf("reported failure (as expected):\n%s", tail(msg, 3000))
+	return msg
+}

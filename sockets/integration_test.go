@@ -137,7 +137,8 @@ func (c *collector) wait(t *testing.T, n int) []*spans.Session {
 			return got
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("got %d sessions, want %d: %s", len(got), n, describe(got))
+			ks, _ := c.tracer.Stats()
+			t.Fatalf("got %d sessions, want %d (tracker %+v, kernel %+v): %s", len(got), n, c.tracker.Stats(), ks, describe(got))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

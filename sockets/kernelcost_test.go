@@ -1,7 +1,10 @@
 package sockets_test
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"sort"
 	"strconv"
@@ -111,4 +114,60 @@ func benchPayload() int {
 		return n
 	}
 	return probes.DefaultPayload
+}
+
+// BenchmarkModeCost compares the attach modes the running kernel allows:
+// b.N keep-alive GETs of the mode workload (Go client and server, two
+// network namespaces, both traced), with the kernel's BPF statistics, per
+// mode: eBPF ns per exchange (both ends) and per program run. The host
+// allows only the tracepoint mode; BenchmarkKernelMatrixModeCost runs this
+// inside the VM kernels, where all modes are measured in one run.
+func BenchmarkModeCost(b *testing.B) {
+	w := startModeWorkload(b)
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatalf("enabling BPF statistics: %v", err)
+	}
+	defer stats.Close()
+	url := "http://" + w.serverAddr.String() + "/a"
+	for _, mode := range probes.Modes {
+		b.Run(mode, func(b *testing.B) {
+			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+			tr, err := probes.Open(probes.Options{Mode: mode, FilterCgroups: true, Logger: quiet})
+			if errors.Is(err, probes.ErrUnsupported) {
+				b.Skipf("not on this kernel: %v", err)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer tr.Close()
+			for _, id := range []uint64{w.clientCG.ID(), w.serverCG.ID()} {
+				if err := tr.AddCgroup(id); err != nil {
+					b.Fatal(err)
+				}
+			}
+			stop, done := make(chan struct{}), make(chan struct{})
+			go drain(b, tr, stop, done)
+			b.ResetTimer()
+			out, err := w.client(fmt.Sprintf("repeat=%d %s", b.N, url))
+			b.StopTimer()
+			close(stop)
+			<-done
+			if err != nil {
+				b.Fatalf("client: %v\n%s", err, out)
+			}
+			var total time.Duration
+			for name, p := range tr.Programs() {
+				st, err := p.Stats()
+				if err != nil {
+					b.Fatal(err)
+				}
+				total += st.Runtime
+				if st.RunCount > 0 {
+					b.ReportMetric(float64(st.Runtime.Nanoseconds())/float64(st.RunCount), "ns/run-"+name)
+				}
+			}
+			b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "bpf-ns/tx")
+		})
+	}
 }

@@ -73,3 +73,27 @@ func TestKernelMatrix(t *testing.T) {
 		t.Errorf("only %d kernel/mode runs: %v", len(names), names)
 	}
 }
+
+// BenchmarkKernelMatrixModeCost runs BenchmarkModeCost inside each VM
+// kernel and reports its figures (software-emulated CPU: compare the modes
+// with each other, not with the host).
+func BenchmarkKernelMatrixModeCost(b *testing.B) {
+	if vmtest.InGuest() {
+		b.Skip("the matrix is run from the host")
+	}
+	testbed.RequireRoot(b)
+	bin := vmtest.BuildTestBinary(b, "github.com/clovisor/clovisor/sockets")
+	for _, km := range kernelMatrix {
+		b.Run(km.series, func(b *testing.B) {
+			k := vmtest.LoadKernel(b, km.series)
+			res := vmtest.Run(b, k, vmtest.Options{
+				Args:  []string{"/clovisor/guest.test", "-test.run=^$", "-test.bench=^BenchmarkModeCost$", "-test.benchtime=2000x"},
+				Files: map[string]string{"/clovisor/guest.test": bin},
+				Env:   map[string]string{"CI": "true"},
+			})
+			for _, line := range regexp.MustCompile(`(?m)^BenchmarkModeCost/.*$`).FindAllString(res.Output, -1) {
+				b.Log(line)
+			}
+		})
+	}
+}

@@ -67,18 +67,38 @@ type modeWorkload struct {
 	clientCommand func() (string, error)
 }
 
-var (
-	modeHostSide   = netip.MustParsePrefix("10.201.9.1/24")
-	modeServerSide = netip.MustParsePrefix("10.201.9.2/24")
-)
+// modeSubnet picks a /24 in 10.201.100-199.0 that no interface of this
+// namespace uses yet, starting from one derived from the pid, so that test
+// runs on one machine at the same time do not route into each other's
+// namespaces. It returns the host's and the server's addresses.
+func modeSubnet(t testing.TB) (host, server netip.Prefix) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		x := byte(100 + (os.Getpid()+i)%100)
+		net := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 201, x, 0}), 24)
+		if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool {
+			ip, ok := netip.AddrFromSlice(a.IP.To4())
+			return ok && net.Contains(ip)
+		}) {
+			return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 201, x, 1}), 24),
+				netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 201, x, 2}), 24)
+		}
+	}
+	t.Fatal("no free test subnet in 10.201.100.0-10.201.199.0")
+	return
+}
 
-func startModeWorkload(t *testing.T) *modeWorkload {
+func startModeWorkload(t testing.TB) *modeWorkload {
 	t.Helper()
 	testbed.RequireRoot(t)
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
+	modeHostSide, modeServerSide := modeSubnet(t)
 	w := &modeWorkload{
 		serverCG:   testbed.NewCgroup(t, "mode-srv"),
 		clientCG:   testbed.NewCgroup(t, "mode-cli"),
@@ -145,9 +165,19 @@ func startModeWorkload(t *testing.T) *modeWorkload {
 	}
 	base := "http://" + w.serverAddr.String()
 	urls := []string{base + "/a", base + "/big", base + "/missing", "POST:" + base + "/post", base + "/a"}
-	w.clientCommand = func() (string, error) {
+	w.clientCommand = func() (string, error) { return w.client(strings.Join(urls, " ")) }
+	return w
+}
+
+// client runs the workload's client with these URLs (see httpClient).
+func (w *modeWorkload) client(urls string) (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	{
 		cmd := exec.Command(exe)
-		cmd.Env = append(os.Environ(), "CLOVISOR_TEST_HTTP_CLIENT="+strings.Join(urls, " "))
+		cmd.Env = append(os.Environ(), "CLOVISOR_TEST_HTTP_CLIENT="+urls)
 		var b strings.Builder
 		cmd.Stdout, cmd.Stderr = &b, &b
 		if err := w.clientCG.Start(cmd); err != nil {
@@ -156,7 +186,6 @@ func startModeWorkload(t *testing.T) *modeWorkload {
 		err := cmd.Wait()
 		return b.String(), err
 	}
-	return w
 }
 
 type lineWaiter struct {
@@ -232,6 +261,11 @@ func runModeEquivalence(t *testing.T) map[string][]sessionKey {
 				keys = append(keys, keyOf(s))
 				if s.Process.PID == 0 || s.CgroupID == 0 {
 					t.Errorf("session without process or cgroup: %+v", s)
+				}
+				// The connection's open event was seen (connect or
+				// accept), so exchanges are counted from its start.
+				if s.Index < 0 || s.ConnTag == 0 {
+					t.Errorf("%s session %s without its connection's open event (index %d, tag %#x)", keyOf(s).Kind, s.Tx.Summary, s.Index, s.ConnTag)
 				}
 			}
 			slices.SortFunc(keys, func(a, b sessionKey) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -344,11 +345,17 @@ func lockVMs(t testing.TB) (func(), error) {
 			break
 		}
 	}
-	if w := time.Since(start); w > time.Second {
+	w := time.Since(start)
+	lockWaited.Store(int64(w))
+	if w > time.Second {
 		t.Logf("vmtest: waited %v for another VM to finish", w.Round(time.Millisecond))
 	}
 	return func() { f.Close() }, nil
 }
+
+// lockWaited is how long the last VM of this process waited for the lock
+// (tests of the time limits, which start once the lock is held).
+var lockWaited atomic.Int64
 
 // cacheDir is the cache folder shared with the scripts.
 func cacheDir() string {

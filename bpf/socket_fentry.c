@@ -6,7 +6,7 @@
  * (BPF trampolines), which cost less than kprobes and get typed pointers,
  * so kernel fields are plain loads:
  *   fexit  tcp_v4_connect, tcp_v6_connect   the task connected
- *   fexit  inet_accept                      the task accepted (newsock->sk)
+ *   fexit  inet_csk_accept                  the task accepted (its result)
  *   fentry tcp_close                        connection closed
  *   fexit  tcp_sendmsg, tcp_recvmsg         bytes sent / received
  * An fexit program sees the arguments and the result together, so no
@@ -54,11 +54,23 @@ int BPF_PROG(fx_tcp_v6_connect, struct sock *sk)
 	return 0;
 }
 
-SEC("fexit/inet_accept")
-int BPF_PROG(fx_inet_accept, struct socket *sock, struct socket *newsock)
+/*
+ * inet_csk_accept returns the accepted socket; its arguments changed in
+ * Linux 6.10 (sk, flags, err, kern -> sk, arg), and an fexit program must
+ * match them to reach the result with its type. User space loads the
+ * variant the kernel's BTF calls for.
+ */
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(fx_inet_csk_accept4, struct sock *sk, int flags, int *err, bool kern, struct sock *ret)
 {
-	if ((int)result(ctx) == 0 && newsock)
-		emit_open(newsock->sk, ROLE_SERVER);
+	emit_open(ret, ROLE_SERVER);
+	return 0;
+}
+
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(fx_inet_csk_accept2, struct sock *sk, void *arg, struct sock *ret)
+{
+	emit_open(ret, ROLE_SERVER);
 	return 0;
 }
 

@@ -9,8 +9,8 @@ import (
 )
 
 // fentryMode hooks the kprobe mode's functions with fentry/fexit (BPF
-// trampolines): tcp_v4_connect, tcp_v6_connect, inet_accept, tcp_close,
-// tcp_sendmsg and tcp_recvmsg.
+// trampolines): tcp_v4_connect, tcp_v6_connect, inet_csk_accept,
+// tcp_close, tcp_sendmsg and tcp_recvmsg.
 type fentryMode struct{}
 
 func (fentryMode) name() string { return ModeFentry }
@@ -26,26 +26,57 @@ func (fentryMode) open(t *Tracer, o *Options) error {
 	if err := setRecvmsgFlagsArg(spec); err != nil {
 		return err
 	}
-	var objs socketFentryObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	// The accept hook's variant for this kernel's inet_csk_accept.
+	nargs, err := kernelFuncParams("inet_csk_accept")
+	if err != nil {
+		return err
+	}
+	var objs struct {
+		socketFentryMaps
+		socketFentryVariables
+		fentryPrograms
+		Accept4 *ebpf.Program `ebpf:"fx_inet_csk_accept4"`
+	}
+	var objs2 struct {
+		socketFentryMaps
+		socketFentryVariables
+		fentryPrograms
+		Accept2 *ebpf.Program `ebpf:"fx_inet_csk_accept2"`
+	}
+	var into any = &objs
+	switch nargs {
+	case 4:
+	case 2:
+		into = &objs2
+	default:
+		return fmt.Errorf("%w: inet_csk_accept has %d arguments, expected 4 (before Linux 6.10) or 2", ErrUnsupported, nargs)
+	}
+	if err := spec.LoadAndAssign(into, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return loadErr("fentry programs", err)
 		}
 		return fmt.Errorf("%w: the kernel refuses fentry/fexit programs (BPF trampolines: CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS and BTF): %v", ErrUnsupported, rootCause(err))
 	}
-	t.add(&objs)
-	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	maps, progs, accept := objs.socketFentryMaps, objs.fentryPrograms, objs.Accept4
+	if nargs == 2 {
+		maps, progs, accept = objs2.socketFentryMaps, objs2.fentryPrograms, objs2.Accept2
+	}
+	t.add(&maps)
+	t.Events, t.stats, t.cgroups, t.ports = maps.Events, maps.Stats, maps.TracedCgroups, maps.TracedPorts
+	t.programs = map[string]*ebpf.Program{
+		"fx_tcp_v4_connect":  progs.FxTcpV4Connect,
+		"fx_tcp_v6_connect":  progs.FxTcpV6Connect,
+		"fx_inet_csk_accept": accept,
+		"fe_tcp_close":       progs.FeTcpClose,
+		"fx_tcp_sendmsg":     progs.FxTcpSendmsg,
+		"fx_tcp_recvmsg":     progs.FxTcpRecvmsg,
+	}
+	for _, p := range t.programs {
+		t.add(p)
+	}
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
-	}
-	t.programs = map[string]*ebpf.Program{
-		"fx_tcp_v4_connect": objs.FxTcpV4Connect,
-		"fx_tcp_v6_connect": objs.FxTcpV6Connect,
-		"fx_inet_accept":    objs.FxInetAccept,
-		"fe_tcp_close":      objs.FeTcpClose,
-		"fx_tcp_sendmsg":    objs.FxTcpSendmsg,
-		"fx_tcp_recvmsg":    objs.FxTcpRecvmsg,
 	}
 	for name, p := range t.programs {
 		l, err := link.AttachTracing(link.TracingOptions{Program: p})
@@ -67,4 +98,13 @@ func rootCause(err error) error {
 		}
 		err = next
 	}
+}
+
+// fentryPrograms are the fentry mode's programs but for the accept hook.
+type fentryPrograms struct {
+	FxTcpV4Connect *ebpf.Program `ebpf:"fx_tcp_v4_connect"`
+	FxTcpV6Connect *ebpf.Program `ebpf:"fx_tcp_v6_connect"`
+	FeTcpClose     *ebpf.Program `ebpf:"fe_tcp_close"`
+	FxTcpSendmsg   *ebpf.Program `ebpf:"fx_tcp_sendmsg"`
+	FxTcpRecvmsg   *ebpf.Program `ebpf:"fx_tcp_recvmsg"`
 }

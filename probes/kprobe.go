@@ -85,6 +85,24 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	return nil
 }
 
+// kernelFuncParams returns how many parameters a kernel function has,
+// from the kernel's BTF.
+func kernelFuncParams(name string) (int, error) {
+	kspec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return 0, fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
+	}
+	var fn *btf.Func
+	if err := kspec.TypeByName(name, &fn); err != nil {
+		return 0, fmt.Errorf("%w: %s in kernel BTF: %v", ErrUnsupported, name, err)
+	}
+	proto, ok := fn.Type.(*btf.FuncProto)
+	if !ok {
+		return 0, fmt.Errorf("%s: no prototype in kernel BTF", name)
+	}
+	return len(proto.Params), nil
+}
+
 // setRecvmsgFlagsArg tells the programs which argument of tcp_recvmsg
 // holds the flags on this kernel, from its BTF.
 func setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {

@@ -55,31 +55,32 @@ type socketFentryPendingConn struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socketFentryMapEvents          = "events"
-	socketFentryMapPendingConns    = "pending_conns"
-	socketFentryMapScratch         = "scratch"
-	socketFentryMapStats           = "stats"
-	socketFentryMapTracedCgroups   = "traced_cgroups"
-	socketFentryMapTracedPorts     = "traced_ports"
-	socketFentryProgFeTcpClose     = "fe_tcp_close"
-	socketFentryProgFxInetAccept   = "fx_inet_accept"
-	socketFentryProgFxTcpRecvmsg   = "fx_tcp_recvmsg"
-	socketFentryProgFxTcpSendmsg   = "fx_tcp_sendmsg"
-	socketFentryProgFxTcpV4Connect = "fx_tcp_v4_connect"
-	socketFentryProgFxTcpV6Connect = "fx_tcp_v6_connect"
-	socketFentryVarAcceptHook      = "accept_hook"
-	socketFentryVarFilterCgroups   = "filter_cgroups"
-	socketFentryVarFilterPorts     = "filter_ports"
-	socketFentryVarPayloadCap      = "payload_cap"
-	socketFentryVarRecvmsgFlagsArg = "recvmsg_flags_arg"
-	socketFentryVarSelfTgid        = "self_tgid"
-	socketFentryVarUnusedConnEvent = "unused_conn_event"
-	socketFentryVarUnusedConnRole  = "unused_conn_role"
-	socketFentryVarUnusedDataDir   = "unused_data_dir"
-	socketFentryVarUnusedDataEvent = "unused_data_event"
-	socketFentryVarUnusedEventKind = "unused_event_kind"
-	socketFentryVarUnusedStatIndex = "unused_stat_index"
-	socketFentryVarWakeupBytes     = "wakeup_bytes"
+	socketFentryMapEvents            = "events"
+	socketFentryMapPendingConns      = "pending_conns"
+	socketFentryMapScratch           = "scratch"
+	socketFentryMapStats             = "stats"
+	socketFentryMapTracedCgroups     = "traced_cgroups"
+	socketFentryMapTracedPorts       = "traced_ports"
+	socketFentryProgFeTcpClose       = "fe_tcp_close"
+	socketFentryProgFxInetCskAccept2 = "fx_inet_csk_accept2"
+	socketFentryProgFxInetCskAccept4 = "fx_inet_csk_accept4"
+	socketFentryProgFxTcpRecvmsg     = "fx_tcp_recvmsg"
+	socketFentryProgFxTcpSendmsg     = "fx_tcp_sendmsg"
+	socketFentryProgFxTcpV4Connect   = "fx_tcp_v4_connect"
+	socketFentryProgFxTcpV6Connect   = "fx_tcp_v6_connect"
+	socketFentryVarAcceptHook        = "accept_hook"
+	socketFentryVarFilterCgroups     = "filter_cgroups"
+	socketFentryVarFilterPorts       = "filter_ports"
+	socketFentryVarPayloadCap        = "payload_cap"
+	socketFentryVarRecvmsgFlagsArg   = "recvmsg_flags_arg"
+	socketFentryVarSelfTgid          = "self_tgid"
+	socketFentryVarUnusedConnEvent   = "unused_conn_event"
+	socketFentryVarUnusedConnRole    = "unused_conn_role"
+	socketFentryVarUnusedDataDir     = "unused_data_dir"
+	socketFentryVarUnusedDataEvent   = "unused_data_event"
+	socketFentryVarUnusedEventKind   = "unused_event_kind"
+	socketFentryVarUnusedStatIndex   = "unused_stat_index"
+	socketFentryVarWakeupBytes       = "wakeup_bytes"
 )
 
 // loadSocketFentry returns the embedded CollectionSpec for socketFentry.
@@ -124,12 +125,13 @@ type socketFentrySpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketFentryProgramSpecs struct {
-	FeTcpClose     *ebpf.ProgramSpec `ebpf:"fe_tcp_close"`
-	FxInetAccept   *ebpf.ProgramSpec `ebpf:"fx_inet_accept"`
-	FxTcpRecvmsg   *ebpf.ProgramSpec `ebpf:"fx_tcp_recvmsg"`
-	FxTcpSendmsg   *ebpf.ProgramSpec `ebpf:"fx_tcp_sendmsg"`
-	FxTcpV4Connect *ebpf.ProgramSpec `ebpf:"fx_tcp_v4_connect"`
-	FxTcpV6Connect *ebpf.ProgramSpec `ebpf:"fx_tcp_v6_connect"`
+	FeTcpClose       *ebpf.ProgramSpec `ebpf:"fe_tcp_close"`
+	FxInetCskAccept2 *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept2"`
+	FxInetCskAccept4 *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept4"`
+	FxTcpRecvmsg     *ebpf.ProgramSpec `ebpf:"fx_tcp_recvmsg"`
+	FxTcpSendmsg     *ebpf.ProgramSpec `ebpf:"fx_tcp_sendmsg"`
+	FxTcpV4Connect   *ebpf.ProgramSpec `ebpf:"fx_tcp_v4_connect"`
+	FxTcpV6Connect   *ebpf.ProgramSpec `ebpf:"fx_tcp_v6_connect"`
 }
 
 // socketFentryMapSpecs contains maps before they are loaded into the kernel.
@@ -225,18 +227,20 @@ type socketFentryVariables struct {
 //
 // It can be passed to loadSocketFentryObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketFentryPrograms struct {
-	FeTcpClose     *ebpf.Program `ebpf:"fe_tcp_close"`
-	FxInetAccept   *ebpf.Program `ebpf:"fx_inet_accept"`
-	FxTcpRecvmsg   *ebpf.Program `ebpf:"fx_tcp_recvmsg"`
-	FxTcpSendmsg   *ebpf.Program `ebpf:"fx_tcp_sendmsg"`
-	FxTcpV4Connect *ebpf.Program `ebpf:"fx_tcp_v4_connect"`
-	FxTcpV6Connect *ebpf.Program `ebpf:"fx_tcp_v6_connect"`
+	FeTcpClose       *ebpf.Program `ebpf:"fe_tcp_close"`
+	FxInetCskAccept2 *ebpf.Program `ebpf:"fx_inet_csk_accept2"`
+	FxInetCskAccept4 *ebpf.Program `ebpf:"fx_inet_csk_accept4"`
+	FxTcpRecvmsg     *ebpf.Program `ebpf:"fx_tcp_recvmsg"`
+	FxTcpSendmsg     *ebpf.Program `ebpf:"fx_tcp_sendmsg"`
+	FxTcpV4Connect   *ebpf.Program `ebpf:"fx_tcp_v4_connect"`
+	FxTcpV6Connect   *ebpf.Program `ebpf:"fx_tcp_v6_connect"`
 }
 
 func (p *socketFentryPrograms) Close() error {
 	return _SocketFentryClose(
 		p.FeTcpClose,
-		p.FxInetAccept,
+		p.FxInetCskAccept2,
+		p.FxInetCskAccept4,
 		p.FxTcpRecvmsg,
 		p.FxTcpSendmsg,
 		p.FxTcpV4Connect,

@@ -211,8 +211,10 @@ static __always_inline void count(__u32 idx)
 #define NR_sendmsg 46
 #define NR_recvmsg 47
 #define SYSCALL_NR(r) ((r)->orig_ax)
+#define SYSCALL_ARG1(r) ((r)->di)
 #define SYSCALL_ARG2(r) ((r)->si)
 #define SYSCALL_ARG3(r) ((r)->dx)
+#define SYSCALL_ARG4(r) ((r)->r10)
 #elif defined(__TARGET_ARCH_arm64)
 #define NR_read 63
 #define NR_write 64
@@ -223,8 +225,10 @@ static __always_inline void count(__u32 idx)
 #define NR_sendmsg 211
 #define NR_recvmsg 212
 #define SYSCALL_NR(r) (((struct pt_regs___arm64_task *)(r))->syscallno)
+#define SYSCALL_ARG1(r) (((struct pt_regs___arm64_task *)(r))->orig_x0)
 #define SYSCALL_ARG2(r) (((struct pt_regs___arm64_task *)(r))->regs[1])
 #define SYSCALL_ARG3(r) (((struct pt_regs___arm64_task *)(r))->regs[2])
+#define SYSCALL_ARG4(r) (((struct pt_regs___arm64_task *)(r))->regs[3])
 #else
 #error "unsupported architecture"
 #endif
@@ -244,11 +248,13 @@ static __always_inline void count(__u32 idx)
 #define KREAD(src, a) BPF_CORE_READ(src, a)
 #define KREAD_INTO(dst, src, a) BPF_CORE_READ_INTO(dst, src, a)
 #define TCP_SK(sk) ((struct tcp_sock *)(sk))
+#ifndef SOCK_COOKIE
 /* kprobe programs may not call bpf_get_socket_cookie: the socket's address,
  * scrambled by an odd multiplier (a bijection, so still unique), stands in
  * for it. */
 volatile const __u64 cookie_mult = 0x9e3779b97f4a7c15ULL;
 #define SOCK_COOKIE(sk) ((__u64)(sk) * cookie_mult)
+#endif
 #endif
 
 static __always_inline int sock_traceable(const struct sock *sk)
@@ -536,6 +542,8 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
 	e->seq = seq_end - len;
 	e->ts = bpf_ktime_get_ns();
 	e->cookie = SOCK_COOKIE(sk);
+	if (!e->cookie)
+		return; /* a socket without a cookie yet (see socket_tpsys.c) */
 	e->cgroup_id = cgid;
 	e->tgid = tgid;
 	e->pid = (__u32)pid_tgid;

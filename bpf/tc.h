@@ -152,8 +152,9 @@ struct dir_counters {
 	__u64 bytes;           /* IP bytes; a GSO/GRO packet counts its headers once per segment */
 	__u64 packets;         /* wire packets: GSO/GRO segments */
 	__u64 payload_bytes;   /* TCP payload bytes, retransmissions included */
-	__u64 retrans_packets; /* packets carrying payload at or below the highest sequence seen */
-	__u64 retrans_bytes;   /* those payload bytes */
+	__u64 new_bytes;       /* how far the highest sequence advanced: the stream's bytes */
+	__u64 retrans_packets; /* packets with payload at or below the highest sequence seen:
+				* retransmissions, or packets reordered (between CPUs, too) */
 };
 
 struct session {
@@ -168,7 +169,8 @@ struct session {
 	__u64 req_last_ts;
 	__u64 resp_first_ts;
 	__u64 resp_last_ts;
-	__u32 high_end[2]; /* end sequence of the highest payload seen per direction */
+	__u32 high_end[2]; /* per direction: the highest sequence seen (SYN + 1, or the end of
+			    * the highest payload); only raised, by compare-and-exchange */
 	__u32 flags[2];    /* TCP flags seen in the current exchange per direction */
 	__u32 conn_flags;  /* enum conn_flag */
 	__u16 proto;       /* protocol id from the table that matched (0 if none) */
@@ -325,6 +327,16 @@ struct {
 	__type(key, __u32);
 	__type(value, struct payload_scratch);
 } tc_scratch SEC(".maps");
+
+/* An exchange record is built here and copied to the ring buffer: a
+ * reservation held across the record's loop is more than older verifiers
+ * (6.1) can follow. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct exchange_event);
+} exchange_scratch SEC(".maps");
 
 /* A zeroed session, the template of new entries (too large for the stack). */
 struct {
@@ -531,7 +543,8 @@ static __always_inline void fill_tuple(struct conn_tuple *t, const struct flow_k
 static __always_inline void end_exchange(struct session *s, const struct flow_key *k, __u32 index, __u8 phase,
 					 __u8 end, __u64 now)
 {
-	struct exchange_event *e = bpf_ringbuf_reserve(&tc_events, sizeof(*e), 0);
+	__u32 zero = 0;
+	struct exchange_event *e = bpf_map_lookup_elem(&exchange_scratch, &zero);
 	if (e) {
 		e->kind = TC_EVENT_EXCHANGE;
 		e->end = end;
@@ -550,8 +563,6 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		e->resp_first_ts = s->resp_first_ts;
 		e->resp_last_ts = s->resp_last_ts;
 		e->end_ts = now;
-	} else {
-		tc_count(TC_STAT_EXCHANGE_LOST);
 	}
 #pragma unroll
 	for (int d = 0; d < 2; d++) {
@@ -561,21 +572,21 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		cur.bytes = *(volatile __u64 *)&s->total[d].bytes;
 		cur.packets = *(volatile __u64 *)&s->total[d].packets;
 		cur.payload_bytes = *(volatile __u64 *)&s->total[d].payload_bytes;
+		cur.new_bytes = *(volatile __u64 *)&s->total[d].new_bytes;
 		cur.retrans_packets = *(volatile __u64 *)&s->total[d].retrans_packets;
-		cur.retrans_bytes = *(volatile __u64 *)&s->total[d].retrans_bytes;
 		__u32 flags = __sync_lock_test_and_set(&s->flags[d], 0);
 		if (e) {
 			e->flags[d] = flags;
 			e->dir[d].bytes = cur.bytes - s->base[d].bytes;
 			e->dir[d].packets = cur.packets - s->base[d].packets;
 			e->dir[d].payload_bytes = cur.payload_bytes - s->base[d].payload_bytes;
+			e->dir[d].new_bytes = cur.new_bytes - s->base[d].new_bytes;
 			e->dir[d].retrans_packets = cur.retrans_packets - s->base[d].retrans_packets;
-			e->dir[d].retrans_bytes = cur.retrans_bytes - s->base[d].retrans_bytes;
 		}
 		s->base[d] = cur;
 	}
-	if (e)
-		bpf_ringbuf_submit(e, tc_ringbuf_flags());
+	if (!e || bpf_ringbuf_output(&tc_events, e, sizeof(*e), tc_ringbuf_flags()))
+		tc_count(TC_STAT_EXCHANGE_LOST);
 }
 
 /* capture sends the first cap bytes of the packet's payload (at off, len
@@ -757,35 +768,53 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	if (synack && dir == TC_DIR_RESPONSE && s->synack_ts == 0)
 		s->synack_ts = now;
 
-	/* Retransmissions: payload at or below the highest end seen. */
+	/* The stream's progress: the highest sequence only goes up (an atomic
+	 * maximum, modulo 2^32), and what it advanced by is the stream's new
+	 * bytes, exactly, whatever arrives twice or out of order. A packet
+	 * with bytes at or below it carries old data (a retransmission, or a
+	 * packet reordered, also between CPUs processing one flow). */
 	__u32 seq = bpf_ntohl(tcp.seq);
-	__u32 fresh = payload, rbytes = 0;
+	__u32 d1 = dir & 1;
+	__u32 hbit = dir == TC_DIR_REQUEST ? CONN_HIGH_REQUEST : CONN_HIGH_RESPONSE;
+	if ((syn || synack) && !(s->conn_flags & hbit)) {
+		s->high_end[d1] = seq + 1; /* the stream starts after the SYN */
+		__sync_fetch_and_or(&s->conn_flags, hbit);
+	}
+	__u32 fresh = 0, old = 0;
+	__u64 advance = 0;
 	if (payload > 0) {
 		__u32 end = seq + payload;
-		__u32 hbit = dir == TC_DIR_REQUEST ? CONN_HIGH_REQUEST : CONN_HIGH_RESPONSE;
 		if (!(s->conn_flags & hbit)) {
-			s->high_end[dir & 1] = end;
+			/* Picked up midstream: the stream starts here. */
+			s->high_end[d1] = seq;
 			__sync_fetch_and_or(&s->conn_flags, hbit);
-		} else {
-			__u32 high = s->high_end[dir & 1];
-			if ((__s32)(end - high) <= 0) {
-				rbytes = payload;
-				fresh = 0;
-			} else {
-				if ((__s32)(seq - high) < 0) {
-					rbytes = high - seq;
-					fresh = end - high;
-				}
-				s->high_end[dir & 1] = end;
-			}
 		}
+		__u32 high = *(volatile __u32 *)&s->high_end[d1];
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			if ((__s32)(end - high) <= 0)
+				break;
+			__u32 prev = __sync_val_compare_and_swap(&s->high_end[d1], high, end);
+			if (prev == high) {
+				advance = end - high;
+				break;
+			}
+			high = prev;
+		}
+		if ((__s32)(seq - high) < 0) {
+			__u32 behind = high - seq;
+			old = behind < payload ? behind : payload;
+		}
+		fresh = payload - old;
+		if (advance == 0)
+			fresh = 0; /* nothing new: a concurrent packet carried it */
 	}
 
 	/* The exchange: new request payload after response payload starts
 	 * the next one; the first new payload of each direction is captured. */
 	int cap = 0;
 	__u32 index = 0;
-	if (fresh > 0) {
+	if (advance > 0) {
 		int done = 0;
 #pragma unroll
 		for (int attempt = 0; attempt < 2 && !done; attempt++) {
@@ -837,14 +866,14 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__sync_fetch_and_add(&t->packets, segs);
 	if (payload > 0)
 		__sync_fetch_and_add(&t->payload_bytes, payload);
-	if (rbytes > 0) {
+	if (advance > 0)
+		__sync_fetch_and_add(&t->new_bytes, advance);
+	if (old > 0)
 		__sync_fetch_and_add(&t->retrans_packets, 1);
-		__sync_fetch_and_add(&t->retrans_bytes, rbytes);
-	}
 	__sync_fetch_and_or(&s->flags[dir & 1], tflags);
 
 	if (cap && payload_cap)
-		capture(skb, s, &k, dir, index, p->l4_off + thlen + (payload - fresh), fresh, seq + (payload - fresh), now);
+		capture(skb, s, &k, dir, index, p->l4_off + thlen + old, fresh, seq + old, now);
 
 	if (tflags & TCP_RST) {
 		close_session(s, &k, END_RST, now);

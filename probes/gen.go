@@ -8,3 +8,4 @@ package probes
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 -type conn_event -type data_event -type stat_index -type event_kind -type conn_role -type data_dir socketTP ../bpf/socket_tp.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketKprobe ../bpf/socket_kprobe.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketFentry ../bpf/socket_fentry.c -- -I../bpf/headers
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketTPSys ../bpf/socket_tpsys.c -- -I../bpf/headers

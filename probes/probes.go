@@ -328,7 +328,7 @@ func loadErr(what string, err error) error {
 // own links are not pinned, so after its process ends none should remain.
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
 	names := map[string]bool{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketKprobe, loadSocketFentry} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry} {
 		spec, err := load()
 		if err != nil {
 			return nil, err

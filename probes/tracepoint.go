@@ -33,8 +33,14 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrUnsupported, err)
 		}
-		if !ok {
+		if !ok && n.tp == "inet_sock_set_state" {
 			return fmt.Errorf("%w: BTF tracepoint %s is missing (added in Linux %s)", ErrUnsupported, n.tp, n.since)
+		}
+		if !ok {
+			// Before 6.3: the syscalls' trace events instead.
+			o.Logger.Info("tracepoint mode through syscall trace events", "component", "probes",
+				"reason", fmt.Sprintf("BTF tracepoint %s is missing (added in Linux %s)", n.tp, n.since))
+			return openTPSys(t, o)
 		}
 	}
 	spec, err := loadSocketTP()
@@ -82,6 +88,55 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 			if err := t.attachTracepoint(p, acceptIDs[i]); err != nil {
 				return err
 			}
+		}
+	}
+	return nil
+}
+
+// tpsysEvents are the syscalls whose exits the pre-6.3 tracepoint mode
+// hooks.
+var tpsysEvents = []string{"sys_exit_accept4", "sys_exit_accept", "sys_exit_write", "sys_exit_writev",
+	"sys_exit_sendto", "sys_exit_sendmsg", "sys_exit_read", "sys_exit_readv", "sys_exit_recvfrom", "sys_exit_recvmsg"}
+
+// openTPSys is the tracepoint mode for kernels without sock_send_length
+// and sock_recv_length (before 6.3): see bpf/socket_tpsys.c.
+func openTPSys(t *Tracer, o *Options) error {
+	ids, err := tracepointIDs("syscalls", tpsysEvents...)
+	if err != nil {
+		return fmt.Errorf("%w: no sock_send_length/sock_recv_length tracepoints (Linux 6.3+), and the syscall trace events are not usable: %v", ErrUnsupported, err)
+	}
+	spec, err := loadSocketTPSys()
+	if err != nil {
+		return err
+	}
+	if err := configure(spec, o); err != nil {
+		return err
+	}
+	if err := spec.Variables["accept_hook"].Set(uint8(1)); err != nil {
+		return err
+	}
+	var objs socketTPSysObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return loadErr("tracepoint programs (syscall events)", err)
+	}
+	t.add(&objs)
+	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	if err := t.fillPorts(o.Ports); err != nil {
+		return err
+	}
+	l, err := link.AttachTracing(link.TracingOptions{Program: objs.TpsInetSockSetState, AttachType: ebpf.AttachTraceRawTp})
+	if err != nil {
+		return fmt.Errorf("attaching %s: %w", objs.TpsInetSockSetState, err)
+	}
+	t.add(l)
+	progs := []*ebpf.Program{objs.TpsSysExitAccept4, objs.TpsSysExitAccept, objs.TpsSysExitWrite, objs.TpsSysExitWritev,
+		objs.TpsSysExitSendto, objs.TpsSysExitSendmsg, objs.TpsSysExitRead, objs.TpsSysExitReadv,
+		objs.TpsSysExitRecvfrom, objs.TpsSysExitRecvmsg}
+	t.programs = map[string]*ebpf.Program{"tps_inet_sock_set_state": objs.TpsInetSockSetState}
+	for i, p := range progs {
+		t.programs["tps_"+tpsysEvents[i]] = p
+		if err := t.attachTracepoint(p, ids[i]); err != nil {
+			return err
 		}
 	}
 	return nil

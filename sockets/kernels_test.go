@@ -21,7 +21,7 @@ var kernelMatrix = []struct {
 	series string
 	modes  string // modes the kernel must allow (CLOVISOR_REQUIRE_MODES)
 }{
-	{"6.1", "kprobe,fentry"}, // no sock_*_length tracepoints before 6.3
+	{"6.1", "kprobe,fentry,tracepoint"}, // tracepoint through syscall trace events (no sock_*_length before 6.3)
 	{"6.12", "kprobe,fentry,tracepoint"},
 }
 

@@ -87,6 +87,12 @@ static __always_inline void io(struct syscall_trace_exit *ctx, __u8 dir, int pee
 	long ret = ctx->ret;
 	if (ret <= 0)
 		return;
+	/* These events fire for every read and write on the system: drop
+	 * untraced tasks before looking at the descriptor. */
+	__u64 cgid = bpf_get_current_cgroup_id();
+	if ((bpf_get_current_pid_tgid() >> 32) == self_tgid ||
+	    (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid)))
+		return;
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	if (peek_flags_arg) {
 		__u64 flags = peek_flags_arg == 3 ? SYSCALL_ARG3(regs) : SYSCALL_ARG4(regs);

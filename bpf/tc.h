@@ -610,12 +610,14 @@ static __always_inline void capture(struct __sk_buff *skb, const struct session 
 	__u32 want = len < payload_cap ? len : payload_cap;
 	if (want > MAX_PREFIX)
 		want = MAX_PREFIX;
-	/* want <= MAX_PREFIX already; the mask lets the verifier see that
-	 * the copy stays inside data + spill. */
-	want &= PREFIX_MASK;
-	if (want > 0 && bpf_skb_load_bytes(skb, off, e->data, want)) {
-		tc_count(TC_STAT_PAYLOAD_FAULT);
-		want = 0;
+	if (want > 0) {
+		/* n == want (1 <= want <= MAX_PREFIX), in a form whose bounds
+		 * every verifier sees: at least 1, and inside data + spill. */
+		__u32 n = ((want - 1) & PREFIX_MASK) + 1;
+		if (bpf_skb_load_bytes(skb, off, e->data, n)) {
+			tc_count(TC_STAT_PAYLOAD_FAULT);
+			want = 0;
+		}
 	}
 	e->cap = want;
 	__u64 size = offsetof(struct payload_event, data) + want;

@@ -474,7 +474,7 @@ static __always_inline __u32 copy_iov(__u8 *dst, const struct iovec *iovp, __u64
  * (sendfile, splice, io_uring, ...) yield no payload: their byte counts
  * still arrive.
  */
-static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
+static __always_inline __u32 copy_payload(__u8 *dst, __u32 want, __u32 off)
 {
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	long nr = SYSCALL_NR(regs);
@@ -489,9 +489,14 @@ static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
 		 * but lets the verifier see the copy stays inside the scratch
 		 * buffer (data + spill). */
 		want &= SCRATCH_MASK;
-		if (bpf_probe_read_user(dst, want, (void *)arg2))
+		if (bpf_probe_read_user(dst, want, (void *)(arg2 + off)))
 			return (__u32)-1;
 		return want;
+	}
+	/* Vectored calls: only from the start of the call's buffers. */
+	if (off)
+		return 0;
+	switch (nr) {
 	case NR_readv:
 	case NR_writev:
 		return copy_iov(dst, (const struct iovec *)arg2, SYSCALL_ARG3(regs), want);
@@ -510,7 +515,19 @@ static __always_inline __u32 copy_payload(__u8 *dst, __u32 want)
  * emit_data reports one send or receive of len bytes on sk, called in the
  * context of the task that made the call, after the bytes were copied.
  */
+static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, int have_seq, __u32 seq, __u32 off);
+
 static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
+{
+	emit_data_at(sk, len, dir, 0, 0, 0);
+}
+
+/*
+ * emit_data_at is emit_data for a part of a call's bytes: when have_seq is
+ * set, seq is the part's stream position and off its offset in the call's
+ * buffers (the kprobe mode reports receives per segment copied).
+ */
+static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, int have_seq, __u32 seq, __u32 off)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
@@ -530,16 +547,20 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
 	if (!ports_traced(e->tuple.sport, e->tuple.dport))
 		return;
 
-	struct tcp_sock *tp = TCP_SK(sk);
-	if (!tp)
-		return;
-	/* The stream position of the call's first byte: the send queue's end
-	 * or the copied-to-user mark, minus what this call moved. */
-	__u32 seq_end = dir == DIR_SEND ? KREAD(tp, write_seq) : KREAD(tp, copied_seq);
+	if (!have_seq) {
+		struct tcp_sock *tp = TCP_SK(sk);
+		if (!tp)
+			return;
+		/* The stream position of the call's first byte: the send
+		 * queue's end or the copied-to-user mark, minus what this call
+		 * moved. */
+		__u32 seq_end = dir == DIR_SEND ? KREAD(tp, write_seq) : KREAD(tp, copied_seq);
+		seq = seq_end - len;
+	}
 
 	e->kind = EVENT_DATA;
 	e->dir = dir;
-	e->seq = seq_end - len;
+	e->seq = seq;
 	e->ts = bpf_ktime_get_ns();
 	e->cookie = SOCK_COOKIE(sk);
 	if (!e->cookie)
@@ -551,7 +572,7 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 
 	__u32 want = len < payload_cap ? len : payload_cap;
-	__u32 got = copy_payload(e->data, want);
+	__u32 got = copy_payload(e->data, want, off);
 	if (got == (__u32)-1) {
 		count(STAT_PAYLOAD_FAULT);
 		got = 0;

@@ -7,13 +7,14 @@
  *   inet_csk_accept                 (return)          the task accepted
  *   tcp_close                       (entry)           connection closed
  *   tcp_sendmsg                     (entry + return)  bytes sent
- *   tcp_recvmsg                     (entry + return)  bytes received
- * Receives are taken at tcp_recvmsg's return rather than per
- * skb_copy_datagram_iter call: one event per call with its true byte
- * count, as in the other modes (skb_copy_datagram_iter fires once per
- * segment copied, for every protocol). Kernel memory is read with
- * bpf_probe_read_kernel (CO-RE); the payload, as in every mode, from the
- * syscall's buffers.
+ *   tcp_recvmsg                     (entry + return)  a receive call ...
+ *   skb_copy_datagram_iter          (entry + return)  ... and each segment
+ *                                                     it copied to the user
+ * Receives are reported per segment copied (skb_copy_datagram_iter within
+ * a task's tcp_recvmsg), each with its stream position from the segment
+ * (TCP_SKB_CB(skb)->seq + offset) and its payload from where it landed in
+ * the syscall's buffer. Kernel memory is read with bpf_probe_read_kernel
+ * (CO-RE).
  */
 #include "socket.h"
 
@@ -25,8 +26,14 @@ volatile const __u8 recvmsg_flags_arg = 3;
 
 struct call {
 	__u64 sk; /* struct sock * */
-	__u32 seq; /* copied_seq at entry (receives) */
 	__u32 peek;
+	/* receives: the segment being copied, and the stream position of the
+	 * call's first byte (the offset of a segment in the user's buffer). */
+	__u32 seg_seq;
+	__u32 seg_len;
+	__u32 first_seq;
+	__u8 started;
+	__u8 _pad[3];
 };
 
 /* Calls in flight, from entry to return, by task. */
@@ -37,14 +44,14 @@ struct {
 	__type(value, struct call);
 } inflight SEC(".maps");
 
-static __always_inline void enter(struct sock *sk, __u32 seq, __u32 peek)
+static __always_inline void enter(struct sock *sk, __u32 peek)
 {
 	if (!sock_traceable(sk))
 		return;
 	__u64 id = bpf_get_current_pid_tgid();
 	if ((id >> 32) == self_tgid)
 		return;
-	struct call c = {.sk = (__u64)sk, .seq = seq, .peek = peek};
+	struct call c = {.sk = (__u64)sk, .peek = peek};
 	bpf_map_update_elem(&inflight, &id, &c, BPF_ANY);
 }
 
@@ -74,7 +81,7 @@ static __always_inline void emit_open(struct sock *sk, __u8 role)
 SEC("kprobe/tcp_v4_connect")
 int BPF_KPROBE(kp_tcp_v4_connect, struct sock *sk)
 {
-	enter(sk, 0, 0);
+	enter(sk, 0);
 	return 0;
 }
 
@@ -90,7 +97,7 @@ int BPF_KRETPROBE(krp_tcp_v4_connect, int ret)
 SEC("kprobe/tcp_v6_connect")
 int BPF_KPROBE(kp_tcp_v6_connect, struct sock *sk)
 {
-	enter(sk, 0, 0);
+	enter(sk, 0);
 	return 0;
 }
 
@@ -125,7 +132,7 @@ int BPF_KPROBE(kp_tcp_close, struct sock *sk)
 SEC("kprobe/tcp_sendmsg")
 int BPF_KPROBE(kp_tcp_sendmsg, struct sock *sk)
 {
-	enter(sk, 0, 0);
+	enter(sk, 0);
 	return 0;
 }
 
@@ -146,15 +153,49 @@ int BPF_KPROBE(kp_tcp_recvmsg, struct sock *sk)
 	unsigned long p4 = PT_REGS_PARM4(ctx), p5 = PT_REGS_PARM5(ctx);
 	asm volatile("" : "+r"(p4), "+r"(p5));
 	int flags = recvmsg_flags_arg == 3 ? (int)p4 : (int)p5;
-	enter(sk, 0, flags & MSG_PEEK);
+	enter(sk, flags & MSG_PEEK);
 	return 0;
 }
 
 SEC("kretprobe/tcp_recvmsg")
-int BPF_KRETPROBE(krp_tcp_recvmsg, int ret)
+int BPF_KRETPROBE(krp_tcp_recvmsg)
 {
 	struct call c;
-	if (leave(&c) && ret > 0 && !c.peek)
-		emit_data((struct sock *)c.sk, ret, DIR_RECV);
+	leave(&c);
+	return 0;
+}
+
+SEC("kprobe/skb_copy_datagram_iter")
+int BPF_KPROBE(kp_skb_copy_datagram_iter, const struct sk_buff *skb, int offset, void *to, int len)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&inflight, &id);
+	if (!c || c->peek || len <= 0)
+		return 0; /* not a traced task's tcp_recvmsg */
+	/* TCP_SKB_CB(skb)->seq: the first field of the control block. */
+	__u32 seq;
+	char cb[4];
+	BPF_CORE_READ_INTO(&cb, skb, cb);
+	__builtin_memcpy(&seq, cb, sizeof(seq));
+	c->seg_seq = seq + offset;
+	c->seg_len = len;
+	if (!c->started) {
+		c->first_seq = c->seg_seq;
+		c->started = 1;
+	}
+	return 0;
+}
+
+SEC("kretprobe/skb_copy_datagram_iter")
+int BPF_KRETPROBE(krp_skb_copy_datagram_iter, int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&inflight, &id);
+	if (!c || c->peek || !c->seg_len)
+		return 0;
+	__u32 len = c->seg_len;
+	c->seg_len = 0;
+	if (ret == 0)
+		emit_data_at((struct sock *)c->sk, len, DIR_RECV, 1, c->seg_seq, c->seg_seq - c->first_seq);
 	return 0;
 }

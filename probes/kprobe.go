@@ -13,7 +13,8 @@ import (
 )
 
 // kprobeMode hooks tcp_v4_connect, tcp_v6_connect, inet_csk_accept,
-// tcp_close, tcp_sendmsg and tcp_recvmsg with kprobes and kretprobes.
+// tcp_close, tcp_sendmsg, tcp_recvmsg and skb_copy_datagram_iter with
+// kprobes and kretprobes.
 type kprobeMode struct{}
 
 func (kprobeMode) name() string { return ModeKprobe }
@@ -65,6 +66,8 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 		{"tcp_sendmsg", true, objs.KrpTcpSendmsg},
 		{"tcp_recvmsg", false, objs.KpTcpRecvmsg},
 		{"tcp_recvmsg", true, objs.KrpTcpRecvmsg},
+		{"skb_copy_datagram_iter", false, objs.KpSkbCopyDatagramIter},
+		{"skb_copy_datagram_iter", true, objs.KrpSkbCopyDatagramIter},
 	}
 	t.programs = map[string]*ebpf.Program{}
 	for _, h := range hooks {

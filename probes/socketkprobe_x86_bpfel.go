@@ -14,10 +14,15 @@ import (
 )
 
 type socketKprobeCall struct {
-	_    structs.HostLayout
-	Sk   uint64
-	Seq  uint32
-	Peek uint32
+	_        structs.HostLayout
+	Sk       uint64
+	Peek     uint32
+	SegSeq   uint32
+	SegLen   uint32
+	FirstSeq uint32
+	Started  uint8
+	Pad      [3]uint8
+	_        [4]byte
 }
 
 type socketKprobeDataScratch struct {
@@ -62,37 +67,39 @@ type socketKprobePendingConn struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socketKprobeMapEvents            = "events"
-	socketKprobeMapInflight          = "inflight"
-	socketKprobeMapPendingConns      = "pending_conns"
-	socketKprobeMapScratch           = "scratch"
-	socketKprobeMapStats             = "stats"
-	socketKprobeMapTracedCgroups     = "traced_cgroups"
-	socketKprobeMapTracedPorts       = "traced_ports"
-	socketKprobeProgKpTcpClose       = "kp_tcp_close"
-	socketKprobeProgKpTcpRecvmsg     = "kp_tcp_recvmsg"
-	socketKprobeProgKpTcpSendmsg     = "kp_tcp_sendmsg"
-	socketKprobeProgKpTcpV4Connect   = "kp_tcp_v4_connect"
-	socketKprobeProgKpTcpV6Connect   = "kp_tcp_v6_connect"
-	socketKprobeProgKrpInetCskAccept = "krp_inet_csk_accept"
-	socketKprobeProgKrpTcpRecvmsg    = "krp_tcp_recvmsg"
-	socketKprobeProgKrpTcpSendmsg    = "krp_tcp_sendmsg"
-	socketKprobeProgKrpTcpV4Connect  = "krp_tcp_v4_connect"
-	socketKprobeProgKrpTcpV6Connect  = "krp_tcp_v6_connect"
-	socketKprobeVarAcceptHook        = "accept_hook"
-	socketKprobeVarCookieMult        = "cookie_mult"
-	socketKprobeVarFilterCgroups     = "filter_cgroups"
-	socketKprobeVarFilterPorts       = "filter_ports"
-	socketKprobeVarPayloadCap        = "payload_cap"
-	socketKprobeVarRecvmsgFlagsArg   = "recvmsg_flags_arg"
-	socketKprobeVarSelfTgid          = "self_tgid"
-	socketKprobeVarUnusedConnEvent   = "unused_conn_event"
-	socketKprobeVarUnusedConnRole    = "unused_conn_role"
-	socketKprobeVarUnusedDataDir     = "unused_data_dir"
-	socketKprobeVarUnusedDataEvent   = "unused_data_event"
-	socketKprobeVarUnusedEventKind   = "unused_event_kind"
-	socketKprobeVarUnusedStatIndex   = "unused_stat_index"
-	socketKprobeVarWakeupBytes       = "wakeup_bytes"
+	socketKprobeMapEvents                  = "events"
+	socketKprobeMapInflight                = "inflight"
+	socketKprobeMapPendingConns            = "pending_conns"
+	socketKprobeMapScratch                 = "scratch"
+	socketKprobeMapStats                   = "stats"
+	socketKprobeMapTracedCgroups           = "traced_cgroups"
+	socketKprobeMapTracedPorts             = "traced_ports"
+	socketKprobeProgKpSkbCopyDatagramIter  = "kp_skb_copy_datagram_iter"
+	socketKprobeProgKpTcpClose             = "kp_tcp_close"
+	socketKprobeProgKpTcpRecvmsg           = "kp_tcp_recvmsg"
+	socketKprobeProgKpTcpSendmsg           = "kp_tcp_sendmsg"
+	socketKprobeProgKpTcpV4Connect         = "kp_tcp_v4_connect"
+	socketKprobeProgKpTcpV6Connect         = "kp_tcp_v6_connect"
+	socketKprobeProgKrpInetCskAccept       = "krp_inet_csk_accept"
+	socketKprobeProgKrpSkbCopyDatagramIter = "krp_skb_copy_datagram_iter"
+	socketKprobeProgKrpTcpRecvmsg          = "krp_tcp_recvmsg"
+	socketKprobeProgKrpTcpSendmsg          = "krp_tcp_sendmsg"
+	socketKprobeProgKrpTcpV4Connect        = "krp_tcp_v4_connect"
+	socketKprobeProgKrpTcpV6Connect        = "krp_tcp_v6_connect"
+	socketKprobeVarAcceptHook              = "accept_hook"
+	socketKprobeVarCookieMult              = "cookie_mult"
+	socketKprobeVarFilterCgroups           = "filter_cgroups"
+	socketKprobeVarFilterPorts             = "filter_ports"
+	socketKprobeVarPayloadCap              = "payload_cap"
+	socketKprobeVarRecvmsgFlagsArg         = "recvmsg_flags_arg"
+	socketKprobeVarSelfTgid                = "self_tgid"
+	socketKprobeVarUnusedConnEvent         = "unused_conn_event"
+	socketKprobeVarUnusedConnRole          = "unused_conn_role"
+	socketKprobeVarUnusedDataDir           = "unused_data_dir"
+	socketKprobeVarUnusedDataEvent         = "unused_data_event"
+	socketKprobeVarUnusedEventKind         = "unused_event_kind"
+	socketKprobeVarUnusedStatIndex         = "unused_stat_index"
+	socketKprobeVarWakeupBytes             = "wakeup_bytes"
 )
 
 // loadSocketKprobe returns the embedded CollectionSpec for socketKprobe.
@@ -137,16 +144,18 @@ type socketKprobeSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketKprobeProgramSpecs struct {
-	KpTcpClose       *ebpf.ProgramSpec `ebpf:"kp_tcp_close"`
-	KpTcpRecvmsg     *ebpf.ProgramSpec `ebpf:"kp_tcp_recvmsg"`
-	KpTcpSendmsg     *ebpf.ProgramSpec `ebpf:"kp_tcp_sendmsg"`
-	KpTcpV4Connect   *ebpf.ProgramSpec `ebpf:"kp_tcp_v4_connect"`
-	KpTcpV6Connect   *ebpf.ProgramSpec `ebpf:"kp_tcp_v6_connect"`
-	KrpInetCskAccept *ebpf.ProgramSpec `ebpf:"krp_inet_csk_accept"`
-	KrpTcpRecvmsg    *ebpf.ProgramSpec `ebpf:"krp_tcp_recvmsg"`
-	KrpTcpSendmsg    *ebpf.ProgramSpec `ebpf:"krp_tcp_sendmsg"`
-	KrpTcpV4Connect  *ebpf.ProgramSpec `ebpf:"krp_tcp_v4_connect"`
-	KrpTcpV6Connect  *ebpf.ProgramSpec `ebpf:"krp_tcp_v6_connect"`
+	KpSkbCopyDatagramIter  *ebpf.ProgramSpec `ebpf:"kp_skb_copy_datagram_iter"`
+	KpTcpClose             *ebpf.ProgramSpec `ebpf:"kp_tcp_close"`
+	KpTcpRecvmsg           *ebpf.ProgramSpec `ebpf:"kp_tcp_recvmsg"`
+	KpTcpSendmsg           *ebpf.ProgramSpec `ebpf:"kp_tcp_sendmsg"`
+	KpTcpV4Connect         *ebpf.ProgramSpec `ebpf:"kp_tcp_v4_connect"`
+	KpTcpV6Connect         *ebpf.ProgramSpec `ebpf:"kp_tcp_v6_connect"`
+	KrpInetCskAccept       *ebpf.ProgramSpec `ebpf:"krp_inet_csk_accept"`
+	KrpSkbCopyDatagramIter *ebpf.ProgramSpec `ebpf:"krp_skb_copy_datagram_iter"`
+	KrpTcpRecvmsg          *ebpf.ProgramSpec `ebpf:"krp_tcp_recvmsg"`
+	KrpTcpSendmsg          *ebpf.ProgramSpec `ebpf:"krp_tcp_sendmsg"`
+	KrpTcpV4Connect        *ebpf.ProgramSpec `ebpf:"krp_tcp_v4_connect"`
+	KrpTcpV6Connect        *ebpf.ProgramSpec `ebpf:"krp_tcp_v6_connect"`
 }
 
 // socketKprobeMapSpecs contains maps before they are loaded into the kernel.
@@ -247,26 +256,30 @@ type socketKprobeVariables struct {
 //
 // It can be passed to loadSocketKprobeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketKprobePrograms struct {
-	KpTcpClose       *ebpf.Program `ebpf:"kp_tcp_close"`
-	KpTcpRecvmsg     *ebpf.Program `ebpf:"kp_tcp_recvmsg"`
-	KpTcpSendmsg     *ebpf.Program `ebpf:"kp_tcp_sendmsg"`
-	KpTcpV4Connect   *ebpf.Program `ebpf:"kp_tcp_v4_connect"`
-	KpTcpV6Connect   *ebpf.Program `ebpf:"kp_tcp_v6_connect"`
-	KrpInetCskAccept *ebpf.Program `ebpf:"krp_inet_csk_accept"`
-	KrpTcpRecvmsg    *ebpf.Program `ebpf:"krp_tcp_recvmsg"`
-	KrpTcpSendmsg    *ebpf.Program `ebpf:"krp_tcp_sendmsg"`
-	KrpTcpV4Connect  *ebpf.Program `ebpf:"krp_tcp_v4_connect"`
-	KrpTcpV6Connect  *ebpf.Program `ebpf:"krp_tcp_v6_connect"`
+	KpSkbCopyDatagramIter  *ebpf.Program `ebpf:"kp_skb_copy_datagram_iter"`
+	KpTcpClose             *ebpf.Program `ebpf:"kp_tcp_close"`
+	KpTcpRecvmsg           *ebpf.Program `ebpf:"kp_tcp_recvmsg"`
+	KpTcpSendmsg           *ebpf.Program `ebpf:"kp_tcp_sendmsg"`
+	KpTcpV4Connect         *ebpf.Program `ebpf:"kp_tcp_v4_connect"`
+	KpTcpV6Connect         *ebpf.Program `ebpf:"kp_tcp_v6_connect"`
+	KrpInetCskAccept       *ebpf.Program `ebpf:"krp_inet_csk_accept"`
+	KrpSkbCopyDatagramIter *ebpf.Program `ebpf:"krp_skb_copy_datagram_iter"`
+	KrpTcpRecvmsg          *ebpf.Program `ebpf:"krp_tcp_recvmsg"`
+	KrpTcpSendmsg          *ebpf.Program `ebpf:"krp_tcp_sendmsg"`
+	KrpTcpV4Connect        *ebpf.Program `ebpf:"krp_tcp_v4_connect"`
+	KrpTcpV6Connect        *ebpf.Program `ebpf:"krp_tcp_v6_connect"`
 }
 
 func (p *socketKprobePrograms) Close() error {
 	return _SocketKprobeClose(
+		p.KpSkbCopyDatagramIter,
 		p.KpTcpClose,
 		p.KpTcpRecvmsg,
 		p.KpTcpSendmsg,
 		p.KpTcpV4Connect,
 		p.KpTcpV6Connect,
 		p.KrpInetCskAccept,
+		p.KrpSkbCopyDatagramIter,
 		p.KrpTcpRecvmsg,
 		p.KrpTcpSendmsg,
 		p.KrpTcpV4Connect,

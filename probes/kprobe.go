@@ -3,7 +3,6 @@ package probes
 import (
 	"crypto/rand"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 
@@ -88,20 +87,29 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	return nil
 }
 
-// kernelFuncParams returns how many parameters a kernel function has,
-// from the kernel's BTF.
-func kernelFuncParams(name string) (int, error) {
+// kernelFuncProto returns a kernel function's prototype from the
+// kernel's BTF.
+func kernelFuncProto(name string) (*btf.FuncProto, error) {
 	kspec, err := btf.LoadKernelSpec()
 	if err != nil {
-		return 0, fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
+		return nil, fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
 	}
 	var fn *btf.Func
 	if err := kspec.TypeByName(name, &fn); err != nil {
-		return 0, fmt.Errorf("%w: %s in kernel BTF: %v", ErrUnsupported, name, err)
+		return nil, fmt.Errorf("%w: %s in kernel BTF: %v", ErrUnsupported, name, err)
 	}
 	proto, ok := fn.Type.(*btf.FuncProto)
 	if !ok {
-		return 0, fmt.Errorf("%s: no prototype in kernel BTF", name)
+		return nil, fmt.Errorf("%s: no prototype in kernel BTF", name)
+	}
+	return proto, nil
+}
+
+// kernelFuncParams returns how many parameters a kernel function has.
+func kernelFuncParams(name string) (int, error) {
+	proto, err := kernelFuncProto(name)
+	if err != nil {
+		return 0, err
 	}
 	return len(proto.Params), nil
 }
@@ -109,17 +117,9 @@ func kernelFuncParams(name string) (int, error) {
 // setRecvmsgFlagsArg tells the programs which argument of tcp_recvmsg
 // holds the flags on this kernel, from its BTF.
 func setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
-	kspec, err := btf.LoadKernelSpec()
+	proto, err := kernelFuncProto("tcp_recvmsg")
 	if err != nil {
-		return fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
-	}
-	var fn *btf.Func
-	if err := kspec.TypeByName("tcp_recvmsg", &fn); err != nil {
-		return fmt.Errorf("%w: tcp_recvmsg in kernel BTF: %v", ErrUnsupported, err)
-	}
-	proto, ok := fn.Type.(*btf.FuncProto)
-	if !ok {
-		return errors.New("tcp_recvmsg: no prototype in kernel BTF")
+		return err
 	}
 	for i, p := range proto.Params {
 		if p.Name == "flags" {

@@ -785,6 +785,8 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__u32 fresh = 0, old = 0;
 	__u64 advance = 0;
 	if (payload > 0) {
+		if (tflags & TCP_SYN)
+			seq++; /* data on a SYN (TCP Fast Open) follows it */
 		__u32 end = seq + payload;
 		if (!(s->conn_flags & hbit)) {
 			/* Picked up midstream: the stream starts here. */
@@ -881,8 +883,8 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		close_session(s, &k, END_RST, now);
 	} else if (tflags & TCP_FIN) {
 		__u32 bit = dir == TC_DIR_REQUEST ? CONN_FIN_REQUEST : CONN_FIN_RESPONSE;
-		__u32 old = __sync_fetch_and_or(&s->conn_flags, bit);
-		if (((old | bit) & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE)) == (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))
+		__u32 before = __sync_fetch_and_or(&s->conn_flags, bit);
+		if (((before | bit) & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE)) == (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))
 			close_session(s, &k, END_FIN, now);
 	}
 }

@@ -21,6 +21,10 @@ type Point string
 
 const (
 	PointSocket Point = "socket"
+	// PointPodVeth: tc programs on the host side of a pod's veth.
+	PointPodVeth Point = "pod_veth"
+	// PointNodeNIC: tc programs on a node's network interface.
+	PointNodeNIC Point = "node_nic"
 )
 
 // Process is the traced process that owns the socket.
@@ -63,4 +67,11 @@ type Session struct {
 	ConnTag uint64
 
 	Tx *protocols.Transaction
+
+	// Wire, set for sessions seen on the wire (Point PointPodVeth or
+	// PointNodeNIC), holds the L3/L4 facts of the exchange; see wire.go
+	// for the attributes it adds. Such sessions have no Process and no
+	// cgroup: their spans carry neither process.* nor clovisor.cgroup.*
+	// attributes. nil for socket-level sessions.
+	Wire *Wire
 }

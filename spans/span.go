@@ -188,6 +188,9 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 		case attribute.SLICE, attribute.MAP:
 			simple = false // the SDK normalises these
 		}
+		if s.Wire != nil && isWireKey(kv.Key) {
+			simple = false // also added below
+		}
 		if simple {
 			// A duplicate among those sanitize drops is harmless, but
 			// rare enough not to tell apart.
@@ -202,6 +205,9 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 
 	// The number of attributes added here, exactly (see below).
 	n := 4 // process.pid, process.executable.name, clovisor.point, clovisor.cgroup.id
+	if s.Wire != nil {
+		n = 1 + wireAttrCount(s) // clovisor.point and the wire attributes (wire.go)
+	}
 	if s.Transport != "" {
 		n++
 	}
@@ -275,12 +281,16 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 			semconv.NetworkLocalPortKey.Int(int(local.Port())))
 	}
 
-	a = append(a,
-		semconv.ProcessPIDKey.Int64(int64(s.Process.PID)),
-		semconv.ProcessExecutableNameKey.String(exeName(&s.Process)),
-		AttrPoint.String(string(s.Point)),
-		AttrCgroupID.Int64(int64(s.CgroupID)),
-	)
+	if s.Wire != nil {
+		a = appendWire(append(a, AttrPoint.String(string(s.Point))), s, clientStr)
+	} else {
+		a = append(a,
+			semconv.ProcessPIDKey.Int64(int64(s.Process.PID)),
+			semconv.ProcessExecutableNameKey.String(exeName(&s.Process)),
+			AttrPoint.String(string(s.Point)),
+			AttrCgroupID.Int64(int64(s.CgroupID)),
+		)
+	}
 	if s.CgroupPath != "" {
 		a = append(a, AttrCgroupPath.String(s.CgroupPath))
 	}

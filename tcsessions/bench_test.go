@@ -1,0 +1,199 @@
+package tcsessions
+
+import (
+	"encoding/json"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+)
+
+// BenchmarkProgram measures the programs' cost per packet with
+// BPF_PROG_TEST_RUN (the kernel runs the program b.N times on one packet
+// and reports the mean), for the paths a packet can take. The same packet
+// is run again and again, so the data paths are those of a repeated
+// (retransmitted) segment: a fresh segment additionally takes the exchange
+// transition and, once per exchange direction, the payload capture.
+func BenchmarkProgram(b *testing.B) {
+	testbed.RequireRoot(b)
+	c := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	syn := c.fromClient(fSYN, "")
+	synack := c.fromServer(fSYN|fACK, "")
+	ack := c.fromClient(fACK, "")
+	data := c.fromClient(fPSH|fACK, strings.Repeat("x", 1400))
+	other := newConv("10.1.0.1:40001", "10.1.0.2:9999")
+	cases := []struct {
+		name  string
+		flags uint32
+		frame []byte
+	}{
+		{"untraced-interface", 0, data.frame()},
+		{"syn-untraced-port", ifaceSessions, other.fromClient(fSYN, "").frame()},
+		{"data-untraced-port", ifaceSessions, other.fromClient(fPSH|fACK, "abc").frame()},
+		{"ack-tracked", ifaceSessions, ack.frame()},
+		{"data-tracked", ifaceSessions, data.frame()},
+		{"data-tracked-ipv6", ifaceSessions, func() []byte {
+			c6 := newConv("[fd00::1]:40000", "[fd00::2]:8080")
+			return c6.fromClient(fPSH|fACK, strings.Repeat("x", 1400)).frame()
+		}()},
+		{"data-tracked-node-nic", ifaceSessions | ifaceWorkloads, data.frame()},
+	}
+	for _, tc := range cases {
+		b.Run(tc.name, func(b *testing.B) {
+			cfg := httpPorts
+			if err := cfg.normalize(); err != nil {
+				b.Fatal(err)
+			}
+			o, err := loadObjects(&cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer o.Close()
+			if err := o.setPort(0, 8080, 1); err != nil {
+				b.Fatal(err)
+			}
+			if tc.flags != 0 {
+				if err := o.setInterface(loIfindex, tc.flags); err != nil {
+					b.Fatal(err)
+				}
+			}
+			w := newWorkloads(o)
+			if err := w.set("srv", netip.MustParseAddr("10.1.0.2")); err != nil {
+				b.Fatal(err)
+			}
+			// Open the session first (when the interface traces).
+			for _, s := range []seg{syn, synack, ack} {
+				if _, err := o.ClvTcIngress.Run(&ebpf.RunOptions{Data: s.frame()}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ResetTimer()
+			ret, per, err := o.ClvTcIngress.Benchmark(tc.frame, b.N, nil)
+			b.StopTimer()
+			if err != nil {
+				b.Fatal(err)
+			}
+			if int32(ret) != -1 {
+				b.Fatalf("returned %d", int32(ret))
+			}
+			b.ReportMetric(float64(per.Nanoseconds()), "ns/packet")
+		})
+	}
+}
+
+// BenchmarkWireCost measures what the programs cost on real traffic, from
+// the kernel's BPF statistics (BPF_ENABLE_STATS): an iperf3 bulk transfer
+// and keep-alive HTTP requests between two pods of a bridged node, traced
+// on both veths and the NIC. It reports the mean time per program run (one
+// run per skb per hook; GSO/GRO skbs carry many segments), per wire packet,
+// and per exchange.
+func BenchmarkWireCost(b *testing.B) {
+	testbed.RequireRoot(b)
+	for _, kind := range []string{"iperf3", "http"} {
+		b.Run(kind, func(b *testing.B) {
+			t := b
+			node := testbed.NewNode(t, testbed.Bridged)
+			cli, srv := node.AddPod(t, "cli"), node.AddPod(t, "srv")
+			root := b.TempDir()
+			testbed.StartIperf3(t, srv.NS, srv.IP, 5201)
+			testbed.StartNginx(t, srv.NS, 8080, root, srv.IP)
+			if err := os.WriteFile(filepath.Join(root, "item.json"), []byte(`{"id":42,"ok":true}`+"\n"), 0o644); err != nil {
+				b.Fatal(err)
+			}
+			stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+			if err != nil {
+				b.Fatalf("enabling BPF statistics: %v", err)
+			}
+			defer stats.Close()
+			log, _ := testLogger(b)
+			tr, err := Open(Config{Netns: node.NS.Path(), StateDir: b.TempDir(), Logger: log,
+				Ports: []Port{{Port: 5201}, {Port: 8080, Protocol: "http"}}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer tr.Close()
+			var exchanges, wirePackets uint64
+			stop := make(chan struct{})
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				ctx, cancel := contextWithCancel()
+				go func() { <-stop; cancel() }()
+				tr.Run(ctx, nil, func(x *Exchange) {
+					if x.Interface == srv.HostVeth {
+						exchanges++
+						wirePackets += x.Request.Packets + x.Response.Packets
+					}
+				})
+			}()
+			b.ResetTimer()
+			start := time.Now()
+			var bytes uint64
+			switch kind {
+			case "iperf3":
+				// Two seconds whatever b.N (run with -benchtime=1x).
+				out := cli.NS.Exec(b, "iperf3", "-c", srv.IP.String(), "-p", "5201", "-t", "2", "-J")
+				var r iperfResult
+				if err := json.Unmarshal([]byte(out), &r); err != nil {
+					b.Fatal(err)
+				}
+				bytes = r.End.SumSent.Bytes
+			case "http":
+				url := "http://" + netip.AddrPortFrom(srv.IP, 8080).String() + "/item.json"
+				for left := b.N; left > 0; left -= 500 {
+					n := min(left, 500)
+					args := []string{"-sS", "--http1.1"}
+					for range n {
+						args = append(args, "-o", "/dev/null", url)
+					}
+					cli.NS.Exec(b, "curl", args...)
+				}
+			}
+			wall := time.Since(start)
+			b.StopTimer()
+			time.Sleep(3 * PollInterval)
+			close(stop)
+			<-done
+			var runs uint64
+			var total time.Duration
+			for name, p := range tr.Programs() {
+				st, err := p.Stats()
+				if err != nil {
+					b.Fatal(err)
+				}
+				runs += st.RunCount
+				total += st.Runtime
+				if st.RunCount > 0 {
+					b.ReportMetric(float64(st.Runtime.Nanoseconds())/float64(st.RunCount), "ns/run-"+name)
+				}
+			}
+			if runs > 0 {
+				b.ReportMetric(float64(total.Nanoseconds())/float64(runs), "ns/run")
+			}
+			if wirePackets > 0 {
+				// Each wire packet between the pods runs two
+				// programs: the client veth's ingress and the
+				// server veth's egress (or the reverse).
+				b.ReportMetric(float64(total.Nanoseconds())/float64(wirePackets), "bpf-ns/wire-packet")
+			}
+			if exchanges > 0 && kind == "http" {
+				b.ReportMetric(float64(total.Nanoseconds())/float64(exchanges), "bpf-ns/exchange")
+				b.ReportMetric(float64(exchanges)/wall.Seconds(), "exchanges/s")
+			}
+			if bytes > 0 {
+				b.ReportMetric(float64(bytes)*8/wall.Seconds()/1e9, "Gbit/s")
+				b.ReportMetric(float64(total.Nanoseconds())/float64(bytes)*1e6, "bpf-ns/MB")
+			}
+			if ks, err := tr.Stats(); err == nil && ks.ExchangesLost+ks.PayloadsLost > 0 {
+				b.Logf("lost: %+v", ks)
+			}
+		})
+	}
+}

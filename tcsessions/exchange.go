@@ -1,0 +1,179 @@
+package tcsessions
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/spans"
+)
+
+// Direction counts one direction of an exchange.
+type Direction struct {
+	// Bytes are IP bytes (a GSO/GRO packet counts its headers once per
+	// segment); Packets are wire packets.
+	Bytes, Packets uint64
+	// PayloadBytes are TCP payload bytes, retransmissions included.
+	PayloadBytes uint64
+	// NewBytes is how far the direction's stream advanced: its bytes
+	// counted once, whatever was retransmitted or reordered. Over a whole
+	// connection seen from its SYN it is exactly what the sender's
+	// application wrote and the receiver's read.
+	NewBytes uint64
+	// RetransPackets counts packets with payload at or below the highest
+	// sequence seen before them: retransmissions, or packets reordered on
+	// the way (also between the CPUs of one host).
+	RetransPackets uint64
+	// Flags are the TCP flags seen (FIN 0x01 ... CWR 0x80).
+	Flags uint8
+}
+
+// RetransBytes are the payload bytes that were sent again: PayloadBytes
+// beyond NewBytes.
+func (d Direction) RetransBytes() uint64 {
+	if d.PayloadBytes < d.NewBytes {
+		return 0
+	}
+	return d.PayloadBytes - d.NewBytes
+}
+
+// Exchange is one request/response exchange of a TCP connection as the tc
+// programs saw it on one interface. Timestamps are the kernel's
+// CLOCK_MONOTONIC in ns (0: not seen).
+type Exchange struct {
+	Interface string
+	Ifindex   int
+	Role      Role
+	// Client and Server: the client is the end that sent the SYN (or, for
+	// connections seen midstream, what the tables say, see RolesGuessed).
+	Client, Server netip.AddrPort
+	// Protocol is the name of the table entry that selected the
+	// connection ("tcp" when none did).
+	Protocol string
+	// Index is the exchange's place on the connection (0, 1, ...).
+	Index int
+	// ConnStart is when the connection was first seen (with the tuple and
+	// the interface, its identity).
+	ConnStart uint64
+	// SYN and SYNACK: the client's SYN and the server's SYN-ACK.
+	SYN, SYNACK uint64
+	// ReqFirst, ReqLast, RespFirst, RespLast: the first and last packet
+	// with new payload in each direction.
+	ReqFirst, ReqLast, RespFirst, RespLast uint64
+	// EndTS is when the record was made.
+	EndTS uint64
+	End   End
+	Phase Phase
+	// ConnFlags are the kernel's connection flags (Conn*).
+	ConnFlags         uint32
+	Request, Response Direction
+	// RequestPrefix and ResponsePrefix are the captured starts of the
+	// first new payload of each direction (nil when none arrived).
+	RequestPrefix, ResponsePrefix []byte
+	// Tx is the L7 transaction the analyzers read from the prefixes (nil
+	// when the payload was not recognised, e.g. TLS).
+	Tx *protocols.Transaction
+	// MoreTx counts further transactions the prefixes held (pipelining).
+	MoreTx int
+}
+
+// HandshakeRTT is SYN to SYN-ACK on the interface (0 when not seen).
+func (x *Exchange) HandshakeRTT() time.Duration {
+	if x.SYN == 0 || x.SYNACK < x.SYN {
+		return 0
+	}
+	return time.Duration(x.SYNACK - x.SYN)
+}
+
+// RolesGuessed reports whether the server was taken to be the end with the
+// lower port because nothing else said.
+func (x *Exchange) RolesGuessed() bool { return x.ConnFlags&ConnRolesGuessed != 0 }
+
+func (x *Exchange) seenFrom() string {
+	switch {
+	case x.ConnFlags&ConnFromSYN != 0:
+		return "syn"
+	case x.ConnFlags&ConnFromSYNACK != 0:
+		return "synack"
+	case x.ConnFlags&ConnFromMidstream != 0:
+		return "midstream"
+	}
+	return ""
+}
+
+func dirOf(c tcDirCounters, flags uint32) Direction {
+	return Direction{
+		Bytes: c.Bytes, Packets: c.Packets, PayloadBytes: c.PayloadBytes,
+		NewBytes: c.NewBytes, RetransPackets: c.RetransPackets, Flags: uint8(flags),
+	}
+}
+
+// ErrorTCPReset is the error.type of an exchange without L7 that ended
+// with a RST before its response was complete.
+const ErrorTCPReset = "tcp_reset"
+
+// transaction returns the exchange's transaction: the analyzer's, with the
+// wire's timestamps, or one built from the L4 facts.
+func (x *Exchange) transaction() *protocols.Transaction {
+	if x.Tx != nil {
+		return x.Tx
+	}
+	tx := &protocols.Transaction{
+		Protocol:  x.Protocol,
+		Name:      x.Protocol,
+		ReqStart:  x.ReqFirst,
+		ReqEnd:    x.ReqLast,
+		RespStart: x.RespFirst,
+		RespEnd:   x.RespLast,
+		ReqBytes:  int64(x.Request.NewBytes),
+		RespBytes: int64(x.Response.NewBytes),
+	}
+	if tx.ReqStart == 0 && tx.RespStart == 0 {
+		// No payload: the connection's life on the wire.
+		tx.ReqStart = x.ConnStart
+		tx.ReqEnd = x.EndTS
+	}
+	tx.NoResponse = x.Phase != PhaseResponse
+	if x.End == EndRST && x.Phase != PhaseResponse {
+		tx.ErrorType = ErrorTCPReset
+		tx.ServerFault = true
+	}
+	tx.Summary = fmt.Sprintf("%s %d/%dB %s", x.Protocol, tx.ReqBytes, tx.RespBytes, x.End)
+	return tx
+}
+
+// Session returns the exchange as a span's session: Point pod_veth or
+// node_nic, the L3/L4 facts in Wire, the L7 transaction when the payload
+// was recognised.
+func (x *Exchange) Session() *spans.Session {
+	point := spans.PointPodVeth
+	if x.Role == RoleNode {
+		point = spans.PointNodeNIC
+	}
+	return &spans.Session{
+		Point:     point,
+		Client:    x.Client,
+		Server:    x.Server,
+		Transport: "tcp",
+		ConnID:    x.ConnStart,
+		Index:     x.Index,
+		Tx:        x.transaction(),
+		Wire: &spans.Wire{
+			Interface:    x.Interface,
+			Request:      wireDir(x.Request),
+			Response:     wireDir(x.Response),
+			HandshakeRTT: x.HandshakeRTT(),
+			End:          x.End.String(),
+			SeenFrom:     x.seenFrom(),
+			RolesGuessed: x.RolesGuessed(),
+		},
+	}
+}
+
+func wireDir(d Direction) spans.WireDirection {
+	return spans.WireDirection{
+		Bytes: d.Bytes, Packets: d.Packets, PayloadBytes: d.PayloadBytes,
+		RetransPackets: d.RetransPackets, RetransBytes: d.RetransBytes(), TCPFlags: d.Flags,
+	}
+}

@@ -6,9 +6,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -62,6 +64,11 @@ func (s *syncBuffer) String() string {
 // startAgent runs the agent binary and waits until it has attached.
 func startAgent(t *testing.T, env []string, args ...string) *agent {
 	t.Helper()
+	// Wire tracing is off unless a test asks for it: other test packages
+	// make host-side veths meanwhile, and their traffic would show here.
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--wire") }) {
+		args = append([]string{"--wire=false"}, args...)
+	}
 	a := &agent{cmd: exec.Command(agentBin, args...), stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan error, 1)}
 	a.cmd.Env = append(os.Environ(), env...)
 	a.cmd.Stdout, a.cmd.Stderr = a.stdout, a.stderr
@@ -322,5 +329,63 @@ func TestBadFlags(t *testing.T) {
 		if !strings.Contains(string(out), "clovisor:") && !strings.Contains(string(out), "Usage") {
 			t.Errorf("%v: no clear message: %s", args, out)
 		}
+	}
+}
+
+// TestWireOutput: the agent traces what crosses pod veths (here of a
+// routed node in its own namespace, chosen by the configuration file) and
+// prints each wire-level exchange with its interface and L7 facts.
+func TestWireOutput(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	n := testbed.NewNode(t, testbed.Routed)
+	srv, cli := n.AddPod(t, "srv"), n.AddPod(t, "cli")
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "x.txt"), []byte("wire\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testbed.StartNginx(t, srv.NS, 8080, root, srv.IP)
+	conf := filepath.Join(t.TempDir(), "clovisor.yaml")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`wire:
+  netns: /run/netns/%s
+  podInterfaces: ["@veth"]
+  nodeInterfaces: []
+  ports:
+    - {port: 8080, protocol: http}
+`, n.NS.Name)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	quiet := testbed.NewCgroup(t, "quiet") // socket tracing of an empty cgroup: wire lines only
+	a := startAgent(t, nil, "--wire=true", "--config="+conf, "--cgroup="+quiet.Path(), "--output=json")
+	cli.NS.Exec(t, "curl", "-sS", "-o", "/dev/null", fmt.Sprintf("http://%s/x.txt", netip.AddrPortFrom(srv.IP, 8080)))
+	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 2 }, a)
+	a.stop(t)
+
+	ifaces := map[string]bool{}
+	for _, l := range strings.Split(strings.TrimSpace(a.stdout.String()), "\n") {
+		var span struct {
+			Attributes map[string]any `json:"attributes"`
+		}
+		if err := json.Unmarshal([]byte(l), &span); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		at := span.Attributes
+		if at["clovisor.point"] != "pod_veth" || at["http.request.method"] != "GET" || at["url.path"] != "/x.txt" ||
+			at["http.response.status_code"] != float64(200) {
+			t.Errorf("span %s", l)
+		}
+		ifaces[fmt.Sprint(at["network.interface.name"])] = true
+	}
+	if len(ifaces) != 2 || !ifaces[srv.HostVeth] || !ifaces[cli.HostVeth] {
+		t.Errorf("interfaces %v, want %s and %s:\n%s", ifaces, srv.HostVeth, cli.HostVeth, a.stdout.String())
+	}
+}
+
+func TestBadConfigFile(t *testing.T) {
+	conf := filepath.Join(t.TempDir(), "bad.yaml")
+	os.WriteFile(conf, []byte("wire:\n  podInterfaces: [\"@veth\"]\n  bogusSetting: 1\n"), 0o644)
+	out, err := exec.Command(agentBin, "--config="+conf).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "bogusSetting") || !strings.Contains(string(out), conf) {
+		t.Errorf("exit %v, output %s", err, out)
 	}
 }

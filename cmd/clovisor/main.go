@@ -24,6 +24,7 @@ import (
 	"github.com/clovisor/clovisor/protocols/http1"
 	"github.com/clovisor/clovisor/sockets"
 	"github.com/clovisor/clovisor/spans"
+	"github.com/clovisor/clovisor/tcsessions"
 )
 
 func main() {
@@ -59,6 +60,11 @@ type options struct {
 	idleTimeout  time.Duration
 	statsEvery   time.Duration
 	logLevel     string
+	configFile   string
+	wire         bool
+	wirePods     listFlag
+	wireNodes    listFlag
+	wireAttach   string
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -86,6 +92,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.idleTimeout, "idle-timeout", 5*time.Minute, "forget connections idle for this long")
 	fs.DurationVar(&o.statsEvery, "stats-interval", time.Minute, "log counters this often (0: only at exit)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.configFile, "config", "", "YAML configuration file (see cmd/clovisor/config.go); flags override it")
+	fs.BoolVar(&o.wire, "wire", true, "also trace what crosses pod veths and node NICs (tc programs)")
+	fs.Var(&o.wirePods, "wire-interfaces", "pod interfaces for wire tracing: names, patterns, @veth (default: @veth, the host side of every veth)")
+	fs.Var(&o.wireNodes, "wire-node-interfaces", "node NICs for wire tracing: names, patterns, @default-route (default: @default-route)")
+	fs.StringVar(&o.wireAttach, "wire-attach", "", "how to attach the tc programs: auto, tcx or clsact (default auto)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -116,6 +127,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	slog.SetDefault(log)
 
 	ports, err := parsePorts(o.ports)
+	if err != nil {
+		return err
+	}
+	fileCfg, err := loadConfig(o.configFile)
 	if err != nil {
 		return err
 	}
@@ -157,8 +172,35 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	analyzers := protocols.NewRegistry(http1.New())
+	var wire *tcsessions.Tracer
+	if o.wire {
+		cfg := tcsessions.Config{}
+		if fileCfg.Wire != nil {
+			cfg = *fileCfg.Wire
+		}
+		if len(o.wirePods) > 0 {
+			cfg.PodInterfaces = o.wirePods
+		}
+		if len(o.wireNodes) > 0 {
+			cfg.NodeInterfaces = o.wireNodes
+		}
+		if o.wireAttach != "" {
+			cfg.Attach = o.wireAttach
+		}
+		if p := collectorPort(o.endpoint, o.protocol); p != 0 {
+			cfg.IgnorePorts = append(cfg.IgnorePorts, p)
+		}
+		cfg.Logger = log
+		if wire, err = tcsessions.Open(cfg); err != nil {
+			tr.Close()
+			_ = exp.Shutdown(context.Background())
+			return fmt.Errorf("wire tracing (--wire=false to do without): %w", err)
+		}
+	}
+
 	tk := sockets.NewTracker(sockets.Config{
-		Analyzers:   protocols.NewRegistry(http1.New()),
+		Analyzers:   analyzers,
 		Sink:        exp.Export,
 		MaxConns:    o.maxConns,
 		IdleTimeout: o.idleTimeout,
@@ -186,9 +228,20 @@ func run(args []string, stdout, stderr io.Writer) error {
 		close(statsDone)
 	}
 
+	wireDone := make(chan error, 1)
+	if wire != nil {
+		go func() {
+			wireDone <- wire.Run(ctx, analyzers, func(ex *tcsessions.Exchange) { exp.Export(ex.Session()) })
+		}()
+	} else {
+		wireDone <- nil
+	}
 	runErr := sockets.Run(ctx, tr.Events, tk)
 	stop()
 	<-statsDone
+	if err := <-wireDone; err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("wire tracing: %w", err))
+	}
 	logKernelStats(log, tr)
 	st := tk.Stats()
 	log.Info("user-space counters", "component", "sockets", "events", st.Events, "bad_events", st.BadEvents,
@@ -201,6 +254,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 	errs := []error{runErr}
 	if err := tr.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("detaching: %w", err))
+	}
+	if wire != nil {
+		if err := wire.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detaching the tc programs: %w", err))
+		}
 	}
 	if err := exp.Shutdown(shutCtx); err != nil {
 		errs = append(errs, fmt.Errorf("flushing spans: %w", err))

@@ -70,6 +70,7 @@ func (c *ConsoleExporter) Shutdown(context.Context) error {
 func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []byte {
 	var (
 		exe, summary, errType string
+		point, iface          string
 		peerAddr, localAddr   string
 		srvAddr, cliAddr      string
 		pid                   int64 = -1
@@ -85,6 +86,10 @@ func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []
 			pid = kv.Value.AsInt64()
 		case AttrSummary:
 			summary = kv.Value.Emit()
+		case AttrPoint:
+			point = kv.Value.Emit()
+		case semconv.NetworkInterfaceNameKey:
+			iface = kv.Value.Emit()
 		case semconv.ErrorTypeKey:
 			errType = kv.Value.Emit()
 		case AttrTruncated:
@@ -121,6 +126,10 @@ func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []
 	}
 	if summary == "" {
 		summary = s.Name()
+	}
+	if exe == "" && iface != "" {
+		// Seen on the wire: where, instead of which process.
+		exe = point + "@" + iface
 	}
 	if exe == "" {
 		exe = "?"

@@ -61,6 +61,10 @@ func TestConsoleLines(t *testing.T) {
 	s.Tx.NoResponse = true
 	e.Export(s)
 
+	w := wireSession()
+	w.Tx.Summary = "GET /index.html 200"
+	e.Export(w)
+
 	if err := e.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -69,11 +73,12 @@ func TestConsoleLines(t *testing.T) {
 		"11:41:07.123 nginx[99] 10.201.0.1:43210 -> 10.201.0.2:8080 GET /index.html 200 1.234ms SERVER\n" +
 		"11:41:07.123 nginx[99] 10.201.0.1:43210 -> 10.201.0.2:8080 GET /index.html 503 1.234ms SERVER !truncated !error=503\n" +
 		"11:41:07.123 curl[1234] [fd00::1]:43210 -> 10.201.0.2:8080 GET /\\x1b[31mred\\u2028 404 850ns CLIENT !error=404\n" +
-		"11:41:07.123 curl-wrapper[1234] 10.201.0.1:43210 -> 10.201.0.2:8080 POST 2.500s CLIENT\n"
+		"11:41:07.123 curl-wrapper[1234] 10.201.0.1:43210 -> 10.201.0.2:8080 POST 2.500s CLIENT\n" +
+		"11:41:07.123 pod_veth@cali12345 10.201.20.11:43210 -> 10.201.20.12:8080 GET /index.html 200 1.234ms INTERNAL\n"
 	if got := buf.String(); got != want {
 		t.Errorf("console output:\n%s\nwant:\n%s", got, want)
 	}
-	if st := e.Stats(); st.Exported != 5 || st.Dropped != 0 {
+	if st := e.Stats(); st.Exported != 6 || st.Dropped != 0 {
 		t.Errorf("stats = %+v", st)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +17,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/clovisor/clovisor/internal/testbed"
 )
@@ -359,7 +363,27 @@ func TestWireOutput(t *testing.T) {
 	a := startAgent(t, nil, "--wire=true", "--config="+conf, "--cgroup="+quiet.Path(), "--output=json")
 	cli.NS.Exec(t, "curl", "-sS", "-o", "/dev/null", fmt.Sprintf("http://%s/x.txt", netip.AddrPortFrom(srv.IP, 8080)))
 	waitFor(t, func() bool { return strings.Count(a.stdout.String(), "\n") >= 2 }, a)
+	if n := tcPrograms(t, n.NS, srv.HostVeth) + tcPrograms(t, n.NS, cli.HostVeth); n != 4 {
+		t.Errorf("%d tc programs on the two pod veths while tracing, want 4 (ingress and egress each)", n)
+	}
+	held, err := testbed.BPFObjectsOf(a.cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// SIGTERM leaves nothing: no program on the veths, no qdisc we made,
+	// none of the agent's BPF objects in the kernel.
 	a.stop(t)
+	for _, dev := range []string{srv.HostVeth, cli.HostVeth} {
+		if n := tcPrograms(t, n.NS, dev); n != 0 {
+			t.Errorf("%s: %d tc programs left after SIGTERM", dev, n)
+		}
+		if q := n.NS.Exec(t, "tc", "qdisc", "show", "dev", dev); strings.Contains(q, "clsact") {
+			t.Errorf("%s: clsact qdisc left after SIGTERM: %s", dev, q)
+		}
+	}
+	if left := testbed.StillLoaded(held, 3*time.Second); left.Count() != 0 {
+		t.Errorf("left in the kernel after SIGTERM: %+v", left)
+	}
 
 	ifaces := map[string]bool{}
 	for _, l := range strings.Split(strings.TrimSpace(a.stdout.String()), "\n") {
@@ -388,4 +412,32 @@ func TestBadConfigFile(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "bogusSetting") || !strings.Contains(string(out), conf) {
 		t.Errorf("exit %v, output %s", err, out)
 	}
+}
+
+// tcPrograms counts the BPF programs attached to a device's tc hooks
+// (tcx ingress and egress, and cls_bpf filters under a clsact qdisc).
+func tcPrograms(t *testing.T, ns *testbed.Netns, dev string) int {
+	t.Helper()
+	count := 0
+	if err := ns.Run(t, func() error {
+		ifc, err := net.InterfaceByName(dev)
+		if err != nil {
+			return err
+		}
+		for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: ifc.Index, Attach: at})
+			if err != nil {
+				return err
+			}
+			count += len(res.Programs)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{"ingress", "egress"} {
+		out := ns.Exec(t, "tc", "filter", "show", "dev", dev, dir)
+		count += strings.Count(out, " bpf ")
+	}
+	return count
 }

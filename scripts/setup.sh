@@ -16,6 +16,7 @@ packages=(
 	curl jq                             # HTTP peer, JSON in scripts
 	nginx-light                         # HTTP(S) server peer
 	iperf3                              # TCP traffic generator
+	wrk                                 # HTTP load generator (tcsessions overhead benchmarks)
 	ca-certificates git                 # go module downloads
 	etcd-server                         # etcd 3.4 under the test kube-apiserver (internal/testbed/kube.go)
 	qemu-system-x86 busybox-static      # second kernel under qemu: VM tests (internal/vmtest, scripts/vmkernel.sh)

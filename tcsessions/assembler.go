@@ -63,6 +63,7 @@ type Assembler struct {
 	// still to come (bounded by MaxPending: cleared when full).
 	flushed map[prefixKey]bool
 	stats   AssemblerStats
+	payload PayloadEvent // decode buffer (addPrefix copies what it keeps)
 }
 
 // NewAssembler returns an Assembler.
@@ -88,8 +89,8 @@ func (a *Assembler) Handle(raw []byte) (*Exchange, error) {
 	}
 	switch raw[0] {
 	case eventPayload:
-		e, err := decodePayload(raw)
-		if err != nil {
+		e := &a.payload
+		if err := decodePayloadInto(raw, e); err != nil {
 			a.stats.BadEvents++
 			return nil, err
 		}

@@ -1,7 +1,6 @@
 package tcsessions
 
 import (
-	"encoding/binary"
 	"fmt"
 	"unsafe"
 )
@@ -12,47 +11,39 @@ var (
 	payloadHeaderSize = int(unsafe.Offsetof(PayloadEvent{}.Data))
 )
 
+// The records are the C structs of bpf/tc.h in host byte order, laid out
+// as the bpf2go-generated Go types (structs.HostLayout): decoding is a
+// copy, checked for length. (binary.Decode's reflection, and zeroing a
+// whole payload struct per event, cost the reader most of its CPU.)
+
 // decodeExchange decodes an exchange record.
 func decodeExchange(b []byte) (*ExchangeEvent, error) {
 	if len(b) < exchangeSize {
 		return nil, fmt.Errorf("exchange record of %d bytes, want %d", len(b), exchangeSize)
 	}
 	e := new(ExchangeEvent)
-	if _, err := binary.Decode(b[:exchangeSize], binary.NativeEndian, e); err != nil {
-		return nil, fmt.Errorf("decoding an exchange record: %w", err)
-	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(e)), exchangeSize), b)
 	return e, nil
 }
 
 // decodePayload decodes a payload event (its header and the captured
-// bytes that follow it).
+// bytes that follow it) into a new PayloadEvent.
 func decodePayload(b []byte) (*PayloadEvent, error) {
-	if len(b) < payloadHeaderSize {
-		return nil, fmt.Errorf("payload event of %d bytes, want at least %d", len(b), payloadHeaderSize)
-	}
 	e := new(PayloadEvent)
-	var hdr struct {
-		Kind, Dir uint8
-		Cap       uint16
-		Index     uint32
-		Tuple     tcConnTuple
-		FirstTs   uint64
-		Ts        uint64
-		Len       uint32
-		Seq       uint32
+	return e, decodePayloadInto(b, e)
+}
+
+// decodePayloadInto decodes a payload event into e, reused between events:
+// only the header and the captured bytes (e.Data[:e.Cap]) are written.
+func decodePayloadInto(b []byte, e *PayloadEvent) error {
+	if len(b) < payloadHeaderSize {
+		return fmt.Errorf("payload event of %d bytes, want at least %d", len(b), payloadHeaderSize)
 	}
-	if unsafe.Sizeof(hdr) != uintptr(payloadHeaderSize) {
-		return nil, fmt.Errorf("payload header layout: %d bytes, want %d", unsafe.Sizeof(hdr), payloadHeaderSize)
-	}
-	if _, err := binary.Decode(b[:payloadHeaderSize], binary.NativeEndian, &hdr); err != nil {
-		return nil, fmt.Errorf("decoding a payload event: %w", err)
-	}
-	e.Kind, e.Dir, e.Cap, e.Index, e.Tuple = hdr.Kind, hdr.Dir, hdr.Cap, hdr.Index, hdr.Tuple
-	e.FirstTs, e.Ts, e.Len, e.Seq = hdr.FirstTs, hdr.Ts, hdr.Len, hdr.Seq
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(e)), payloadHeaderSize), b)
 	n := int(e.Cap)
 	if n > len(e.Data) || payloadHeaderSize+n > len(b) {
-		return nil, fmt.Errorf("payload event claims %d bytes, has %d", n, len(b)-payloadHeaderSize)
+		return fmt.Errorf("payload event claims %d bytes, has %d", n, len(b)-payloadHeaderSize)
 	}
-	copy(e.Data[:], b[payloadHeaderSize:payloadHeaderSize+n])
-	return e, nil
+	copy(e.Data[:n], b[payloadHeaderSize:payloadHeaderSize+n])
+	return nil
 }

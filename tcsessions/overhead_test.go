@@ -1,0 +1,389 @@
+package tcsessions
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/protocols/http1"
+)
+
+// The overhead benchmarks measure what wire tracing costs the traffic
+// itself: throughput (iperf3) and request rate (wrk against nginx) between
+// two pods of a bridged node, without tracing and with a Tracer attached to
+// the pods' host veths as the agent attaches it (default selection, tcx
+// where the kernel has it), its Run loop draining the ring buffer through
+// the HTTP analyzer into a sink that counts exchanges. Untraced and traced
+// runs alternate in one benchmark run, untraced first and last (U T U T U T
+// U), so that drift in the machine's load (a shared VM) falls on both sides
+// alike; each traced run is compared with the mean of the untraced runs
+// around it. Each traced run must have been seen by the tracer (the bytes
+// iperf3's receiver read, the HTTP responses wrk counted), so that a failed
+// attach cannot pass for zero overhead.
+//
+// Their length is fixed (overheadRounds runs of overheadIperfSeconds or
+// overheadWrkSeconds each), whatever b.N: run them with -benchtime=1x.
+//
+//	go test -run='^$' -bench=Overhead -benchtime=1x ./tcsessions/
+
+const (
+	// overheadRounds is the number of traced runs (untraced runs: one
+	// more).
+	overheadRounds = 3
+	// overheadIperfSeconds is the length of one iperf3 run.
+	overheadIperfSeconds = 4
+	// overheadWrkSeconds is the length of one wrk run.
+	overheadWrkSeconds = 5
+	// overheadWrkConnections and overheadWrkThreads are wrk's -c and -t:
+	// keep-alive connections shared by the threads.
+	overheadWrkConnections = 8
+	overheadWrkThreads     = 2
+	// overheadFileBytes is the size of the file wrk fetches.
+	overheadFileBytes = 1024
+)
+
+// overheadIperf is the part of iperf3's JSON report the benchmark reads.
+type overheadIperf struct {
+	End struct {
+		SumSent struct {
+			Bytes uint64 `json:"bytes"`
+		} `json:"sum_sent"`
+		SumReceived struct {
+			Bytes         uint64  `json:"bytes"`
+			BitsPerSecond float64 `json:"bits_per_second"`
+		} `json:"sum_received"`
+	} `json:"end"`
+	Error string `json:"error"`
+}
+
+// ifaceCounts is what the sink counted on one interface.
+type ifaceCounts struct {
+	// exchanges counts every record; http counts those whose HTTP
+	// transaction the analyzer read with status 200.
+	exchanges, http uint64
+	// maxRequestBytes is the largest Request.NewBytes of one exchange
+	// (an iperf3 data connection's bytes).
+	maxRequestBytes uint64
+}
+
+// wireTrace is a Tracer working in a node's namespace, its Run loop
+// draining the ring buffer into counts per interface.
+type wireTrace struct {
+	tr     *Tracer
+	stop   context.CancelFunc
+	done   chan error
+	counts map[string]*ifaceCounts // Run's until done
+	// cpu0 and t0: the process's CPU time and the time when the
+	// traffic began.
+	cpu0 time.Duration
+	t0   time.Time
+	// readerCPU is the process's CPU time per wall time while the
+	// traffic ran, in percent of one core: the tracer's user space
+	// (Run, the Assembler, the analyzer), since nothing else in the
+	// process works then.
+	readerCPU float64
+}
+
+// processCPU is the user and system time of this process (its threads, not
+// its children).
+func processCPU(b *testing.B) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// startWireTrace opens a tracer on the node with the agent's default
+// interface selection (every host-side veth, the default-route NIC) and
+// ports, checks that both pods' veths are attached, and starts Run.
+func startWireTrace(b *testing.B, node *testbed.Node, pods ...*testbed.Pod) *wireTrace {
+	b.Helper()
+	log, _ := testLogger(b)
+	tr, err := Open(Config{Netns: node.NS.Path(), StateDir: b.TempDir(), Logger: log,
+		Ports: []Port{{Port: 5201}, {Port: 8080, Protocol: "http"}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	attached := map[string]bool{}
+	for _, i := range tr.Interfaces() {
+		attached[i.Name] = i.Role == RolePod
+	}
+	for _, p := range pods {
+		if !attached[p.HostVeth] {
+			tr.Close()
+			b.Fatalf("%s is not attached as a pod veth: %+v", p.HostVeth, tr.Interfaces())
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &wireTrace{tr: tr, stop: cancel, done: make(chan error, 1), counts: map[string]*ifaceCounts{}}
+	go func() {
+		w.done <- tr.Run(ctx, protocols.NewRegistry(http1.New()), func(x *Exchange) {
+			c := w.counts[x.Interface]
+			if c == nil {
+				c = &ifaceCounts{}
+				w.counts[x.Interface] = c
+			}
+			c.exchanges++
+			if x.Tx != nil && x.Tx.StatusCode == 200 {
+				c.http++
+			}
+			c.maxRequestBytes = max(c.maxRequestBytes, x.Request.NewBytes)
+		})
+	}()
+	w.cpu0, w.t0 = processCPU(b), time.Now()
+	return w
+}
+
+// close lets Run deliver what the kernel wrote, stops it, reads the
+// kernel's counters and closes the tracer (detaching every program).
+func (w *wireTrace) close(b *testing.B) (map[string]*ifaceCounts, Stats) {
+	b.Helper()
+	w.readerCPU = 100 * float64(processCPU(b)-w.cpu0) / float64(time.Since(w.t0))
+	time.Sleep(3 * PollInterval)
+	w.stop()
+	if err := <-w.done; err != nil {
+		b.Errorf("Run: %v", err)
+	}
+	st, err := w.tr.Stats()
+	if err != nil {
+		b.Errorf("Stats: %v", err)
+	}
+	if err := w.tr.Close(); err != nil {
+		b.Errorf("Close: %v", err)
+	}
+	return w.counts, st
+}
+
+// alternate runs measure untraced, then traced and untraced again,
+// overheadRounds times (U T U T ... U), and returns the untraced and
+// traced figures in order. measure opens and closes the tracer itself when
+// traced is set.
+func alternate(b *testing.B, measure func(traced bool) float64) (untraced, traced []float64) {
+	b.Helper()
+	untraced = append(untraced, measure(false))
+	for range overheadRounds {
+		traced = append(traced, measure(true))
+		untraced = append(untraced, measure(false))
+	}
+	return untraced, traced
+}
+
+func mean(xs []float64) float64 {
+	var s float64
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+// reportOverhead reports the mean untraced and traced figures, their ratio
+// in percent, and the worst round's ratio (a traced run against the mean
+// of the two untraced runs around it).
+func reportOverhead(b *testing.B, unit string, untraced, traced []float64) {
+	b.Helper()
+	u, t := mean(untraced), mean(traced)
+	var ratios []float64
+	var rounds []string
+	for i, x := range traced {
+		r := 100 * x / ((untraced[i] + untraced[i+1]) / 2)
+		ratios = append(ratios, r)
+		rounds = append(rounds, fmt.Sprintf("%.1f%%", r))
+	}
+	b.Logf("untraced %s: %s", unit, figures(untraced))
+	b.Logf("traced   %s: %s", unit, figures(traced))
+	b.Logf("traced/untraced per round: %s; overall %.1f%%", strings.Join(rounds, " "), 100*t/u)
+	b.ReportMetric(u, "untraced-"+unit)
+	b.ReportMetric(t, "traced-"+unit)
+	b.ReportMetric(100*t/u, "traced/untraced-%")
+	b.ReportMetric(slices.Min(ratios), "worst-round-%")
+}
+
+func figures(xs []float64) string {
+	var s []string
+	for _, x := range xs {
+		s = append(s, strconv.FormatFloat(x, 'f', 2, 64))
+	}
+	return strings.Join(s, " ")
+}
+
+// BenchmarkOverheadIperf3: iperf3 bulk transfers (one TCP stream, client
+// pod to server pod, overheadIperfSeconds each) with and without tracing,
+// alternating; the figure is the receiver's rate
+// (end.sum_received.bits_per_second). Each traced transfer's data
+// connection must be in the records of both veths with at least the bytes
+// the receiver read.
+func BenchmarkOverheadIperf3(b *testing.B) {
+	testbed.RequireRoot(b)
+	testbed.RequireTool(b, "iperf3")
+	node := testbed.NewNode(b, testbed.Bridged)
+	cli, srv := node.AddPod(b, "cli"), node.AddPod(b, "srv")
+	testbed.StartIperf3(b, srv.NS, srv.IP, 5201)
+	run := func(seconds int) overheadIperf {
+		out := cli.NS.Exec(b, "iperf3", "-c", srv.IP.String(), "-p", "5201", "-t", strconv.Itoa(seconds), "-J")
+		var r overheadIperf
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			b.Fatalf("iperf3 JSON: %v\n%s", err, out)
+		}
+		if r.Error != "" || r.End.SumReceived.Bytes == 0 {
+			b.Fatalf("iperf3: %q, received %d bytes", r.Error, r.End.SumReceived.Bytes)
+		}
+		return r
+	}
+	run(1) // warm-up, not counted
+	var cpu []float64
+	b.ResetTimer()
+	untraced, traced := alternate(b, func(tracing bool) float64 {
+		if !tracing {
+			return run(overheadIperfSeconds).End.SumReceived.BitsPerSecond / 1e9
+		}
+		w := startWireTrace(b, node, cli, srv)
+		r := run(overheadIperfSeconds)
+		counts, st := w.close(b)
+		for _, veth := range []string{cli.HostVeth, srv.HostVeth} {
+			c := counts[veth]
+			if c == nil || c.maxRequestBytes < r.End.SumReceived.Bytes {
+				b.Fatalf("traced run not seen on %s: records %+v; iperf3 received %d bytes", veth, c, r.End.SumReceived.Bytes)
+			}
+		}
+		cpu = append(cpu, w.readerCPU)
+		b.Logf("traced: %.2f Gbit/s; data connection %d bytes on %s (iperf3 received %d); reader CPU %.1f%%; kernel %+v",
+			r.End.SumReceived.BitsPerSecond/1e9, counts[srv.HostVeth].maxRequestBytes, srv.HostVeth,
+			r.End.SumReceived.Bytes, w.readerCPU, st)
+		return r.End.SumReceived.BitsPerSecond / 1e9
+	})
+	b.StopTimer()
+	reportOverhead(b, "Gbit/s", untraced, traced)
+	b.ReportMetric(mean(cpu), "reader-cpu-%")
+}
+
+// wrkResult is what wrk reports of one run.
+type wrkResult struct {
+	requests int64
+	perSec   float64
+	errors   string
+}
+
+// parseWrk reads wrk's summary: "N requests in 5.00s, ...", "Requests/sec:
+// R", and the error lines ("Socket errors: ...", "Non-2xx or 3xx
+// responses: N").
+func parseWrk(out string) (wrkResult, error) {
+	var r wrkResult
+	found := 0
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case strings.Contains(line, " requests in "):
+			n, err := strconv.ParseInt(strings.Fields(line)[0], 10, 64)
+			if err != nil {
+				return r, fmt.Errorf("%q: %v", line, err)
+			}
+			r.requests = n
+			found++
+		case strings.HasPrefix(line, "Requests/sec:"):
+			v, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimPrefix(line, "Requests/sec:")), 64)
+			if err != nil {
+				return r, fmt.Errorf("%q: %v", line, err)
+			}
+			r.perSec = v
+			found++
+		case strings.HasPrefix(line, "Socket errors:"), strings.HasPrefix(line, "Non-2xx"):
+			r.errors += line + "; "
+		}
+	}
+	if found != 2 {
+		return r, fmt.Errorf("no request count or rate in wrk's output")
+	}
+	return r, nil
+}
+
+// BenchmarkOverheadWrk: wrk (overheadWrkThreads threads,
+// overheadWrkConnections keep-alive connections, overheadWrkSeconds) from
+// the client pod against nginx in the server pod serving a 1 KiB file, with
+// and without tracing, alternating; the figure is wrk's Requests/sec. In
+// each traced run the server veth's records must hold an HTTP 200
+// transaction, read by the analyzer, for at least 10% of the responses wrk
+// counted (a tracer that is not attached, or not read, sees none; the
+// records the kernel drops when the reader falls behind are missing). It
+// reports the worst run's share as seen-%, and the largest share of
+// records the kernel dropped because the ring buffer was full
+// (Stats.ExchangesLost over all records) as lost-%: at saturation on a
+// small machine the reader gets too little CPU to keep up.
+func BenchmarkOverheadWrk(b *testing.B) {
+	testbed.RequireRoot(b)
+	testbed.RequireTool(b, "wrk")
+	testbed.RequireTool(b, "nginx")
+	node := testbed.NewNode(b, testbed.Bridged)
+	cli, srv := node.AddPod(b, "cli"), node.AddPod(b, "srv")
+	root := b.TempDir()
+	body := strings.Repeat("clovisor overhead benchmark.....\n", overheadFileBytes/33+1)[:overheadFileBytes-1] + "\n"
+	if err := os.WriteFile(filepath.Join(root, "small.html"), []byte(body), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	testbed.StartNginx(b, srv.NS, 8080, root, srv.IP)
+	url := "http://" + netip.AddrPortFrom(srv.IP, 8080).String() + "/small.html"
+	run := func(seconds int) wrkResult {
+		out := cli.NS.Exec(b, "wrk", "-t", strconv.Itoa(overheadWrkThreads), "-c", strconv.Itoa(overheadWrkConnections),
+			"-d", strconv.Itoa(seconds)+"s", url)
+		r, err := parseWrk(out)
+		if err != nil {
+			b.Fatalf("wrk: %v\n%s", err, out)
+		}
+		if strings.Contains(r.errors, "Non-2xx") || r.requests == 0 {
+			b.Fatalf("wrk: %d requests, %s\n%s", r.requests, r.errors, out)
+		}
+		if r.errors != "" {
+			b.Logf("wrk: %s", r.errors)
+		}
+		return r
+	}
+	run(1) // warm-up, not counted
+	var seen, lost, cpu []float64
+	b.ResetTimer()
+	untraced, traced := alternate(b, func(tracing bool) float64 {
+		if !tracing {
+			return run(overheadWrkSeconds).perSec
+		}
+		w := startWireTrace(b, node, cli, srv)
+		r := run(overheadWrkSeconds)
+		counts, st := w.close(b)
+		c := counts[srv.HostVeth]
+		if c == nil {
+			b.Fatalf("traced run not seen on %s: no records; kernel %+v", srv.HostVeth, st)
+		}
+		pct := 100 * float64(c.http) / float64(r.requests)
+		seen = append(seen, pct)
+		var delivered uint64
+		for _, c := range counts {
+			delivered += c.exchanges
+		}
+		lostPct := 100 * float64(st.ExchangesLost) / float64(delivered+st.ExchangesLost)
+		lost = append(lost, lostPct)
+		cpu = append(cpu, w.readerCPU)
+		b.Logf("traced: %.0f requests/s; %s: %d records, %d HTTP 200 (%.1f%% of wrk's %d); %s: %+v; reader CPU %.1f%%; kernel %+v (%.1f%% of records lost)",
+			r.perSec, srv.HostVeth, c.exchanges, c.http, pct, r.requests, cli.HostVeth, counts[cli.HostVeth], w.readerCPU, st, lostPct)
+		if pct < 10 {
+			b.Fatalf("traced run: the tracer read %d HTTP 200 exchanges on %s for wrk's %d requests", c.http, srv.HostVeth, r.requests)
+		}
+		return r.perSec
+	})
+	b.StopTimer()
+	reportOverhead(b, "req/s", untraced, traced)
+	b.ReportMetric(slices.Min(seen), "seen-%")
+	b.ReportMetric(slices.Max(lost), "lost-%")
+	b.ReportMetric(mean(cpu), "reader-cpu-%")
+}

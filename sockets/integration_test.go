@@ -87,16 +87,28 @@ type collector struct {
 	done     chan error
 }
 
+// startTracer traces the cgroups in the attach mode under test
+// (sockets.EnvTestMode, tracepoint by default).
 func startTracer(t *testing.T, payload int, cgroups ...uint64) *collector {
 	t.Helper()
-	return startTracerWith(t, probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true, PayloadBytes: payload}, cgroups...)
+	return startTracerWith(t, probes.Options{FilterCgroups: true, PayloadBytes: payload}, cgroups...)
 }
 
+// startTracerWith traces the cgroups with options o; an empty o.Mode means
+// the attach mode under test (sockets.EnvTestMode), never auto, so the
+// tests run in the mode the kernel matrix asked for.
 func startTracerWith(t *testing.T, o probes.Options, cgroups ...uint64) *collector {
 	t.Helper()
+	if o.Mode == "" {
+		o.Mode = sockets.AttachModeUnderTest(t)
+	}
 	tr, err := probes.Open(o)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tr.Mode != o.Mode {
+		tr.Close()
+		t.Fatalf("tracer attached in mode %s, asked for %s", tr.Mode, o.Mode)
 	}
 	for _, id := range cgroups {
 		if err := tr.AddCgroup(id); err != nil {
@@ -383,7 +395,7 @@ func TestPortFilter(t *testing.T) {
 		port uint16
 		want int
 	}{{p.Port + 1, 0}, {p.Port, 2}} {
-		c := startTracerWith(t, probes.Options{Mode: probes.ModeTracepoint, FilterCgroups: true, Ports: []uint16{tc.port}},
+		c := startTracerWith(t, probes.Options{FilterCgroups: true, Ports: []uint16{tc.port}},
 			p.ClientCG.ID(), p.ServerCG.ID())
 		p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", p.URL("/a.txt"))
 		if tc.want > 0 {

@@ -10,7 +10,11 @@
 // A VM gets an initramfs made on the fly: busybox-static with its applets,
 // the kernel modules the tests need (DefaultModules: veth, sch_ingress,
 // cls_bpf, tls, with their dependencies from modules.dep, decompressed), the
-// caller's files, and an /init that mounts proc, sysfs, devtmpfs, devpts,
+// caller's files (Options.Files: static executables and data), host programs
+// (Options.Programs, e.g. nginx, curl, iproute2's ip, bash: each at its host
+// path with the shared libraries and the dynamic loader it needs, see
+// programs.go), /etc/passwd and /etc/group with root, www-data and nobody,
+// /var/run -> /run, and an /init that mounts proc, sysfs, devtmpfs, devpts,
 // tmpfs (/tmp, /run, /dev/shm), bpffs, tracefs, debugfs and cgroup2, brings
 // up lo, loads the modules and runs one command. The command's output goes
 // to a serial port of its own (ttyS1), so Result.Output holds no kernel
@@ -38,7 +42,9 @@
 //
 // RunGoTest runs the binary with -test.v, logs the guest's test output to the
 // host test, and fails the host test with that output when a guest test
-// fails. Run is the general form (any command line, Options.IgnoreExitCode
+// fails. RunGoTests does the same for several runs in one boot (binaries,
+// patterns and environments of their own, e.g. one run per attach mode),
+// saving a boot per run. Run is the general form (any command line, Options.IgnoreExitCode
 // to inspect exit codes). Every failure is a test failure with evidence: a
 // kernel that does not boot, a setup step of /init that fails, a command that
 // hangs past the host-side Options.Timeout (qemu is killed) or the
@@ -46,6 +52,9 @@
 //
 // Like internal/testbed's helpers, these skip the test when a tool is missing
 // (qemu-system-x86_64, busybox, go) and fail it instead with CI=true;
-// scripts/setup.sh installs qemu-system-x86 and busybox-static. VM runs are
-// serialised across test processes by a lock in the cache folder.
+// scripts/setup.sh installs qemu-system-x86 and busybox-static. VM runs
+// share the host's cores across test processes through lock files in the
+// cache folder, one slot per host CPU and a VM holding one per vCPU: VMs
+// of the default 2 vCPUs run one at a time on a 2-core host, 1-vCPU VMs
+// (Options.CPUs = 1) two at a time.
 package vmtest

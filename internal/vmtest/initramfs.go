@@ -46,7 +46,7 @@ const (
 // as a marker too, so the host never mistakes it for a test result.
 const initScript = `#!/bin/sh
 # /init of a Clovisor test VM, written by internal/vmtest.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
+export PATH=/usr/local/sbin:/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 out=` + guestOut + `
 say() { echo "$*"; echo "$*" >$out; }
 die() { say "` + markerSetup + `$*"; poweroff -f; sleep 60; }
@@ -149,12 +149,12 @@ func buildBase(k Kernel, modules []string) ([]byte, error) {
 
 	var buf bytes.Buffer
 	c := newCpioWriter(&buf)
-	for _, d := range []string{"/bin", "/dev", "/proc", "/sys", "/tmp", "/run", "/root", "/etc", "/lib/modules", "/usr", "/clovisor"} {
+	for _, d := range []string{"/bin", "/dev", "/proc", "/sys", "/tmp", "/run", "/root", "/etc", "/lib/modules", "/usr", "/var", "/clovisor"} {
 		c.Dir(d, 0o755)
 	}
-	c.Symlink("/sbin", "bin")
-	c.Symlink("/usr/bin", "../bin")
-	c.Symlink("/usr/sbin", "../bin")
+	for _, l := range guestDirLinks {
+		c.Symlink(l.dir, l.target)
+	}
 	// The kernel opens /dev/console for /init's stdio before devtmpfs is up.
 	c.CharDev("/dev/console", 0o600, 5, 1)
 	c.CharDev("/dev/null", 0o666, 1, 3)
@@ -165,8 +165,13 @@ func buildBase(k Kernel, modules []string) ([]byte, error) {
 		}
 	}
 	c.File("/init", []byte(initScript), 0o755)
-	c.File("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644)
-	c.File("/etc/group", []byte("root:x:0:\n"), 0o644)
+	// Users and groups servers may switch to (nginx's "user" directive:
+	// root, www-data, nobody), read by glibc's built-in "files" service.
+	c.File("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"+
+		"www-data:x:33:33:www-data:/var/www:/bin/false\n"+
+		"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644)
+	c.File("/etc/group", []byte("root:x:0:\nwww-data:x:33:\nnogroup:x:65534:\n"), 0o644)
+	c.File("/etc/nsswitch.conf", []byte("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"), 0o644)
 	c.File("/etc/hosts", []byte("127.0.0.1 localhost\n::1 localhost\n"), 0o644)
 
 	var names []string
@@ -369,7 +374,7 @@ func runArchive(opts Options, env map[string]string) ([]byte, error) {
 		if err := checkStatic(host); err != nil {
 			return nil, err
 		}
-		c.HostFile(g, host)
+		c.HostFile(guestPath(g), host)
 	}
 	if err := c.Close(); err != nil {
 		return nil, err

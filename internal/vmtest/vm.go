@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -44,8 +45,16 @@ type Options struct {
 	// It runs as root in /tmp with stdin from /dev/null.
 	Args []string
 	// Files maps guest paths to host files copied into the initramfs
-	// (permission bits kept). ELF executables must be statically linked.
+	// (permission bits kept). ELF executables must be statically linked
+	// (use Programs for dynamically linked ones).
 	Files map[string]string
+	// Programs are host programs to copy into the guest, as paths or as
+	// names looked up in PATH (e.g. "nginx", "curl", "ip", "bash"). Each
+	// goes to its host path (so it is found in the guest's PATH by name
+	// too) together with the shared libraries it needs and the dynamic
+	// loader, as ldd lists them. See programs.go for what is and is not
+	// covered; Files are unpacked after Programs and may override them.
+	Programs []string
 	// Env adds environment variables for the command.
 	Env map[string]string
 	// Modules are the kernel modules to load before the command (their
@@ -86,16 +95,19 @@ type Result struct {
 }
 
 // Run boots kernel k under qemu (software emulation) with an initramfs of
-// busybox, k's modules and opts.Files, runs opts.Args as the guest's only
-// program and powers off. It fails the test, with the command's output and
-// the tail of the serial console, when the VM cannot start, the kernel does
-// not boot, setup in the guest fails, a time limit passes (qemu is killed),
-// the guest reports no exit code, or the command exits non-zero (unless
-// opts.IgnoreExitCode).
+// busybox, k's modules, opts.Programs and opts.Files, runs opts.Args as the
+// guest's only program and powers off. It fails the test, with the
+// command's output and the tail of the serial console, when the VM cannot
+// start, the kernel does not boot, setup in the guest fails, a time limit
+// passes (qemu is killed), the guest reports no exit code, or the command
+// exits non-zero (unless opts.IgnoreExitCode).
 //
-// VM runs are serialised across processes with a lock in the cache folder:
-// two emulated VMs on two cores would only slow each other down. The time
-// limits start once the lock is held.
+// VM runs share the host's cores through locks in the cache folder, across
+// processes: a VM holds one slot per vCPU (TCG runs a host thread per
+// vCPU) out of one per host CPU, so VMs whose vCPUs add up to more than the
+// host's CPUs run one after the other. With the default 2 vCPUs on a 2-core
+// host, VM runs are serialised; two 1-vCPU VMs may run side by side. The
+// time limits start once the slots are held.
 func Run(t testing.TB, k Kernel, opts Options) Result {
 	t.Helper()
 	testbed.RequireTool(t, "qemu-system-x86_64")
@@ -160,14 +172,6 @@ func run(t testing.TB, k Kernel, opts Options) (Result, error) {
 		return res, fmt.Errorf("building the initramfs: %w", err)
 	}
 
-	unlock, err := lockVMs(t)
-	if err != nil {
-		return res, err
-	}
-	defer unlock()
-
-	console := filepath.Join(dir, "console.log")
-	output := filepath.Join(dir, "output.log")
 	mem, cpus := opts.MemoryMiB, opts.CPUs
 	if mem <= 0 {
 		mem = 1024
@@ -175,6 +179,14 @@ func run(t testing.TB, k Kernel, opts Options) (Result, error) {
 	if cpus <= 0 {
 		cpus = 2
 	}
+	unlock, err := lockVMs(t, cpus)
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
+
+	console := filepath.Join(dir, "console.log")
+	output := filepath.Join(dir, "output.log")
 	appendArgs := append([]string{"console=ttyS0", "quiet", "panic=-1"}, opts.KernelArgs...)
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
@@ -243,11 +255,16 @@ func run(t testing.TB, k Kernel, opts Options) (Result, error) {
 	return res, nil
 }
 
-// writeInitrd writes the initramfs: the cached base archive and the
-// per-run archive, concatenated (the kernel unpacks one after the other),
-// gzip-compressed at the fastest level.
+// writeInitrd writes the initramfs: the cached base archive, the (cached)
+// archive of opts.Programs and the per-run archive, concatenated (the
+// kernel unpacks one after the other), gzip-compressed at the fastest
+// level.
 func writeInitrd(path string, k Kernel, modules []string, opts Options, env map[string]string) error {
 	base, err := baseArchive(k, modules)
+	if err != nil {
+		return err
+	}
+	programs, err := programsArchive(opts.Programs)
 	if err != nil {
 		return err
 	}
@@ -260,7 +277,7 @@ func writeInitrd(path string, k Kernel, modules []string, opts Options, env map[
 		return err
 	}
 	z, _ := gzip.NewWriterLevel(f, gzip.BestSpeed)
-	for _, b := range [][]byte{base, perRun} {
+	for _, b := range [][]byte{base, programs, perRun} {
 		if _, err := z.Write(b); err != nil {
 			f.Close()
 			return err
@@ -323,34 +340,100 @@ func parseOutput(s string) parsedOutput {
 	return p
 }
 
-// lockVMs takes the cross-process lock that serialises VM runs, waiting as
-// long as the test may.
-func lockVMs(t testing.TB) (func(), error) {
+// lockVMs takes min(cpus, host CPUs) of the VM slots, one per host CPU,
+// shared by every test process through lock files in the cache folder
+// (slot 0 is vm.lock, the lock of earlier versions, which serialised all
+// VM runs), waiting as long as the test may. A VM that needs every slot
+// takes them in order, blocking; one that needs fewer polls for free ones,
+// so two small VMs never hold slots the other waits for.
+func lockVMs(t testing.TB, cpus int) (func(), error) {
 	dir := cacheDir()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(dir, "vm.lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, err
+	n := max(1, runtime.NumCPU())
+	need := min(max(1, cpus), n)
+	slots := make([]*os.File, n)
+	closeAll := func() {
+		for i, f := range slots {
+			if f != nil {
+				f.Close() // releases the lock
+				slots[i] = nil
+			}
+		}
+	}
+	for i := range slots {
+		name := "vm.lock"
+		if i > 0 {
+			name = fmt.Sprintf("vm.lock.%d", i)
+		}
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_CREATE|os.O_RDWR, 0o644)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		slots[i] = f
+	}
+	flock := func(f *os.File, how int) error {
+		for {
+			err := syscall.Flock(int(f.Fd()), how)
+			if !errors.Is(err, syscall.EINTR) {
+				return err
+			}
+		}
 	}
 	start := time.Now()
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-		if !errors.Is(err, syscall.EINTR) {
-			if err != nil {
-				f.Close()
+	held := make([]bool, n)
+	if need == n {
+		for i, f := range slots {
+			if err := flock(f, syscall.LOCK_EX); err != nil {
+				closeAll()
 				return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
 			}
-			break
+			held[i] = true
+		}
+	} else {
+		for {
+			got := 0
+			for i, f := range slots {
+				if got == need {
+					break
+				}
+				err := flock(f, syscall.LOCK_EX|syscall.LOCK_NB)
+				switch {
+				case err == nil:
+					held[i] = true
+					got++
+				case !errors.Is(err, syscall.EWOULDBLOCK):
+					closeAll()
+					return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+				}
+			}
+			if got == need {
+				break
+			}
+			for i, f := range slots {
+				if held[i] {
+					_ = flock(f, syscall.LOCK_UN)
+					held[i] = false
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	// Keep only the slots held open (closing a file drops its lock).
+	for i, f := range slots {
+		if !held[i] {
+			f.Close()
+			slots[i] = nil
 		}
 	}
 	w := time.Since(start)
 	lockWaited.Store(int64(w))
 	if w > time.Second {
-		t.Logf("vmtest: waited %v for another VM to finish", w.Round(time.Millisecond))
+		t.Logf("vmtest: waited %v for other VMs to finish", w.Round(time.Millisecond))
 	}
-	return func() { f.Close() }, nil
+	return closeAll, nil
 }
 
 // lockWaited is how long the last VM of this process waited for the lock

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -81,6 +82,94 @@ func TestVMShellCommand(t *testing.T) {
 		t.Errorf("result %+v", res)
 	}
 	t.Logf("boot-to-poweroff %v (guest boot %v)", res.Duration.Round(time.Millisecond), res.GuestBoot.Round(time.Millisecond))
+}
+
+// TestVMPrograms copies dynamically linked host programs (with their
+// libraries and the loader) into the guest and runs them there: their
+// version output must be the host's, `ip netns` must work (it bind-mounts
+// under /run/netns, reached as /var/run/netns too), nginx must accept its
+// "user" directive (passwd/group lookups) and serve a file to curl, and
+// bash's /dev/tcp must connect (testbed's nginx readiness check).
+func TestVMPrograms(t *testing.T) {
+	requireHost(t)
+	programs := []string{"curl", "nginx", "ip", "bash"}
+	for _, p := range programs {
+		testbed.RequireTool(t, p)
+	}
+	hostOut := func(name string, args ...string) string {
+		out, err := exec.Command(name, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s on the host: %v: %s", name, err, out)
+		}
+		return string(out)
+	}
+	k := LoadKernel(t, DefaultSeries)
+	// busybox sh runs its own applets before looking in PATH (Debian's
+	// busybox-static is a "standalone shell"), so the script names
+	// iproute2's ip by its path; programs exec'd by Go, bash or ip itself
+	// find it in PATH.
+	ip, _ := exec.LookPath("ip")
+	script := `set -e
+exec 2>&1
+echo "--- curl"; curl --version
+echo "--- nginx"; nginx -v
+echo "--- ip"; "$IP" -V
+echo "--- bash"; bash -c 'echo "$BASH_VERSION"'
+echo "--- netns"
+"$IP" netns add x && "$IP" netns list
+ls /var/run/netns
+"$IP" netns exec x ip -o link show | cut -d: -f2 | tr -d ' '
+"$IP" netns delete x
+echo "--- serve"
+mkdir -p /tmp/www /tmp/ngx
+echo hello-from-guest-nginx >/tmp/www/hello.txt
+cat >/tmp/ngx/nginx.conf <<'CONF'
+daemon on;
+user www-data;
+worker_processes 1;
+pid /tmp/ngx/nginx.pid;
+error_log /tmp/ngx/error.log info;
+events { worker_connections 16; }
+http {
+    access_log off;
+    client_body_temp_path /tmp/ngx/body;
+    proxy_temp_path /tmp/ngx/proxy;
+    fastcgi_temp_path /tmp/ngx/fastcgi;
+    uwsgi_temp_path /tmp/ngx/uwsgi;
+    scgi_temp_path /tmp/ngx/scgi;
+    server { listen 127.0.0.1:8080; root /tmp/www; }
+}
+CONF
+chmod -R a+rX /tmp/www
+nginx -c /tmp/ngx/nginx.conf -e /tmp/ngx/error.log
+n=0
+until bash -c 'exec 3<>/dev/tcp/127.0.0.1/8080' 2>/dev/null; do
+	n=$((n+1)); [ $n -lt 100 ] || { cat /tmp/ngx/error.log; exit 1; }
+	sleep 0.1
+done
+curl -sS http://127.0.0.1:8080/hello.txt
+ps -o user,comm | grep nginx | sort -u
+kill "$(cat /tmp/ngx/nginx.pid)"
+echo "--- done"
+`
+	res := Run(t, k, Options{
+		Args:     []string{"sh", "-c", script},
+		Env:      map[string]string{"IP": ip},
+		Programs: programs,
+		Timeout:  90 * time.Second,
+	})
+	want := "--- curl\n" + hostOut("curl", "--version") +
+		"--- nginx\n" + hostOut("nginx", "-v") +
+		"--- ip\n" + hostOut("ip", "-V") +
+		"--- bash\n" + hostOut("bash", "-c", `echo "$BASH_VERSION"`) +
+		"--- netns\nx\nx\nlo\n" +
+		"--- serve\nhello-from-guest-nginx\nroot     nginx\nwww-data nginx\n" +
+		"--- done\n"
+	if res.Output != want {
+		t.Errorf("guest output:\n%s\nwant:\n%s", res.Output, want)
+	}
+	t.Logf("boot-to-poweroff %v (guest boot %v, commands %v)", res.Duration.Round(time.Millisecond),
+		res.GuestBoot.Round(time.Millisecond), res.GuestRun.Round(time.Millisecond))
 }
 
 func TestVMNonZeroExitFails(t *testing.T) {
@@ -427,4 +516,229 @@ func expectFailure(t *testing.T, fn func(testing.TB)) string {
 	}
 	t.Logf("reported failure (as expected):\n%s", tail(msg, 3000))
 	return msg
+}
+
+func TestParseLdd(t *testing.T) {
+	out := "\tlinux-vdso.so.1 (0x00007ffd1d9f5000)\n" +
+		"\tlibtinfo.so.6 => /lib/x86_64-linux-gnu/libtinfo.so.6 (0x00007f0f1e6a1000)\n" +
+		"\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0f1e4bf000)\n" +
+		"\t/lib64/ld-linux-x86-64.so.2 (0x00007f0f1e828000)\n"
+	got, err := parseLdd(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/lib/x86_64-linux-gnu/libtinfo.so.6", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"}
+	if !slices.Equal(got, want) {
+		t.Errorf("parseLdd: %q, want %q", got, want)
+	}
+	if _, err := parseLdd("\tlibgone.so.1 => not found\n"); err == nil || !strings.Contains(err.Error(), "libgone.so.1") {
+		t.Errorf("missing library: %v", err)
+	}
+	if got, err := parseLdd("\tstatically linked\n"); err != nil || len(got) != 0 {
+		t.Errorf("static: %q %v", got, err)
+	}
+}
+
+func TestGuestPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"/usr/sbin/nginx":                     "/bin/nginx",
+		"/usr/bin/curl":                       "/bin/curl",
+		"/sbin/ip":                            "/bin/ip",
+		"/var/run/netns/x":                    "/run/netns/x",
+		"/lib64/ld-linux-x86-64.so.2":         "/lib64/ld-linux-x86-64.so.2",
+		"/lib/x86_64-linux-gnu/libc.so.6":     "/lib/x86_64-linux-gnu/libc.so.6",
+		"/usr/lib/x86_64-linux-gnu/libz.so.1": "/usr/lib/x86_64-linux-gnu/libz.so.1",
+		"/clovisor/guest.test":                "/clovisor/guest.test",
+		"/usr/binary":                         "/usr/binary",
+	} {
+		if got := guestPath(in); got != want {
+			t.Errorf("guestPath(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+// TestProgramFiles resolves a dynamically linked host program: the program
+// at its path, its libraries and the loader, all existing files.
+func TestProgramFiles(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("no bash on the host")
+	}
+	if _, err := exec.LookPath("ldd"); err != nil {
+		t.Skip("no ldd on the host")
+	}
+	files, err := programFiles([]string{"bash"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(bash)
+	if f := files[guestPath(abs)]; f.host != abs {
+		t.Errorf("bash (%s) missing: %v", abs, files)
+	}
+	var libc, loader bool
+	for g, f := range files {
+		switch {
+		case f.host != "":
+			if guestPath(f.host) != g {
+				t.Errorf("%s copied from %s, want its own path", g, f.host)
+			}
+			if st, err := os.Stat(f.host); err != nil || !st.Mode().IsRegular() {
+				t.Errorf("%s: %v", f.host, err)
+			}
+		case f.link != "":
+			// The chain ends at a file of the archive.
+			next := f.link
+			if !filepath.IsAbs(next) {
+				next = filepath.Join(filepath.Dir(g), next)
+			}
+			if _, ok := files[guestPath(next)]; !ok {
+				t.Errorf("%s -> %s: no such entry", g, f.link)
+			}
+		default:
+			t.Errorf("%s: empty entry", g)
+		}
+		libc = libc || strings.HasSuffix(g, "/libc.so.6")
+		loader = loader || g == "/lib64/ld-linux-x86-64.so.2"
+	}
+	if !libc || !loader {
+		t.Errorf("libc %v, loader %v: %v", libc, loader, files)
+	}
+	if _, err := programFiles([]string{"no-such-program-clovisor"}); err == nil {
+		t.Error("a missing program was accepted")
+	}
+}
+
+// TestLockVMSlots: VMs hold one slot per vCPU out of one per host CPU, so
+// 1-vCPU VMs run side by side up to the host's CPUs, and a VM that needs
+// every slot waits for them all.
+func TestLockVMSlots(t *testing.T) {
+	t.Setenv("CLOVISOR_CACHE", t.TempDir())
+	n := runtime.NumCPU()
+	if n < 2 {
+		t.Skip("one host CPU: one slot")
+	}
+	var unlocks []func()
+	for i := 0; i < n; i++ {
+		done := make(chan func(), 1)
+		go func() {
+			u, err := lockVMs(t, 1)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- u
+		}()
+		select {
+		case u := <-done:
+			unlocks = append(unlocks, u)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("1-vCPU VM %d of %d waited for a slot", i+1, n)
+		}
+	}
+	waiting := make(chan func(), 2)
+	go func() {
+		u, err := lockVMs(t, 2)
+		if err != nil {
+			t.Error(err)
+		}
+		waiting <- u
+	}()
+	go func() {
+		u, err := lockVMs(t, 1)
+		if err != nil {
+			t.Error(err)
+		}
+		waiting <- u
+	}()
+	select {
+	case <-waiting:
+		t.Fatal("got a slot while all were held")
+	case <-time.After(300 * time.Millisecond):
+	}
+	for _, u := range unlocks {
+		u()
+	}
+	for i := 0; i < 2; i++ {
+		select {
+		case u := <-waiting:
+			u()
+		case <-time.After(10 * time.Second):
+			t.Fatal("slots not taken after they were freed")
+		}
+	}
+}
+
+// TestVMRunGoTests runs three "test binaries" (scripts that talk like one)
+// in one boot: each gets its own pattern and environment, its own output,
+// and a failing one fails the host test, naming it, while the others
+// still run.
+func TestVMRunGoTests(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	dir := t.TempDir()
+	fake := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("#!/bin/sh\n"+body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pass := fake("pass.test", "echo '=== RUN   TestA'\necho \"mode=$MODE common=$COMMON $4\"\necho '--- PASS: TestA (0.00s)'\n")
+	fail := fake("fail.test", "echo '=== RUN   TestB'\necho '    b_test.go:1: guest says no'\necho '--- FAIL: TestB (0.00s)'\nexit 1\n")
+	runs := []GoTestRun{
+		{Name: "one", Binary: pass, Pattern: "^TestA$", Env: map[string]string{"MODE": "kprobe"}},
+		{Name: "two", Binary: fail, Pattern: "^TestB$"},
+		{Name: "three", Binary: pass, Pattern: "^TestA$", Env: map[string]string{"MODE": "it's"}},
+	}
+	opts := Options{Env: map[string]string{"COMMON": "c"}, Modules: []string{}, Timeout: 60 * time.Second}
+	var results []GoTestResult
+	msg := expectFailure(t, func(tb testing.TB) { _, results = RunGoTests(tb, k, runs, opts) })
+	if !strings.Contains(msg, "guest run two") || !strings.Contains(msg, "guest says no") || strings.Contains(msg, "guest run one") {
+		t.Errorf("failure message:\n%s", msg)
+	}
+	if len(results) != 3 {
+		t.Fatalf("%d results", len(results))
+	}
+	for i, want := range []struct {
+		name, out string
+		code      int
+	}{
+		{"one", "=== RUN   TestA\nmode=kprobe common=c -test.run=^TestA$\n--- PASS: TestA (0.00s)\n", 0},
+		{"two", "=== RUN   TestB\n    b_test.go:1: guest says no\n--- FAIL: TestB (0.00s)\n", 1},
+		{"three", "=== RUN   TestA\nmode=it's common=c -test.run=^TestA$\n--- PASS: TestA (0.00s)\n", 0},
+	} {
+		r := results[i]
+		if r.Name != want.name || r.Output != want.out || r.ExitCode != want.code || r.Duration < 0 {
+			t.Errorf("run %d: %+v, want %s exit %d output %q", i, r, want.name, want.code, want.out)
+		}
+	}
+}
+
+func TestSplitRuns(t *testing.T) {
+	out := markerRunStart + " 0 uptime=3.00\na\nb\n" + markerRunExit + " 0 0 uptime=4.50\n" +
+		markerRunStart + " 1 uptime=4.50\nc\n" + markerRunExit + " 1 2 uptime=5.00\n" +
+		markerRunStart + " 2 uptime=5.00\npartial\n"
+	got := splitRuns(out, 3)
+	want := []GoTestResult{
+		{Output: "a\nb\n", ExitCode: 0, Duration: 1500 * time.Millisecond},
+		{Output: "c\n", ExitCode: 2, Duration: 500 * time.Millisecond},
+		{Output: "partial\n", ExitCode: -1},
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("splitRuns:\n%+v\nwant\n%+v", got, want)
+	}
+}
+
+func TestInLoaderDirs(t *testing.T) {
+	for p, want := range map[string]bool{
+		"/lib/x86_64-linux-gnu/libc.so.6":                          true,
+		"/usr/lib/x86_64-linux-gnu/libz.so.1":                      true,
+		"/lib/x86_64-linux-gnu/glibc-hwcaps/x86-64-v3/libfoo.so.1": true,
+		"/usr/local/lib/libfoo.so.1":                               false,
+		"/opt/app/lib/libbar.so":                                   false,
+		"/usr/lib/x86_64-linux-gnu/pulseaudio/libpulsecommon.so":   false,
+	} {
+		if got := inLoaderDirs(p); got != want {
+			t.Errorf("inLoaderDirs(%s) = %v, want %v", p, got, want)
+		}
+	}
 }

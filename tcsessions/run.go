@@ -2,21 +2,16 @@ package tcsessions
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"os"
 	"time"
 
-	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
-
+	"github.com/clovisor/clovisor/internal/ring"
 	"github.com/clovisor/clovisor/protocols"
 )
 
 // PollInterval is how often Run looks into the ring buffer: the kernel
 // writes events without waking the reader (unless the ring fills up), so
 // this bounds the delay between a record and its delivery.
-const PollInterval = 50 * time.Millisecond
+const PollInterval = ring.PollInterval
 
 // Run reads the tracer's ring buffer until ctx ends and hands each
 // exchange to sink (on Run's goroutine). When ctx ends it delivers what the
@@ -30,57 +25,31 @@ func (t *Tracer) Run(ctx context.Context, analyzers *protocols.Registry, sink fu
 // RunAssembler is Run with an Assembler of the caller's (to read its
 // Stats).
 func (t *Tracer) RunAssembler(ctx context.Context, a *Assembler, sink func(*Exchange)) error {
-	rd, err := ringbuf.NewReader(t.objs.TcEvents)
-	if err != nil {
-		return fmt.Errorf("opening the ring buffer: %w", err)
-	}
-	defer rd.Close()
-	var rec ringbuf.Record
-	stopping := false
 	lastFlush := time.Now()
-	rd.SetDeadline(time.Now().Add(PollInterval))
-	for {
-		if idle := t.cfg.IdleFlush; idle > 0 && time.Since(lastFlush) >= min(idle/2, time.Second) {
-			lastFlush = time.Now()
-			if sess, err := t.Sessions(); err != nil {
-				t.log.Warn("reading the sessions table", "error", err.Error())
-			} else {
-				for _, x := range a.FlushIdle(sess, monotonicNow(), uint64(idle)) {
-					sink(x)
-				}
-			}
+	return ring.Read(ctx, t.objs.TcEvents, func(raw []byte) {
+		x, err := a.Handle(raw)
+		if err != nil {
+			t.log.Debug("bad event", "error", err.Error())
 		}
-		err := rd.ReadInto(&rec)
-		switch {
-		case err == nil:
-			x, herr := a.Handle(rec.RawSample)
-			if herr != nil {
-				t.log.Debug("bad event", "error", herr.Error())
-			}
-			if x != nil {
-				sink(x)
-			}
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if stopping {
-				return nil
-			}
-			if ctx.Err() != nil {
-				stopping = true
-				rd.SetDeadline(time.Now())
-			} else {
-				rd.SetDeadline(time.Now().Add(PollInterval))
-			}
-		case errors.Is(err, ringbuf.ErrClosed):
-			return nil
-		default:
-			return fmt.Errorf("reading the ring buffer: %w", err)
+		if x != nil {
+			sink(x)
 		}
-	}
+	}, func() {
+		idle := t.cfg.IdleFlush
+		if idle <= 0 || time.Since(lastFlush) < min(idle/2, time.Second) {
+			return
+		}
+		lastFlush = time.Now()
+		sess, err := t.Sessions()
+		if err != nil {
+			t.log.Warn("reading the sessions table", "error", err.Error())
+			return
+		}
+		for _, x := range a.FlushIdle(sess, monotonicNow(), uint64(idle)) {
+			sink(x)
+		}
+	})
 }
 
 // monotonicNow is CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
-func monotonicNow() uint64 {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return uint64(ts.Nano())
-}
+func monotonicNow() uint64 { return ring.MonotonicNow() }

@@ -226,60 +226,15 @@ type Server struct {
 // connections.
 func StartNginx(t testing.TB, ns *Netns, port uint16, root string, addrs ...netip.Addr) *Server {
 	t.Helper()
-	return startNginx(t, ns, port, root, "", "", addrs)
+	return startNginx(t, nginxConfig{ns: ns, port: port, root: root, addrs: addrs, sendfile: true})
 }
 
 // StartNginxTLS is StartNginx serving HTTPS with the certificate and key
 // in the given PEM files.
 func StartNginxTLS(t testing.TB, ns *Netns, port uint16, root, certFile, keyFile string, addrs ...netip.Addr) *Server {
 	t.Helper()
-	return startNginx(t, ns, port, root, certFile, keyFile, addrs)
-}
-
-func startNginx(t testing.TB, ns *Netns, port uint16, root, certFile, keyFile string, addrs []netip.Addr) *Server {
-	t.Helper()
-	nginx := RequireTool(t, "nginx")
-	dir := t.TempDir()
-	var listen strings.Builder
-	ssl := ""
-	if certFile != "" {
-		ssl = " ssl"
-		fmt.Fprintf(&listen, "        ssl_certificate %s;\n        ssl_certificate_key %s;\n", certFile, keyFile)
-	}
-	for _, a := range addrs {
-		fmt.Fprintf(&listen, "        listen %s%s;\n", netip.AddrPortFrom(a, port), ssl)
-	}
-	conf := fmt.Sprintf(`daemon off;
-user root;
-master_process on;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log info;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path %[1]s/body;
-    proxy_temp_path %[1]s/proxy;
-    fastcgi_temp_path %[1]s/fastcgi;
-    uwsgi_temp_path %[1]s/uwsgi;
-    scgi_temp_path %[1]s/scgi;
-    keepalive_requests 1000;
-    sendfile on;
-    server {
-%[2]s        root %[3]s;
-        location /echo { return 200 "echo\n"; }
-    }
-}
-`, dir, listen.String(), root)
-	confPath := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	s := startServer(t, ns, dir, nginx, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
-	if len(addrs) > 0 {
-		waitListening(t, ns, netip.AddrPortFrom(addrs[0], port), filepath.Join(dir, "error.log"))
-	}
-	return s
+	return startNginx(t, nginxConfig{ns: ns, port: port, root: root, addrs: addrs, sendfile: true,
+		certFile: certFile, keyFile: keyFile})
 }
 
 // StartIperf3 runs an iperf3 server in a namespace on addr:port (one test
@@ -289,17 +244,23 @@ func StartIperf3(t testing.TB, ns *Netns, addr netip.Addr, port uint16) *Server 
 	iperf := RequireTool(t, "iperf3")
 	dir := t.TempDir()
 	log := filepath.Join(dir, "iperf3.log")
-	s := startServer(t, ns, dir, iperf, "-s", "-B", addr.String(), "-p", fmt.Sprint(port), "--logfile", log)
+	s := startServer(t, ns, nil, dir, iperf, "-s", "-B", addr.String(), "-p", fmt.Sprint(port), "--logfile", log)
 	waitListening(t, ns, netip.AddrPortFrom(addr, port), log)
 	return s
 }
 
-func startServer(t testing.TB, ns *Netns, dir, name string, args ...string) *Server {
+// startServer runs a server program in ns (and in cg, if not nil) until
+// the test ends.
+func startServer(t testing.TB, ns *Netns, cg *Cgroup, dir, name string, args ...string) *Server {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := ns.Command(ctx, name, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if cg != nil {
+		start = func() error { return cg.Start(cmd) }
+	}
+	if err := start(); err != nil {
 		cancel()
 		t.Fatalf("starting %s: %v", name, err)
 	}

@@ -135,28 +135,36 @@ func StartJaeger(t testing.TB) *Jaeger {
 // (building it first if needed).
 func jaegerBinary(t testing.TB) string {
 	t.Helper()
+	return cachedBinary(t, "StartJaeger", "jaeger.sh")
+}
+
+// cachedBinary runs a build script of scripts/ that prints the path of a
+// binary cached outside the checkout (building it once if needed), and
+// returns that path; caller names the test helper in failures.
+func cachedBinary(t testing.TB, caller, script string) string {
+	t.Helper()
 	root, err := RepoRoot()
 	if err != nil {
-		t.Fatalf("StartJaeger: %v", err)
+		t.Fatalf("%s: %v", caller, err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", "jaeger.sh"))
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", script))
 	cmd.Dir = root
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	start := time.Now()
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("StartJaeger: scripts/jaeger.sh: %v\n%s", err, stderr.String())
+		t.Fatalf("%s: scripts/%s: %v\n%s", caller, script, err, stderr.String())
 	}
 	if d := time.Since(start); d > 5*time.Second {
-		t.Logf("StartJaeger: scripts/jaeger.sh took %v", d.Round(time.Second))
+		t.Logf("%s: scripts/%s took %v", caller, script, d.Round(time.Second))
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	bin := strings.TrimSpace(lines[len(lines)-1])
 	if fi, err := os.Stat(bin); err != nil || fi.IsDir() {
-		t.Fatalf("StartJaeger: scripts/jaeger.sh printed %q, not a binary (%v)\n%s", bin, err, stderr.String())
+		t.Fatalf("%s: scripts/%s printed %q, not a binary (%v)\n%s", caller, script, bin, err, stderr.String())
 	}
 	return bin
 }

@@ -138,30 +138,7 @@ func StartKube(t testing.TB, opts KubeOptions) *Kube {
 // binary's path (building it first if needed).
 func kubeAPIServerBinary(t testing.TB) string {
 	t.Helper()
-	root, err := RepoRoot()
-	if err != nil {
-		t.Fatalf("StartKube: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", "kube-apiserver.sh"))
-	cmd.Dir = root
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	start := time.Now()
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("StartKube: scripts/kube-apiserver.sh: %v\n%s", err, stderr.String())
-	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Logf("StartKube: scripts/kube-apiserver.sh took %v", d.Round(time.Second))
-	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	bin := strings.TrimSpace(lines[len(lines)-1])
-	if fi, err := os.Stat(bin); err != nil || fi.IsDir() {
-		t.Fatalf("StartKube: scripts/kube-apiserver.sh printed %q, not a binary (%v)\n%s", bin, err, stderr.String())
-	}
-	return bin
+	return cachedBinary(t, "StartKube", "kube-apiserver.sh")
 }
 
 // validKubeUserName matches the user names the token file and kubeconfig

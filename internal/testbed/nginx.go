@@ -39,7 +39,7 @@ var (
 func NewHTTPPair(t testing.TB) *HTTPPair {
 	t.Helper()
 	RequireRoot(t)
-	nginx := RequireTool(t, "nginx")
+	RequireTool(t, "nginx")
 	p := &HTTPPair{
 		ClientNS: NewNetns(t, "cli"), ServerNS: NewNetns(t, "srv"),
 		ClientIP: pairClient4.Addr(), ServerIP: pairServer4.Addr(),
@@ -53,7 +53,46 @@ func NewHTTPPair(t testing.TB) *HTTPPair {
 	p.ClientCG = NewCgroup(t, "cli")
 	p.ServerCG = NewCgroup(t, "srv")
 
+	startNginx(t, nginxConfig{ns: p.ServerNS, cgroup: p.ServerCG, port: p.Port, root: p.Root,
+		addrs: []netip.Addr{p.ServerIP, p.ServerIP6}})
+	return p
+}
+
+// nginxConfig describes a test nginx.
+type nginxConfig struct {
+	ns     *Netns
+	cgroup *Cgroup // nil: the test's own
+	port   uint16
+	root   string
+	addrs  []netip.Addr // listen on each; readiness is checked on the first
+	// certFile and keyFile make it serve HTTPS.
+	certFile, keyFile string
+	// sendfile lets nginx send files with sendfile(2) (no payload for the
+	// socket tracer to see) instead of read+write.
+	sendfile bool
+}
+
+// startNginx runs nginx (one worker, as root, keep-alive up to 1000
+// requests) serving c.root, with /echo answering "echo\n", /missing-teapot
+// 418 and /drop closing the connection without a response (444), and waits
+// until it accepts connections.
+func startNginx(t testing.TB, c nginxConfig) *Server {
+	t.Helper()
+	nginx := RequireTool(t, "nginx")
 	dir := t.TempDir()
+	var listen strings.Builder
+	ssl := ""
+	if c.certFile != "" {
+		ssl = " ssl"
+		fmt.Fprintf(&listen, "        ssl_certificate %s;\n        ssl_certificate_key %s;\n", c.certFile, c.keyFile)
+	}
+	for _, a := range c.addrs {
+		fmt.Fprintf(&listen, "        listen %s%s;\n", netip.AddrPortFrom(a, c.port), ssl)
+	}
+	sendfile := "off"
+	if c.sendfile {
+		sendfile = "on"
+	}
 	conf := fmt.Sprintf(`daemon off;
 user root;
 master_process on;
@@ -69,45 +108,24 @@ http {
     uwsgi_temp_path %[1]s/uwsgi;
     scgi_temp_path %[1]s/scgi;
     keepalive_requests 1000;
+    sendfile %[4]s;
     server {
-        listen %[2]s:%[4]d;
-        listen [%[3]s]:%[4]d;
-        root %[5]s;
+%[2]s        root %[3]s;
         location /echo { return 200 "echo\n"; }
         location /missing-teapot { return 418; }
         location /drop { return 444; }
     }
 }
-`, dir, p.ServerIP, p.ServerIP6, p.Port, p.Root)
+`, dir, listen.String(), c.root, sendfile)
 	confPath := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := p.ServerNS.Command(ctx, nginx, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := p.ServerCG.Start(cmd); err != nil {
-		cancel()
-		t.Fatalf("starting nginx: %v", err)
+	s := startServer(t, c.ns, c.cgroup, dir, nginx, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
+	if len(c.addrs) > 0 {
+		waitListening(t, c.ns, netip.AddrPortFrom(c.addrs[0], c.port), filepath.Join(dir, "error.log"))
 	}
-	t.Cleanup(func() {
-		cancel()
-		_ = cmd.Wait()
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := p.ServerNS.Command(context.Background(), "bash", "-c",
-			fmt.Sprintf("exec 3<>/dev/tcp/%s/%d", p.ServerIP, p.Port)).Run()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
-			t.Fatalf("nginx did not come up on %s:%d: %v\n%s", p.ServerIP, p.Port, err, log)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return p
+	return s
 }
 
 // URL is http://<server IPv4>:<port><path>.

@@ -11,37 +11,8 @@
 set -euo pipefail
 
 version=v1.76.0
-cache="${CLOVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clovisor-testbed}"
-dir="$cache/jaeger-$version"
-bin="$dir/jaeger"
-
-if [[ -x "$bin" ]]; then
-	echo "$bin"
-	exit 0
-fi
-
-mkdir -p "$dir"
-exec 9>"$dir/.lock"
-flock 9
-
-# Someone else may have built it while we waited for the lock.
-if [[ -x "$bin" ]]; then
-	echo "$bin"
-	exit 0
-fi
-
-command -v go >/dev/null || { echo "jaeger.sh: go not found in PATH" >&2; exit 1; }
-
-start=$(date +%s)
-echo "jaeger.sh: building Jaeger $version into $dir (takes a few minutes cold)" >&2
-
-# Leftovers of a build that was killed.
-chmod -R u+w "$dir"/build.* 2>/dev/null || true
-rm -rf "$dir"/build.*
-
-# Run outside any module so the project's go.mod (and GOFLAGS=-mod=...) don't interfere.
-work="$(mktemp -d "$dir/build.XXXXXX")"
-trap 'chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+source "$(dirname "$0")/cached-build.sh"
+cached_build jaeger "$version" jaeger
 
 moddir="$(cd "$work" && GOFLAGS=-modcacherw GO111MODULE=on go mod download -json "github.com/jaegertracing/jaeger@$version" |
 	sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"

@@ -18,36 +18,8 @@ set -euo pipefail
 
 version=v1.35.4
 staging_version=v0.35.4 # k8s.io/<staging module> release matching $version
-cache="${CLOVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clovisor-testbed}"
-dir="$cache/kube-apiserver-$version"
-bin="$dir/kube-apiserver"
-
-if [[ -x "$bin" ]]; then
-	echo "$bin"
-	exit 0
-fi
-
-mkdir -p "$dir"
-exec 9>"$dir/.lock"
-flock 9
-
-# Someone else may have built it while we waited for the lock.
-if [[ -x "$bin" ]]; then
-	echo "$bin"
-	exit 0
-fi
-
-command -v go >/dev/null || { echo "kube-apiserver.sh: go not found in PATH" >&2; exit 1; }
-
-start=$(date +%s)
-echo "kube-apiserver.sh: building kube-apiserver $version into $dir (takes a few minutes cold)" >&2
-
-# Leftovers of a build that was killed.
-chmod -R u+w "$dir"/build.* 2>/dev/null || true
-rm -rf "$dir"/build.*
-
-work="$(mktemp -d "$dir/build.XXXXXX")"
-trap 'chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+source "$(dirname "$0")/cached-build.sh"
+cached_build kube-apiserver "$version" kube-apiserver
 
 # Everything runs in $work, outside any other module, with the project's
 # GOFLAGS (e.g. -mod=...) and any go.work out of the way.

@@ -69,6 +69,16 @@ enum data_dir {
 	DIR_RECV = 2,
 };
 
+/* Where a data event's payload comes from. Only SOURCE_SOCKET events carry
+ * TCP sequence numbers; the others are plaintext whose stream position
+ * user space counts itself. */
+enum payload_source {
+	SOURCE_SOCKET = 0,  /* the socket call's own buffers (plaintext, or TLS records) */
+	SOURCE_OPENSSL = 1, /* SSL_read/SSL_write of OpenSSL or BoringSSL */
+	SOURCE_GO_TLS = 2,  /* crypto/tls (*Conn).Read/Write of a Go program */
+	SOURCE_KTLS = 3,    /* a socket with kernel TLS: plaintext before encryption / after decryption */
+};
+
 /* Index into the stats map: counters user space reads and exports. */
 enum stat_index {
 	STAT_DATA_LOST = 0,    /* data events the ring buffer had no room for */
@@ -109,10 +119,11 @@ struct conn_event {
 };
 
 struct data_event {
-	__u8 kind; /* EVENT_DATA */
-	__u8 dir;  /* enum data_dir */
-	__u16 _pad0;
-	__u32 seq;       /* TCP sequence number of the first byte (wraps) */
+	__u8 kind;   /* EVENT_DATA */
+	__u8 dir;    /* enum data_dir */
+	__u8 source; /* enum payload_source */
+	__u8 _pad0;
+	__u32 seq;       /* TCP sequence number of the first byte (wraps); SOURCE_SOCKET only */
 	__u64 ts;        /* bpf_ktime_get_ns() when the call returned */
 	__u64 cookie;    /* socket cookie */
 	__u64 cgroup_id; /* cgroup v2 id of the calling task */
@@ -120,6 +131,11 @@ struct data_event {
 	__u32 pid;
 	__u32 len; /* true byte count of the call */
 	__u32 cap; /* bytes of payload that follow (<= len, <= payload_cap) */
+	/* TLS protocol version as on the wire (0x0303 TLS 1.2, 0x0304 TLS 1.3)
+	 * when the source knows it, else 0. */
+	__u16 tls_version;
+	__u16 _pad1;
+	__u32 _pad2;
 	__u8 comm[16];
 	struct conn_tuple tuple;
 	__u8 data[MAX_PAYLOAD];
@@ -186,6 +202,7 @@ const struct data_event *unused_data_event __attribute__((unused));
 const enum event_kind *unused_event_kind __attribute__((unused));
 const enum conn_role *unused_conn_role __attribute__((unused));
 const enum data_dir *unused_data_dir __attribute__((unused));
+const enum payload_source *unused_payload_source __attribute__((unused));
 const enum stat_index *unused_stat_index __attribute__((unused));
 
 static __always_inline __u64 ringbuf_flags(void)
@@ -527,26 +544,71 @@ static __always_inline void emit_data(struct sock *sk, __u32 len, __u8 dir)
  * set, seq is the part's stream position and off its offset in the call's
  * buffers (the kprobe mode reports receives per segment copied).
  */
-static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, int have_seq, __u32 seq, __u32 off)
+/*
+ * data_begin starts a data event for a call of the current task on sk: it
+ * applies the filters (the agent itself, traced cgroups, traced ports) and
+ * returns the per-CPU scratch event with everything but seq, len and the
+ * payload filled in, or NULL when the call is not traced.
+ */
+static __always_inline struct data_event *data_begin(struct sock *sk, __u8 dir, __u8 source)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
 	if (tgid == self_tgid)
-		return;
+		return NULL;
 
 	__u64 cgid = bpf_get_current_cgroup_id();
 	if (filter_cgroups && !bpf_map_lookup_elem(&traced_cgroups, &cgid))
-		return;
+		return NULL;
 
 	__u32 zero = 0;
 	struct data_scratch *s = bpf_map_lookup_elem(&scratch, &zero);
 	if (!s)
-		return;
+		return NULL;
 	struct data_event *e = &s->ev;
 	read_tuple(sk, &e->tuple);
 	if (!ports_traced(e->tuple.sport, e->tuple.dport))
-		return;
+		return NULL;
+	e->cookie = SOCK_COOKIE(sk);
+	if (!e->cookie)
+		return NULL; /* a socket without a cookie yet (see socket_tpsys.c) */
+	e->kind = EVENT_DATA;
+	e->dir = dir;
+	e->source = source;
+	e->tls_version = 0;
+	e->seq = 0;
+	e->ts = bpf_ktime_get_ns();
+	e->cgroup_id = cgid;
+	e->tgid = tgid;
+	e->pid = (__u32)pid_tgid;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	return e;
+}
 
+/* data_submit sends e with got bytes of payload ((__u32)-1: the copy
+ * faulted; the event goes without payload). */
+static __always_inline void data_submit(struct data_event *e, __u32 got)
+{
+	if (got == (__u32)-1) {
+		count(STAT_PAYLOAD_FAULT);
+		got = 0;
+	}
+	if (got > MAX_PAYLOAD)
+		got = MAX_PAYLOAD;
+	e->cap = got;
+
+	__u64 size = offsetof(struct data_event, data) + got;
+	if (size > sizeof(struct data_event))
+		size = sizeof(struct data_event);
+	if (bpf_ringbuf_output(&events, e, size, ringbuf_flags()))
+		count(STAT_DATA_LOST);
+}
+
+static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, int have_seq, __u32 seq, __u32 off)
+{
+	struct data_event *e = data_begin(sk, dir, SOURCE_SOCKET);
+	if (!e)
+		return;
 	if (!have_seq) {
 		struct tcp_sock *tp = TCP_SK(sk);
 		if (!tp)
@@ -557,35 +619,10 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 		__u32 seq_end = dir == DIR_SEND ? KREAD(tp, write_seq) : KREAD(tp, copied_seq);
 		seq = seq_end - len;
 	}
-
-	e->kind = EVENT_DATA;
-	e->dir = dir;
 	e->seq = seq;
-	e->ts = bpf_ktime_get_ns();
-	e->cookie = SOCK_COOKIE(sk);
-	if (!e->cookie)
-		return; /* a socket without a cookie yet (see socket_tpsys.c) */
-	e->cgroup_id = cgid;
-	e->tgid = tgid;
-	e->pid = (__u32)pid_tgid;
 	e->len = len;
-	bpf_get_current_comm(&e->comm, sizeof(e->comm));
-
 	__u32 want = len < payload_cap ? len : payload_cap;
-	__u32 got = copy_payload(e->data, want, off);
-	if (got == (__u32)-1) {
-		count(STAT_PAYLOAD_FAULT);
-		got = 0;
-	}
-	if (got > MAX_PAYLOAD)
-		got = MAX_PAYLOAD;
-	e->cap = got;
-
-	__u64 size = offsetof(struct data_event, data) + got;
-	if (size > sizeof(*e))
-		size = sizeof(*e);
-	if (bpf_ringbuf_output(&events, e, size, ringbuf_flags()))
-		count(STAT_DATA_LOST);
+	data_submit(e, copy_payload(e->data, want, off));
 }
 
 #endif /* CLOVISOR_SOCKET_H */

@@ -17,11 +17,9 @@
  */
 #define SOCK_COOKIE(sk) BPF_CORE_READ(sk, __sk_common.skc_cookie.counter)
 #include "socket.h"
+#include "fdsock.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-#define S_IFMT 00170000
-#define S_IFSOCK 0140000
 
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(tps_inet_sock_set_state, struct sock *sk, int oldstate, int newstate)
@@ -32,26 +30,6 @@ int BPF_PROG(tps_inet_sock_set_state, struct sock *sk, int oldstate, int newstat
 	bpf_get_socket_cookie(sk);
 	emit_conn(sk, oldstate, newstate);
 	return 0;
-}
-
-/* fd_sock returns the TCP socket behind the current task's descriptor fd,
- * or NULL. */
-static __always_inline struct sock *fd_sock(long fd)
-{
-	if (fd < 0)
-		return NULL;
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
-	struct file *f;
-	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
-		return NULL;
-	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
-		return NULL;
-	struct socket *sock = BPF_CORE_READ(f, private_data);
-	struct sock *sk = BPF_CORE_READ(sock, sk);
-	if (!sk || !sock_traceable(sk))
-		return NULL;
-	return sk;
 }
 
 static __always_inline void accepted(long fd)

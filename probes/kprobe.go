@@ -38,7 +38,8 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	if _, err := rand.Read(b[:]); err != nil {
 		return err
 	}
-	if err := spec.Variables["cookie_mult"].Set(binary.LittleEndian.Uint64(b[:]) | 1); err != nil {
+	t.cookieMult = binary.LittleEndian.Uint64(b[:]) | 1
+	if err := spec.Variables["cookie_mult"].Set(t.cookieMult); err != nil {
 		return err
 	}
 	var objs socketKprobeObjects

@@ -41,6 +41,12 @@ const (
 
 	DirSend = uint8(socketTPDataDirDIR_SEND)
 	DirRecv = uint8(socketTPDataDirDIR_RECV)
+
+	// Payload sources (data_event.source).
+	SourceSocket  = uint8(socketTPPayloadSourceSOURCE_SOCKET)
+	SourceOpenSSL = uint8(socketTPPayloadSourceSOURCE_OPENSSL)
+	SourceGoTLS   = uint8(socketTPPayloadSourceSOURCE_GO_TLS)
+	SourceKTLS    = uint8(socketTPPayloadSourceSOURCE_KTLS)
 )
 
 // MaxPayload is the largest payload prefix a data event can carry.
@@ -125,6 +131,8 @@ type Tracer struct {
 
 	stats, cgroups, ports *ebpf.Map
 	programs              map[string]*ebpf.Program
+	opts                  Options // as normalized by Open
+	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
 }
 
@@ -166,7 +174,7 @@ func Open(o Options) (*Tracer, error) {
 	}
 	var refused []string
 	for _, name := range candidates {
-		t := &Tracer{Mode: name}
+		t := &Tracer{Mode: name, opts: o}
 		err := attachModes[name].open(t, &o)
 		if err == nil {
 			o.Logger.Info("socket tracer attached", "component", "probes", "mode", name,

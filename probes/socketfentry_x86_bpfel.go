@@ -16,20 +16,24 @@ import (
 type socketFentryDataScratch struct {
 	_  structs.HostLayout
 	Ev struct {
-		_        structs.HostLayout
-		Kind     uint8
-		Dir      uint8
-		Pad0     uint16
-		Seq      uint32
-		Ts       uint64
-		Cookie   uint64
-		CgroupId uint64
-		Tgid     uint32
-		Pid      uint32
-		Len      uint32
-		Cap      uint32
-		Comm     [16]uint8
-		Tuple    struct {
+		_          structs.HostLayout
+		Kind       uint8
+		Dir        uint8
+		Source     uint8
+		Pad0       uint8
+		Seq        uint32
+		Ts         uint64
+		Cookie     uint64
+		CgroupId   uint64
+		Tgid       uint32
+		Pid        uint32
+		Len        uint32
+		Cap        uint32
+		TlsVersion uint16
+		Pad1       uint16
+		Pad2       uint32
+		Comm       [16]uint8
+		Tuple      struct {
 			_      structs.HostLayout
 			Saddr  [16]uint8
 			Daddr  [16]uint8
@@ -55,32 +59,33 @@ type socketFentryPendingConn struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socketFentryMapEvents            = "events"
-	socketFentryMapPendingConns      = "pending_conns"
-	socketFentryMapScratch           = "scratch"
-	socketFentryMapStats             = "stats"
-	socketFentryMapTracedCgroups     = "traced_cgroups"
-	socketFentryMapTracedPorts       = "traced_ports"
-	socketFentryProgFeTcpClose       = "fe_tcp_close"
-	socketFentryProgFxInetCskAccept2 = "fx_inet_csk_accept2"
-	socketFentryProgFxInetCskAccept4 = "fx_inet_csk_accept4"
-	socketFentryProgFxTcpRecvmsg     = "fx_tcp_recvmsg"
-	socketFentryProgFxTcpSendmsg     = "fx_tcp_sendmsg"
-	socketFentryProgFxTcpV4Connect   = "fx_tcp_v4_connect"
-	socketFentryProgFxTcpV6Connect   = "fx_tcp_v6_connect"
-	socketFentryVarAcceptHook        = "accept_hook"
-	socketFentryVarFilterCgroups     = "filter_cgroups"
-	socketFentryVarFilterPorts       = "filter_ports"
-	socketFentryVarPayloadCap        = "payload_cap"
-	socketFentryVarRecvmsgFlagsArg   = "recvmsg_flags_arg"
-	socketFentryVarSelfTgid          = "self_tgid"
-	socketFentryVarUnusedConnEvent   = "unused_conn_event"
-	socketFentryVarUnusedConnRole    = "unused_conn_role"
-	socketFentryVarUnusedDataDir     = "unused_data_dir"
-	socketFentryVarUnusedDataEvent   = "unused_data_event"
-	socketFentryVarUnusedEventKind   = "unused_event_kind"
-	socketFentryVarUnusedStatIndex   = "unused_stat_index"
-	socketFentryVarWakeupBytes       = "wakeup_bytes"
+	socketFentryMapEvents              = "events"
+	socketFentryMapPendingConns        = "pending_conns"
+	socketFentryMapScratch             = "scratch"
+	socketFentryMapStats               = "stats"
+	socketFentryMapTracedCgroups       = "traced_cgroups"
+	socketFentryMapTracedPorts         = "traced_ports"
+	socketFentryProgFeTcpClose         = "fe_tcp_close"
+	socketFentryProgFxInetCskAccept2   = "fx_inet_csk_accept2"
+	socketFentryProgFxInetCskAccept4   = "fx_inet_csk_accept4"
+	socketFentryProgFxTcpRecvmsg       = "fx_tcp_recvmsg"
+	socketFentryProgFxTcpSendmsg       = "fx_tcp_sendmsg"
+	socketFentryProgFxTcpV4Connect     = "fx_tcp_v4_connect"
+	socketFentryProgFxTcpV6Connect     = "fx_tcp_v6_connect"
+	socketFentryVarAcceptHook          = "accept_hook"
+	socketFentryVarFilterCgroups       = "filter_cgroups"
+	socketFentryVarFilterPorts         = "filter_ports"
+	socketFentryVarPayloadCap          = "payload_cap"
+	socketFentryVarRecvmsgFlagsArg     = "recvmsg_flags_arg"
+	socketFentryVarSelfTgid            = "self_tgid"
+	socketFentryVarUnusedConnEvent     = "unused_conn_event"
+	socketFentryVarUnusedConnRole      = "unused_conn_role"
+	socketFentryVarUnusedDataDir       = "unused_data_dir"
+	socketFentryVarUnusedDataEvent     = "unused_data_event"
+	socketFentryVarUnusedEventKind     = "unused_event_kind"
+	socketFentryVarUnusedPayloadSource = "unused_payload_source"
+	socketFentryVarUnusedStatIndex     = "unused_stat_index"
+	socketFentryVarWakeupBytes         = "wakeup_bytes"
 )
 
 // loadSocketFentry returns the embedded CollectionSpec for socketFentry.
@@ -150,19 +155,20 @@ type socketFentryMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketFentryVariableSpecs struct {
-	AcceptHook      *ebpf.VariableSpec `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.VariableSpec `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.VariableSpec `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.VariableSpec `ebpf:"payload_cap"`
-	RecvmsgFlagsArg *ebpf.VariableSpec `ebpf:"recvmsg_flags_arg"`
-	SelfTgid        *ebpf.VariableSpec `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.VariableSpec `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.VariableSpec `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.VariableSpec `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.VariableSpec `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.VariableSpec `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.VariableSpec `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.VariableSpec `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.VariableSpec `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.VariableSpec `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	RecvmsgFlagsArg     *ebpf.VariableSpec `ebpf:"recvmsg_flags_arg"`
+	SelfTgid            *ebpf.VariableSpec `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.VariableSpec `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // socketFentryObjects contains all objects after they have been loaded into the kernel.
@@ -208,19 +214,20 @@ func (m *socketFentryMaps) Close() error {
 //
 // It can be passed to loadSocketFentryObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketFentryVariables struct {
-	AcceptHook      *ebpf.Variable `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.Variable `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.Variable `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.Variable `ebpf:"payload_cap"`
-	RecvmsgFlagsArg *ebpf.Variable `ebpf:"recvmsg_flags_arg"`
-	SelfTgid        *ebpf.Variable `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.Variable `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.Variable `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.Variable `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.Variable `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.Variable `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.Variable `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.Variable `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.Variable `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.Variable `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	RecvmsgFlagsArg     *ebpf.Variable `ebpf:"recvmsg_flags_arg"`
+	SelfTgid            *ebpf.Variable `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.Variable `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // socketFentryPrograms contains all programs after they have been loaded into the kernel.

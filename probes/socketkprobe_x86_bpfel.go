@@ -28,20 +28,24 @@ type socketKprobeCall struct {
 type socketKprobeDataScratch struct {
 	_  structs.HostLayout
 	Ev struct {
-		_        structs.HostLayout
-		Kind     uint8
-		Dir      uint8
-		Pad0     uint16
-		Seq      uint32
-		Ts       uint64
-		Cookie   uint64
-		CgroupId uint64
-		Tgid     uint32
-		Pid      uint32
-		Len      uint32
-		Cap      uint32
-		Comm     [16]uint8
-		Tuple    struct {
+		_          structs.HostLayout
+		Kind       uint8
+		Dir        uint8
+		Source     uint8
+		Pad0       uint8
+		Seq        uint32
+		Ts         uint64
+		Cookie     uint64
+		CgroupId   uint64
+		Tgid       uint32
+		Pid        uint32
+		Len        uint32
+		Cap        uint32
+		TlsVersion uint16
+		Pad1       uint16
+		Pad2       uint32
+		Comm       [16]uint8
+		Tuple      struct {
 			_      structs.HostLayout
 			Saddr  [16]uint8
 			Daddr  [16]uint8
@@ -98,6 +102,7 @@ const (
 	socketKprobeVarUnusedDataDir           = "unused_data_dir"
 	socketKprobeVarUnusedDataEvent         = "unused_data_event"
 	socketKprobeVarUnusedEventKind         = "unused_event_kind"
+	socketKprobeVarUnusedPayloadSource     = "unused_payload_source"
 	socketKprobeVarUnusedStatIndex         = "unused_stat_index"
 	socketKprobeVarWakeupBytes             = "wakeup_bytes"
 )
@@ -175,20 +180,21 @@ type socketKprobeMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketKprobeVariableSpecs struct {
-	AcceptHook      *ebpf.VariableSpec `ebpf:"accept_hook"`
-	CookieMult      *ebpf.VariableSpec `ebpf:"cookie_mult"`
-	FilterCgroups   *ebpf.VariableSpec `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.VariableSpec `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.VariableSpec `ebpf:"payload_cap"`
-	RecvmsgFlagsArg *ebpf.VariableSpec `ebpf:"recvmsg_flags_arg"`
-	SelfTgid        *ebpf.VariableSpec `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.VariableSpec `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.VariableSpec `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.VariableSpec `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.VariableSpec `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.VariableSpec `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.VariableSpec `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.VariableSpec `ebpf:"accept_hook"`
+	CookieMult          *ebpf.VariableSpec `ebpf:"cookie_mult"`
+	FilterCgroups       *ebpf.VariableSpec `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.VariableSpec `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	RecvmsgFlagsArg     *ebpf.VariableSpec `ebpf:"recvmsg_flags_arg"`
+	SelfTgid            *ebpf.VariableSpec `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.VariableSpec `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // socketKprobeObjects contains all objects after they have been loaded into the kernel.
@@ -236,20 +242,21 @@ func (m *socketKprobeMaps) Close() error {
 //
 // It can be passed to loadSocketKprobeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketKprobeVariables struct {
-	AcceptHook      *ebpf.Variable `ebpf:"accept_hook"`
-	CookieMult      *ebpf.Variable `ebpf:"cookie_mult"`
-	FilterCgroups   *ebpf.Variable `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.Variable `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.Variable `ebpf:"payload_cap"`
-	RecvmsgFlagsArg *ebpf.Variable `ebpf:"recvmsg_flags_arg"`
-	SelfTgid        *ebpf.Variable `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.Variable `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.Variable `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.Variable `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.Variable `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.Variable `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.Variable `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.Variable `ebpf:"accept_hook"`
+	CookieMult          *ebpf.Variable `ebpf:"cookie_mult"`
+	FilterCgroups       *ebpf.Variable `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.Variable `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	RecvmsgFlagsArg     *ebpf.Variable `ebpf:"recvmsg_flags_arg"`
+	SelfTgid            *ebpf.Variable `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.Variable `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // socketKprobePrograms contains all programs after they have been loaded into the kernel.

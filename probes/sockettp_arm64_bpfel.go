@@ -57,20 +57,24 @@ const (
 )
 
 type socketTPDataEvent struct {
-	_        structs.HostLayout
-	Kind     uint8
-	Dir      uint8
-	Pad0     uint16
-	Seq      uint32
-	Ts       uint64
-	Cookie   uint64
-	CgroupId uint64
-	Tgid     uint32
-	Pid      uint32
-	Len      uint32
-	Cap      uint32
-	Comm     [16]uint8
-	Tuple    struct {
+	_          structs.HostLayout
+	Kind       uint8
+	Dir        uint8
+	Source     uint8
+	Pad0       uint8
+	Seq        uint32
+	Ts         uint64
+	Cookie     uint64
+	CgroupId   uint64
+	Tgid       uint32
+	Pid        uint32
+	Len        uint32
+	Cap        uint32
+	TlsVersion uint16
+	Pad1       uint16
+	Pad2       uint32
+	Comm       [16]uint8
+	Tuple      struct {
 		_      structs.HostLayout
 		Saddr  [16]uint8
 		Daddr  [16]uint8
@@ -94,6 +98,15 @@ const (
 	socketTPEventKindEVENT_CONN_OPEN  socketTPEventKind = 1
 	socketTPEventKindEVENT_CONN_CLOSE socketTPEventKind = 2
 	socketTPEventKindEVENT_DATA       socketTPEventKind = 3
+)
+
+type socketTPPayloadSource uint32
+
+const (
+	socketTPPayloadSourceSOURCE_SOCKET  socketTPPayloadSource = 0
+	socketTPPayloadSourceSOURCE_OPENSSL socketTPPayloadSource = 1
+	socketTPPayloadSourceSOURCE_GO_TLS  socketTPPayloadSource = 2
+	socketTPPayloadSourceSOURCE_KTLS    socketTPPayloadSource = 3
 )
 
 type socketTPPendingConn struct {
@@ -138,6 +151,7 @@ const (
 	socketTPVarUnusedDataDir       = "unused_data_dir"
 	socketTPVarUnusedDataEvent     = "unused_data_event"
 	socketTPVarUnusedEventKind     = "unused_event_kind"
+	socketTPVarUnusedPayloadSource = "unused_payload_source"
 	socketTPVarUnusedStatIndex     = "unused_stat_index"
 	socketTPVarWakeupBytes         = "wakeup_bytes"
 )
@@ -207,18 +221,19 @@ type socketTPMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketTPVariableSpecs struct {
-	AcceptHook      *ebpf.VariableSpec `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.VariableSpec `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.VariableSpec `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.VariableSpec `ebpf:"payload_cap"`
-	SelfTgid        *ebpf.VariableSpec `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.VariableSpec `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.VariableSpec `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.VariableSpec `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.VariableSpec `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.VariableSpec `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.VariableSpec `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.VariableSpec `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.VariableSpec `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.VariableSpec `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	SelfTgid            *ebpf.VariableSpec `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.VariableSpec `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // socketTPObjects contains all objects after they have been loaded into the kernel.
@@ -264,18 +279,19 @@ func (m *socketTPMaps) Close() error {
 //
 // It can be passed to loadSocketTPObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketTPVariables struct {
-	AcceptHook      *ebpf.Variable `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.Variable `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.Variable `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.Variable `ebpf:"payload_cap"`
-	SelfTgid        *ebpf.Variable `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.Variable `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.Variable `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.Variable `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.Variable `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.Variable `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.Variable `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.Variable `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.Variable `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.Variable `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	SelfTgid            *ebpf.Variable `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.Variable `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // socketTPPrograms contains all programs after they have been loaded into the kernel.

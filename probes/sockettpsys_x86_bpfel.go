@@ -16,20 +16,24 @@ import (
 type socketTPSysDataScratch struct {
 	_  structs.HostLayout
 	Ev struct {
-		_        structs.HostLayout
-		Kind     uint8
-		Dir      uint8
-		Pad0     uint16
-		Seq      uint32
-		Ts       uint64
-		Cookie   uint64
-		CgroupId uint64
-		Tgid     uint32
-		Pid      uint32
-		Len      uint32
-		Cap      uint32
-		Comm     [16]uint8
-		Tuple    struct {
+		_          structs.HostLayout
+		Kind       uint8
+		Dir        uint8
+		Source     uint8
+		Pad0       uint8
+		Seq        uint32
+		Ts         uint64
+		Cookie     uint64
+		CgroupId   uint64
+		Tgid       uint32
+		Pid        uint32
+		Len        uint32
+		Cap        uint32
+		TlsVersion uint16
+		Pad1       uint16
+		Pad2       uint32
+		Comm       [16]uint8
+		Tuple      struct {
 			_      structs.HostLayout
 			Saddr  [16]uint8
 			Daddr  [16]uint8
@@ -82,6 +86,7 @@ const (
 	socketTPSysVarUnusedDataDir        = "unused_data_dir"
 	socketTPSysVarUnusedDataEvent      = "unused_data_event"
 	socketTPSysVarUnusedEventKind      = "unused_event_kind"
+	socketTPSysVarUnusedPayloadSource  = "unused_payload_source"
 	socketTPSysVarUnusedStatIndex      = "unused_stat_index"
 	socketTPSysVarWakeupBytes          = "wakeup_bytes"
 )
@@ -157,18 +162,19 @@ type socketTPSysMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketTPSysVariableSpecs struct {
-	AcceptHook      *ebpf.VariableSpec `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.VariableSpec `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.VariableSpec `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.VariableSpec `ebpf:"payload_cap"`
-	SelfTgid        *ebpf.VariableSpec `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.VariableSpec `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.VariableSpec `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.VariableSpec `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.VariableSpec `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.VariableSpec `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.VariableSpec `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.VariableSpec `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.VariableSpec `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.VariableSpec `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	SelfTgid            *ebpf.VariableSpec `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.VariableSpec `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // socketTPSysObjects contains all objects after they have been loaded into the kernel.
@@ -214,18 +220,19 @@ func (m *socketTPSysMaps) Close() error {
 //
 // It can be passed to loadSocketTPSysObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketTPSysVariables struct {
-	AcceptHook      *ebpf.Variable `ebpf:"accept_hook"`
-	FilterCgroups   *ebpf.Variable `ebpf:"filter_cgroups"`
-	FilterPorts     *ebpf.Variable `ebpf:"filter_ports"`
-	PayloadCap      *ebpf.Variable `ebpf:"payload_cap"`
-	SelfTgid        *ebpf.Variable `ebpf:"self_tgid"`
-	UnusedConnEvent *ebpf.Variable `ebpf:"unused_conn_event"`
-	UnusedConnRole  *ebpf.Variable `ebpf:"unused_conn_role"`
-	UnusedDataDir   *ebpf.Variable `ebpf:"unused_data_dir"`
-	UnusedDataEvent *ebpf.Variable `ebpf:"unused_data_event"`
-	UnusedEventKind *ebpf.Variable `ebpf:"unused_event_kind"`
-	UnusedStatIndex *ebpf.Variable `ebpf:"unused_stat_index"`
-	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	AcceptHook          *ebpf.Variable `ebpf:"accept_hook"`
+	FilterCgroups       *ebpf.Variable `ebpf:"filter_cgroups"`
+	FilterPorts         *ebpf.Variable `ebpf:"filter_ports"`
+	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	SelfTgid            *ebpf.Variable `ebpf:"self_tgid"`
+	UnusedConnEvent     *ebpf.Variable `ebpf:"unused_conn_event"`
+	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
+	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
+	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
+	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`
+	WakeupBytes         *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // socketTPSysPrograms contains all programs after they have been loaded into the kernel.

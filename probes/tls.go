@@ -1,0 +1,70 @@
+package probes
+
+import (
+	"debug/elf"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// TLS plaintext comes from uprobes on TLS libraries (bpf/tls.h): each
+// implementation is a tlsProber, which recognises its library in an
+// executable file and attaches its uprobes there. The uprobe objects write
+// into the socket tracer's ring buffer and obey its filters, so their
+// events join the socket tracer's connections in user space.
+
+// tlsFile is an executable or shared library that some traced process maps
+// executable, opened once for every prober.
+type tlsFile struct {
+	// Path is the file as the agent opens it (through /proc/<pid>/root for
+	// files of other mount namespaces).
+	Path string
+	// ELF is the parsed file.
+	ELF *elf.File
+	// Exe is the file for attaching uprobes.
+	Exe *link.Executable
+}
+
+// errNotMine is what a prober's attach returns for a file that holds none
+// of its TLS implementation.
+var errNotMine = errors.New("no TLS implementation of this kind")
+
+// tlsProber is one TLS implementation (OpenSSL, Go crypto/tls).
+type tlsProber interface {
+	// name is the implementation's name in logs ("openssl", "go_tls").
+	name() string
+	// attach attaches the implementation's uprobes to f and returns the
+	// links, or errNotMine. Any other error names what is missing (for
+	// example a Go binary whose version or struct offsets are unknown).
+	attach(f *tlsFile) ([]link.Link, error)
+	// Close unloads the prober's programs (after its links are closed).
+	Close() error
+}
+
+// loadTLSObjects loads a TLS uprobe object (built from a C file including
+// bpf/tls.h) into objs, sharing the tracer's ring buffer, statistics and
+// filter maps, with the tracer's settings and socket cookie scheme.
+func (t *Tracer) loadTLSObjects(spec *ebpf.CollectionSpec, objs any) error {
+	o := t.opts
+	if err := configure(spec, &o); err != nil {
+		return err
+	}
+	fromPtr := uint8(0)
+	if t.cookieMult != 0 {
+		fromPtr = 1
+		if err := spec.Variables["cookie_mult"].Set(t.cookieMult); err != nil {
+			return fmt.Errorf("setting cookie_mult: %w", err)
+		}
+	}
+	if err := spec.Variables["cookie_from_ptr"].Set(fromPtr); err != nil {
+		return fmt.Errorf("setting cookie_from_ptr: %w", err)
+	}
+	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		"events":         t.Events,
+		"stats":          t.stats,
+		"traced_cgroups": t.cgroups,
+		"traced_ports":   t.ports,
+	}})
+}

@@ -68,3 +68,7 @@ func (t *Tracer) loadTLSObjects(spec *ebpf.CollectionSpec, objs any) error {
 		"traced_ports":   t.ports,
 	}})
 }
+
+// tlsProberFactories make the probers, one per TLS implementation; each
+// prober's file registers its factory from an init function.
+var tlsProberFactories []func(t *Tracer) (tlsProber, error)

@@ -276,3 +276,37 @@ func (w *Watcher) Event(ctx context.Context, cm *corev1.ConfigMap, eventType, re
 	_, err := w.client.CoreV1().Events(cm.Namespace).Create(ctx, ev, metav1.CreateOptions{})
 	return err
 }
+
+// Monitor checks every interval that the API server answers (/readyz,
+// which every client may read) and logs when it stops and starts
+// answering: the informers retry a refused connection silently. It returns
+// when ctx is done.
+func (w *Watcher) Monitor(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	down := false
+	var since time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, interval)
+		err := w.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(rctx).Error()
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		switch {
+		case err != nil && !down:
+			down, since = true, time.Now()
+			w.log.Warn("kubernetes API server unreachable; watches resume when it is back (the tracing goes on with what is known)",
+				"error", err.Error())
+		case err == nil && down:
+			down = false
+			w.log.Info("kubernetes API server reachable again; watches resume", "after", time.Since(since).Round(time.Millisecond).String())
+			w.signal()
+		}
+	}
+}

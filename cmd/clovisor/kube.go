@@ -522,6 +522,7 @@ func startKube(ctx context.Context, o *options, log *slog.Logger, maxPayload int
 	log.Info("kubernetes mode", "component", "kubernetes", "credentials", source, "server", rc.Host, "node", node,
 		"node_from", nodeSource, "configmap", ns+"/"+o.kube.configMap, "cgroup_mode", podmap.CgroupMode())
 	w.Start(ctx)
+	go w.Monitor(ctx, 2*time.Second)
 	syncCtx, cancel := context.WithTimeout(ctx, o.kube.syncTimeout)
 	defer cancel()
 	ks := &kubeSetup{watcher: w, node: node, cfg: podmap.DefaultLiveConfig(), cfgRV: ""}

@@ -52,6 +52,10 @@ type wireTables interface {
 const (
 	rescanPending = 300 * time.Millisecond
 	rescanIdle    = 10 * time.Second
+	// maxPendingRounds bounds the quick rescans (about 30 s): what is
+	// still missing after them (a pod without processes or veth) is
+	// looked for at the idle rate, and on every pod event.
+	maxPendingRounds = 100
 )
 
 type egressKey struct {
@@ -87,6 +91,8 @@ type kubeAgent struct {
 	workloads map[string]bool       // applied: workload names (namespace/pod)
 	vethErr   map[string]string     // pod UID -> last veth error (logged once)
 	pending   bool                  // something selected is still missing
+	// pendingRounds counts the reconciles in a row with pending set.
+	pendingRounds int
 }
 
 func newKubeAgent(log *slog.Logger, w *podmap.Watcher, h *podmap.Hierarchy, node string, sock socketTables, wire wireTables,
@@ -124,7 +130,7 @@ func (k *kubeAgent) run(ctx context.Context) {
 	for {
 		k.mu.Lock()
 		next := rescanIdle
-		if k.pending {
+		if k.pending && k.pendingRounds < maxPendingRounds {
 			next = rescanPending
 		}
 		k.mu.Unlock()
@@ -223,6 +229,11 @@ func (k *kubeAgent) reconcile(ctx context.Context) {
 	}
 	k.index.Set(&podmap.IndexData{ByCgroup: cg, ByInterface: byIface, ByIP: byIP, Peers: st.Peers})
 	k.pending = pending
+	if pending {
+		k.pendingRounds++
+	} else {
+		k.pendingRounds = 0
+	}
 }
 
 // reconcileWire attaches the selected running pods' veths, detaches the

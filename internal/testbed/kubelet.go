@@ -119,15 +119,19 @@ type KubePod struct {
 	// their bare IDs.
 	Containers   map[string]*Cgroup
 	ContainerIDs map[string]string
-	node         *KubeNode
-	stopped      bool
+	// RunningAt is when the harness started writing the Running status.
+	RunningAt time.Time
+	node      *KubeNode
+	stopped   bool
 }
 
 // PodProcess says what runs in a container: nginx on Port serving Root,
-// or (Port 0) a process that only sleeps.
+// or (Port 0) a process that only sleeps, or with None nothing at all (a
+// cgroup without processes: many pods cheaply).
 type PodProcess struct {
 	Port uint16
 	Root string
+	None bool
 }
 
 // RunPod plays the kubelet for the pod namespace/name, already created
@@ -187,12 +191,16 @@ func (n *KubeNode) RunPod(t testing.TB, namespace, name string, procs map[string
 		kp.ContainerIDs[c.Name] = id
 		ids[c.Name] = "containerd://" + id
 		p := procs[c.Name]
+		if p.None {
+			continue
+		}
 		if p.Port != 0 {
 			startNginx(t, nginxConfig{ns: kp.Net.NS, cgroup: cg, port: p.Port, root: p.Root, addrs: []netip.Addr{kp.Net.IP}})
 		} else {
 			startServer(t, kp.Net.NS, cg, t.TempDir(), "sleep", "infinity")
 		}
 	}
+	kp.RunningAt = time.Now()
 	n.Kube.SetPodStatus(t, namespace, name, PodRunning{PodIP: kp.Net.IP.String(), HostIP: n.Net.NodeIP.String(), ContainerIDs: ids})
 	return kp
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -254,7 +255,6 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 	pid := a.cmd.Process.Pid
 	cgMap, portMap, egMap := agentMap(t, pid, "traced_cgroups"), agentMap(t, pid, "dports2proto"), agentMap(t, pid, "egress_lookup_t")
 
-	running := time.Now()
 	web := n.RunPod(t, "shop", "web-5d9c7b8f6c-abcde", map[string]testbed.PodProcess{"nginx": {Port: 8080, Root: root}})
 	client := n.RunPod(t, "shop", "client", nil)
 	outsider := n.RunPod(t, "other", "outsider", nil)
@@ -293,16 +293,11 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 		"res:k8s.pod.name": web.Name, "res:service.name": "web", "clovisor.peer.k8s.pod.name": "client"}
 	wireClient := map[string]string{"clovisor.point": "pod_veth", "network.interface.name": client.Net.HostVeth, "url.path": "/index.html",
 		"res:k8s.pod.name": "client", "res:service.name": "client", "clovisor.peer.k8s.pod.name": web.Name}
-	var first time.Duration
 	waitUntil(t, a, "the socket and wire spans of the client's request", 15*time.Second, func() bool {
 		sp := parseSpans(t, a.stdout.String())
-		if first == 0 && len(findSpans(sp, sockServer)) > 0 {
-			first = time.Since(running)
-		}
 		return len(findSpans(sp, sockServer)) == 1 && len(findSpans(sp, sockClient)) == 1 &&
 			len(findSpans(sp, wireWeb)) == 1 && len(findSpans(sp, wireClient)) == 1
 	})
-	t.Logf("pods Running to the first span: %v", first)
 	// The unselected pod's request shows only as web's server span (the
 	// server is traced), never with the outsider as the traced workload.
 	time.Sleep(300 * time.Millisecond)
@@ -363,6 +358,14 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 			"res:k8s.pod.name": web.Name})) == 1
 	})
 
+	// A valid edit after it applies: the other namespace's pod is selected
+	// now, and traced.
+	k.Kubectl(t, "patch", "configmap", "-n", "clovisor", "clovisor", "--type=merge",
+		`-p={"data":{"clovisor_labels":"shop,other:app=outsider"}}`)
+	waitUntil(t, a, "the newly selected pod traced", 10*time.Second, func() bool {
+		return tracedCgroups(t, cgMap)[outsider.Containers["curl"].ID()] && tcPrograms(t, n.Net.NS, outsider.Net.HostVeth) == 2
+	})
+
 	// A deleted pod leaves no tc programs and no map entries.
 	webCG := web.Containers["nginx"].ID()
 	k.Kubectl(t, "delete", "pod", "-n", "shop", web.Name, "--grace-period=0", "--force", "--wait=true")
@@ -404,5 +407,46 @@ spec:
 	a.stop(t)
 	if strings.Contains(a.stderr.String(), "panic") {
 		t.Errorf("agent log mentions a panic:\n%s", a.stderr.String())
+	}
+}
+
+// TestKubernetesAPIUnreachable: with an API server that does not answer,
+// the agent starts anyway (the defaults), says so, and keeps retrying.
+func TestKubernetesAPIUnreachable(t *testing.T) {
+	testbed.RequireRoot(t)
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	port := testbed.FreePort(t)
+	if err := os.WriteFile(kc, []byte(fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:%d", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+`, port)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, []string{"KUBECONFIG=", "NODE_NAME="}, "--kubeconfig="+kc, "--node-name=n1", "--kube-sync-timeout=1s", "--output=json")
+	waitUntil(t, a, "the unreachable API server reported", 10*time.Second, func() bool {
+		return strings.Contains(a.stderr.String(), "kubernetes API not synced yet; starting with the default configuration") &&
+			strings.Contains(a.stderr.String(), "kubernetes API server unreachable")
+	})
+	a.stop(t)
+}
+
+func TestKubernetesBadFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--kubernetes=maybe"}, "--kubernetes=maybe: want auto, true or false"},
+		{[]string{"--kubeconfig=/no/such/kubeconfig"}, "/no/such/kubeconfig"},
+		{[]string{"--kubernetes=true"}, "--kubernetes=true: no in-cluster credentials and no kubeconfig"},
+	} {
+		cmd := exec.Command(agentBin, c.args...)
+		cmd.Env = append(os.Environ(), "KUBECONFIG=", "KUBERNETES_SERVICE_HOST=")
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("%v: exit %v, output %s; want an error naming %q", c.args, err, out, c.want)
+		}
 	}
 }

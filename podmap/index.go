@@ -25,6 +25,9 @@ type IndexData struct {
 	ByIP map[netip.Addr]*spans.K8s
 	// Peers names pods and Services by address.
 	Peers map[netip.Addr]*spans.K8sPeer
+	// Hints names the protocol of servers (pod IP:port, cluster IP:port)
+	// where a Service port name or an override gives one.
+	Hints map[netip.AddrPort]string
 }
 
 // Set replaces the index's data; d must not change afterwards.
@@ -60,4 +63,14 @@ func (ix *Index) Peer(a netip.Addr) *spans.K8sPeer {
 		return nil
 	}
 	return d.Peers[a.Unmap()]
+}
+
+// Protocol returns the protocol named for a server address, "" when none
+// (sockets.Config.ProtocolHint).
+func (ix *Index) Protocol(server netip.AddrPort) string {
+	d := ix.cur.Load()
+	if d == nil {
+		return ""
+	}
+	return d.Hints[netip.AddrPortFrom(server.Addr().Unmap(), server.Port())]
 }

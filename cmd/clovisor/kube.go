@@ -227,7 +227,7 @@ func (k *kubeAgent) reconcile(ctx context.Context) {
 	for id, kk := range k.cgroups {
 		cg[id] = kk
 	}
-	k.index.Set(&podmap.IndexData{ByCgroup: cg, ByInterface: byIface, ByIP: byIP, Peers: st.Peers})
+	k.index.Set(&podmap.IndexData{ByCgroup: cg, ByInterface: byIface, ByIP: byIP, Peers: st.Peers, Hints: st.Hints})
 	k.pending = pending
 	if pending {
 		k.pendingRounds++

@@ -307,11 +307,31 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 		}
 	}
 
-	// A Service port named http-web switches the port to HTTP.
+	// A Service port named http-web switches the port to HTTP: requests
+	// that payload detection does not take for HTTP (an SSDP-style
+	// "M-SEARCH * HTTP/1.1") are parsed as HTTP from then on, at the
+	// socket and on the wire.
+	msearch := func(q string) {
+		client.Exec(t, "curl", "curl", "-sS", "-o", "/dev/null", "-X", "M-SEARCH", "--request-target", "*",
+			"-H", "X-Try: "+q, fmt.Sprintf("http://%s/", netip.AddrPortFrom(web.Net.IP, 8080)))
+	}
+	msearch("before")
+	time.Sleep(time.Second)
+	if got := findSpans(parseSpans(t, a.stdout.String()), map[string]string{"http.request.method_original": "M-SEARCH"}); len(got) != 0 {
+		t.Errorf("M-SEARCH parsed as HTTP before the port was named http: %+v", got)
+	}
 	k.Kubectl(t, "patch", "service", "-n", "shop", "web", "--type=json",
 		`-p=[{"op":"replace","path":"/spec/ports/0/name","value":"http-web"}]`)
 	waitUntil(t, a, "port 8080 -> http (1) in dports2proto", 10*time.Second, func() bool {
 		return portTable(t, portMap)[8080] == 1
+	})
+	time.Sleep(200 * time.Millisecond) // the same reconcile then publishes the socket hints
+	msearch("after")
+	waitUntil(t, a, "M-SEARCH spans at the socket (both ends) and on the wire", 10*time.Second, func() bool {
+		sp := findSpans(parseSpans(t, a.stdout.String()), map[string]string{"http.request.method_original": "M-SEARCH", "url.path": "*"})
+		return len(findSpans(sp, map[string]string{"kind": "SERVER", "res:k8s.pod.name": web.Name})) == 1 &&
+			len(findSpans(sp, map[string]string{"kind": "CLIENT", "res:k8s.pod.name": "client"})) == 1 &&
+			len(findSpans(sp, map[string]string{"clovisor.point": "pod_veth", "network.interface.name": web.Net.HostVeth})) == 1
 	})
 
 	// The ConfigMap's egress match is in the table; limited to pods named

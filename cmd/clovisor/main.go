@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -228,13 +229,18 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	var hint func(netip.AddrPort) string
+	if ks != nil {
+		hint = index.Protocol // protocols named by Service ports
+	}
 	tk := sockets.NewTracker(sockets.Config{
-		Analyzers:   analyzers,
-		Sink:        exp.Export,
-		MaxConns:    o.maxConns,
-		IdleTimeout: o.idleTimeout,
-		CgroupPath:  cgr.Path,
-		Logger:      log,
+		Analyzers:    analyzers,
+		Sink:         exp.Export,
+		MaxConns:     o.maxConns,
+		IdleTimeout:  o.idleTimeout,
+		CgroupPath:   cgr.Path,
+		ProtocolHint: hint,
+		Logger:       log,
 	})
 	var ka *kubeAgent
 	kubeDone := make(chan struct{})

@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -74,6 +75,7 @@ type kubeAgent struct {
 	host      *netlink.Handle
 	ignore    map[uint16]bool // server ports never put in the tables (the collector's)
 	index     *podmap.Index
+	filter    atomic.Pointer[wireFilter]
 	maxPaylod int
 	// onConfig is called with each new valid configuration (after the
 	// first, which the caller read with initialConfig).
@@ -87,7 +89,6 @@ type kubeAgent struct {
 	veths     map[string]string     // applied: pod UID -> veth
 	ports     map[uint16]string     // applied: server port -> protocol
 	egress    map[egressKey]string  // applied: egress match -> protocol
-	egressPod []podmap.EgressRule   // rules limited to pods by name prefix
 	workloads map[string]bool       // applied: workload names (namespace/pod)
 	vethErr   map[string]string     // pod UID -> last veth error (logged once)
 	pending   bool                  // something selected is still missing
@@ -356,7 +357,22 @@ func (k *kubeAgent) reconcileWire(st *podmap.State, byPod map[string][]podmap.Co
 		k.egress[key] = proto
 		k.log.Info("egress match", "prefix", key.prefix.String(), "port", key.port, "protocol", proto)
 	}
-	k.egressPod = podRules
+	f := &wireFilter{rules: podRules, ports: map[uint16]bool{}}
+	for port := range k.ports {
+		f.ports[port] = true
+	}
+	for key := range k.egress {
+		limited := false
+		for _, r := range podRules {
+			if r.Prefix == key.prefix && r.Port == key.port {
+				limited = true
+			}
+		}
+		if !limited {
+			f.egress = append(f.egress, key)
+		}
+	}
+	k.filter.Store(f)
 	return pending
 }
 
@@ -399,51 +415,38 @@ func (k *kubeAgent) applyConfigMap(ctx context.Context) {
 	}
 }
 
+// wireFilter is what keepWire needs, published whole after each reconcile
+// so that the wire pipeline never waits for one.
+type wireFilter struct {
+	rules  []podmap.EgressRule // egress rules limited to pods by name prefix
+	ports  map[uint16]bool     // server ports in the table
+	egress []egressKey         // egress matches not limited to pods
+}
+
 // keepWire reports whether a wire exchange is wanted: exchanges with a
-// server that only an egress rule limited to other pods matched are not.
+// server that only egress rules limited to other pods matched are not.
 func (k *kubeAgent) keepWire(ex *tcsessions.Exchange) bool {
-	k.mu.Lock()
-	rules := k.egressPod
-	k.mu.Unlock()
-	if len(rules) == 0 || ex.Role != tcsessions.RolePod {
+	f := k.filter.Load()
+	if f == nil || len(f.rules) == 0 || ex.Role != tcsessions.RolePod {
 		return true
 	}
-	d := k.index.Data()
-	var pod *spans.K8s
-	if d != nil {
-		pod = d.ByInterface[ex.Interface]
-	}
+	srv := ex.Server.Addr().Unmap()
 	matched := false
-	for _, r := range rules {
-		if (r.Port == 0 || r.Port == ex.Server.Port()) && r.Prefix.Contains(ex.Server.Addr().Unmap()) {
-			if pod != nil && strings.HasPrefix(pod.PodName, r.PodPrefix) {
-				return true
+	for _, r := range f.rules {
+		if (r.Port == 0 || r.Port == ex.Server.Port()) && r.Prefix.Contains(srv) {
+			if d := k.index.Data(); d != nil {
+				if pod := d.ByInterface[ex.Interface]; pod != nil && strings.HasPrefix(pod.PodName, r.PodPrefix) {
+					return true
+				}
 			}
 			matched = true
 		}
 	}
-	if !matched {
+	if !matched || f.ports[ex.Server.Port()] {
 		return true
 	}
-	// Matched only rules for other pods; still kept when another table
-	// (a rule without prefix, a local server port) traces it.
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if _, ok := k.ports[ex.Server.Port()]; ok {
-		return true
-	}
-	for key := range k.egress {
-		if (key.port == 0 || key.port == ex.Server.Port()) && key.prefix.Contains(ex.Server.Addr().Unmap()) && !limited(rules, key) {
-			return true
-		}
-	}
-	return false
-}
-
-// limited reports whether an egress match is one limited to pods by name.
-func limited(rules []podmap.EgressRule, key egressKey) bool {
-	for _, r := range rules {
-		if r.Prefix == key.prefix && r.Port == key.port {
+	for _, key := range f.egress {
+		if (key.port == 0 || key.port == ex.Server.Port()) && key.prefix.Contains(srv) {
 			return true
 		}
 	}

@@ -1,0 +1,256 @@
+package sockets_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/clovisor/clovisor/internal/testbed"
+	"github.com/clovisor/clovisor/probes"
+	"github.com/clovisor/clovisor/spans"
+)
+
+// startTLS starts TLS tracing on the collector's tracer (closed before it).
+func (c *collector) startTLS(t *testing.T, o probes.TLSOptions) *probes.TLSTracer {
+	t.Helper()
+	tt, err := c.tracer.StartTLS(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := tt.Close(); err != nil {
+			t.Errorf("closing TLS tracing: %v", err)
+		}
+	})
+	return tt
+}
+
+// checkTLSSession checks one session of an HTTPS exchange seen through
+// OpenSSL: kind, process, cgroup, addresses, method, path, status, body
+// size, plaintext source and TLS version.
+func checkTLSSession(t *testing.T, s *spans.Session, kind spans.Kind, comm string, pid int, cg uint64,
+	server netip.AddrPort, client netip.Addr, path string, status int, bodySize int64, tlsVersion string) {
+	t.Helper()
+	if s.Kind != kind || s.Process.Comm != comm || (pid != 0 && int(s.Process.PID) != pid) || s.CgroupID != cg {
+		t.Errorf("%s session: kind %d process %+v cgroup %d, want kind %d %s[%d] in %d", comm, s.Kind, s.Process, s.CgroupID, kind, comm, pid, cg)
+	}
+	if s.Server != server || s.Client.Addr() != client {
+		t.Errorf("%s session: %s -> %s, want %s:* -> %s", comm, s.Client, s.Server, client, server)
+	}
+	tx := s.Tx
+	if m := attr(tx, "http.request.method").AsString(); m != "GET" {
+		t.Errorf("%s session: method %q", comm, m)
+	}
+	if p := attr(tx, "url.path").AsString(); p != path {
+		t.Errorf("%s session: url.path %q, want %q", comm, p, path)
+	}
+	if tx.StatusCode != status || tx.Truncated || tx.NoResponse {
+		t.Errorf("%s session: status %d truncated %v no response %v, want %d", comm, tx.StatusCode, tx.Truncated, tx.NoResponse, status)
+	}
+	if n := attr(tx, "http.response.body.size").AsInt64(); n != bodySize {
+		t.Errorf("%s session: http.response.body.size %d, want %d", comm, n, bodySize)
+	}
+	if sch := attr(tx, "url.scheme").AsString(); kind == spans.Server && sch != "https" {
+		t.Errorf("%s session: url.scheme %q, want https", comm, sch)
+	}
+	if s.PayloadSource != "openssl" {
+		t.Errorf("%s session: payload source %q, want openssl", comm, s.PayloadSource)
+	}
+	if s.TLS == nil || s.TLS.Version != tlsVersion {
+		t.Errorf("%s session: TLS %+v, want version %s", comm, s.TLS, tlsVersion)
+	}
+}
+
+// TestOpenSSLSpansCurlNginx: curl fetches a file from nginx over HTTPS,
+// once with TLS 1.3 and once with TLS 1.2: each exchange gives exactly
+// one CLIENT span (curl) and one SERVER span (nginx) with the method,
+// path, status and body size, clovisor.payload.source=openssl and the
+// negotiated TLS version.
+func TestOpenSSLSpansCurlNginx(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	testbed.RequireTool(t, "curl")
+	p.WriteFile(t, "f.txt", []byte(strings.Repeat("s", 7000)))
+	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
+	c.startTLS(t, probes.TLSOptions{})
+	server := netip.AddrPortFrom(p.ServerIP, p.Port)
+	for i, v := range []struct{ flag, name string }{{"--tlsv1.3", "1.3"}, {"--tls-max", "1.2"}} {
+		args := []string{"-sS", "--cacert", p.Cert.CertFile, "-o", "/dev/null", "-w", "%{http_code} %{size_download}", v.flag}
+		if v.name == "1.2" {
+			args = append(args, "1.2")
+		}
+		out := p.Client(t, nil, "curl", append(args, p.URL("/f.txt?try="+v.name))...)
+		if out != "200 7000" {
+			t.Fatalf("curl: %q", out)
+		}
+		got := c.wait(t, 2*(i+1))[2*i:]
+		if len(got) != 2 {
+			t.Fatalf("TLS %s: %d sessions, want 2: %s", v.name, len(got), describe(got))
+		}
+		for _, s := range got {
+			if s.Kind == spans.Client {
+				checkTLSSession(t, s, spans.Client, "curl", 0, p.ClientCG.ID(), server, p.ClientIP, "/f.txt", 200, 7000, v.name)
+			} else {
+				checkTLSSession(t, s, spans.Server, "nginx", 0, p.ServerCG.ID(), server, p.ClientIP, "/f.txt", 200, 7000, v.name)
+			}
+		}
+		if byKind(got, spans.Client)[0].Process.PID == byKind(got, spans.Server)[0].Process.PID {
+			t.Errorf("one process for both ends: %s", describe(got))
+		}
+	}
+}
+
+// pythonTLS is a Python program that serves HTTPS (server mode) or fetches
+// a URL over HTTPS (client mode), through Python's ssl module (OpenSSL).
+// The client checks that libssl is not mapped before `import ssl`, so that
+// the library reaches the process by dlopen (the _ssl extension) only.
+const pythonTLS = `
+import sys
+mode = sys.argv[1]
+if mode == "client":
+    maps = open("/proc/self/maps").read()
+    if "libssl" in maps:
+        print("libssl mapped before import ssl", file=sys.stderr)
+        sys.exit(3)
+import ssl, http.client, http.server
+if mode == "server":
+    addr, port, cert, key = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = b"py" * 1500
+            self.send_response(201)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer((addr, port), H)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    print("ready", flush=True)
+    srv.serve_forever()
+else:
+    host, port, cafile, path = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    ctx = ssl.create_default_context(cafile=cafile)
+    conn = http.client.HTTPSConnection(host, port, context=ctx)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    print(r.status, len(body))
+`
+
+// freshLibssl copies the machine's libssl.so.3 and libcrypto.so.3 into a
+// folder of the test: files no process has mapped yet, so that TLS
+// tracing must find them when a process loads them.
+func freshLibssl(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, name := range []string{"libssl.so.3", "libcrypto.so.3"} {
+		src := filepath.Join("/usr/lib/x86_64-linux-gnu", name)
+		if _, err := os.Stat(src); err != nil {
+			testbed.RequireTool(t, "no-"+name) // skips (fails in CI) with the reason
+		}
+		data, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// TestOpenSSLPythonDlopen: a Python HTTPS server and a Python HTTPS client
+// (ssl module), both started after the tracer. The client loads a copy of
+// libssl that no process had mapped, by dlopen at `import ssl`: the
+// manager attaches to it, named by the client's pid, before the client's
+// first request, and both ends give spans with the plaintext's method,
+// path and status.
+func TestOpenSSLPythonDlopen(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	python := "/usr/bin/python3"
+	if _, err := os.Stat(python); err != nil {
+		python = testbed.RequireTool(t, "python3")
+	}
+	script := filepath.Join(t.TempDir(), "tls.py")
+	if err := os.WriteFile(script, []byte(pythonTLS), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	lib := freshLibssl(t)
+	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
+	attached := make(chan probes.TLSAttachment, 16)
+	tt := c.startTLS(t, probes.TLSOptions{OnAttach: func(a probes.TLSAttachment) { attached <- a }})
+
+	const port = 9443
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := p.ServerNS.Command(ctx, python, script, "server", p.ServerIP.String(), fmt.Sprint(port), p.Cert.CertFile, p.Cert.KeyFile)
+	stdout, _ := srv.StdoutPipe()
+	srv.Stderr = os.Stderr
+	if err := p.ServerCG.Start(srv); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); srv.Wait() })
+	ready := make(chan string, 1)
+	go func() {
+		line, _ := bufio.NewReader(stdout).ReadString('\n')
+		ready <- line
+		io.Copy(io.Discard, stdout)
+	}()
+	select {
+	case line := <-ready:
+		if line != "ready\n" {
+			t.Fatalf("python server: %q", line)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("python server not ready after 10 s")
+	}
+
+	cmd, start := p.ClientCommand(context.Background(), python, script, "client", p.ServerIP.String(), fmt.Sprint(port), p.Cert.CertFile, "/py/path?q=1")
+	cmd.Env = append(os.Environ(), "LD_LIBRARY_PATH="+lib)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	clientPID := cmd.Process.Pid
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("python client: %v: %s", err, errb.String())
+	}
+	if out.String() != "201 3000\n" {
+		t.Fatalf("python client printed %q", out.String())
+	}
+	// The copy was found in the client, which mapped it by dlopen.
+	var found bool
+	for _, a := range tt.Attached() {
+		if a.Path == filepath.Join(lib, "libssl.so.3") {
+			found = true
+			if a.PID != clientPID || a.Impl != "openssl" || a.Probes != 8 {
+				t.Errorf("copy attached as %+v, want revealed by the client %d, openssl, 8 probes", a, clientPID)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("the copy %s/libssl.so.3 was not attached: %+v", lib, tt.Attached())
+	}
+	got := c.wait(t, 2)
+	if len(got) != 2 {
+		t.Fatalf("%d sessions, want 2: %s", len(got), describe(got))
+	}
+	server := netip.AddrPortFrom(p.ServerIP, port)
+	for _, s := range got {
+		if s.Kind == spans.Client {
+			checkTLSSession(t, s, spans.Client, "python3", clientPID, p.ClientCG.ID(), server, p.ClientIP, "/py/path", 201, 3000, "1.3")
+		} else {
+			checkTLSSession(t, s, spans.Server, "python3", srv.Process.Pid, p.ServerCG.ID(), server, p.ClientIP, "/py/path", 201, 3000, "1.3")
+		}
+	}
+}

@@ -126,8 +126,7 @@ const enum ssl_stat *unused_ssl_stat __attribute__((unused));
 #define RET_SP_DELTA 0
 #endif
 
-SEC("uprobe")
-int ssl_entry(struct pt_regs *ctx)
+static __always_inline int on_entry(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	if ((id >> 32) == self_tgid)
@@ -168,8 +167,7 @@ static __always_inline struct sock *bio_sock(__u64 bio, __u64 cookie)
 	return fd_sock(fd);
 }
 
-SEC("uretprobe")
-int ssl_return(struct pt_regs *ctx)
+static __always_inline int on_return(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct ssl_call *cp = bpf_map_lookup_elem(&ssl_calls, &id);
@@ -243,6 +241,33 @@ int ssl_return(struct pt_regs *ctx)
 	}
 	emit_plain(sk, dir, SOURCE_OPENSSL, (const void *)c.buf, (__u32)n, version);
 	return 0;
+}
+
+/* Each entry and return program exists twice: for a uprobe_multi link
+ * (Linux 6.6+: one link, and one RCU grace period to attach or detach, for
+ * all the functions of a file) and for classic uprobes. */
+SEC("uprobe.multi")
+int ssl_entry_multi(struct pt_regs *ctx)
+{
+	return on_entry(ctx);
+}
+
+SEC("uretprobe.multi")
+int ssl_return_multi(struct pt_regs *ctx)
+{
+	return on_return(ctx);
+}
+
+SEC("uprobe")
+int ssl_entry(struct pt_regs *ctx)
+{
+	return on_entry(ctx);
+}
+
+SEC("uretprobe")
+int ssl_return(struct pt_regs *ctx)
+{
+	return on_return(ctx);
 }
 
 /* The socket a thread inside an SSL call does I/O on (see above). */

@@ -5,6 +5,8 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"io"
+	"reflect"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -128,12 +130,44 @@ func layoutFor(v opensslVersion) (sslLayout, bool) {
 }
 
 type opensslProber struct {
-	t    *Tracer
-	objs tlsOpenSSLObjects
+	t     *Tracer
+	objs  opensslObjs
+	multi bool // objs has the uprobe_multi programs
 
 	mu      sync.Mutex
 	ioLinks []link.Link // the socket I/O fallback, attached with the first library
 	ioDone  bool
+}
+
+// opensslObjs are the loaded programs and maps of bpf/tls_openssl.c.
+type opensslObjs struct {
+	SslEntry       *ebpf.Program `ebpf:"ssl_entry"`
+	SslReturn      *ebpf.Program `ebpf:"ssl_return"`
+	SslEntryMulti  *ebpf.Program `ebpf:"ssl_entry_multi"`
+	SslReturnMulti *ebpf.Program `ebpf:"ssl_return_multi"`
+	SslSockSend    *ebpf.Program `ebpf:"ssl_sock_send"`
+	SslSockRecv    *ebpf.Program `ebpf:"ssl_sock_recv"`
+	SslStats       *ebpf.Map     `ebpf:"ssl_stats"`
+}
+
+// opensslClassic are the same without the uprobe_multi programs, for
+// kernels before 6.6, which refuse to load those.
+type opensslClassic struct {
+	SslEntry    *ebpf.Program `ebpf:"ssl_entry"`
+	SslReturn   *ebpf.Program `ebpf:"ssl_return"`
+	SslSockSend *ebpf.Program `ebpf:"ssl_sock_send"`
+	SslSockRecv *ebpf.Program `ebpf:"ssl_sock_recv"`
+	SslStats    *ebpf.Map     `ebpf:"ssl_stats"`
+}
+
+func (o *opensslObjs) Close() error {
+	var errs []error
+	for _, c := range []io.Closer{o.SslEntry, o.SslReturn, o.SslEntryMulti, o.SslReturnMulti, o.SslSockSend, o.SslSockRecv, o.SslStats} {
+		if c != nil && !reflect.ValueOf(c).IsNil() {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func newOpenSSLProber(t *Tracer) (tlsProber, error) {
@@ -142,26 +176,43 @@ func newOpenSSLProber(t *Tracer) (tlsProber, error) {
 		return nil, err
 	}
 	p := &opensslProber{t: t}
-	if err := t.loadTLSObjects(spec, &p.objs); err != nil {
+	err = t.loadTLSObjects(spec.Copy(), &p.objs)
+	if err == nil {
+		p.multi = true
+		return p, nil
+	}
+	t.opts.Logger.Debug("OpenSSL uprobes without uprobe_multi links (Linux 6.6+)", "component", "tls", "reason", err.Error())
+	var c opensslClassic
+	if err := t.loadTLSObjects(spec, &c); err != nil {
 		return nil, loadErr("OpenSSL uprobes", err)
 	}
+	p.objs = opensslObjs{SslEntry: c.SslEntry, SslReturn: c.SslReturn, SslSockSend: c.SslSockSend, SslSockRecv: c.SslSockRecv, SslStats: c.SslStats}
 	return p, nil
 }
 
 func (p *opensslProber) name() string { return "openssl" }
 
-// definedFuncs returns which of names f defines (dynamic symbols first,
-// then the static symbol table).
-func definedFuncs(f *elf.File, names ...string) map[string]bool {
+// definedFuncs returns the file offsets (what uprobes take) of the
+// functions of names that f defines: dynamic symbols first, then the
+// static symbol table.
+func definedFuncs(f *elf.File, names ...string) map[string]uint64 {
 	want := map[string]bool{}
 	for _, n := range names {
 		want[n] = true
 	}
-	found := map[string]bool{}
+	found := map[string]uint64{}
 	look := func(syms []elf.Symbol) {
 		for _, s := range syms {
-			if want[s.Name] && s.Section != elf.SHN_UNDEF && s.Value != 0 && elf.ST_TYPE(s.Info) == elf.STT_FUNC {
-				found[s.Name] = true
+			if !want[s.Name] || s.Section == elf.SHN_UNDEF || s.Value == 0 || elf.ST_TYPE(s.Info) != elf.STT_FUNC {
+				continue
+			}
+			// The symbol's address, as an offset in the file: through
+			// the loadable executable segment that holds it.
+			for _, prog := range f.Progs {
+				if prog.Type == elf.PT_LOAD && prog.Flags&elf.PF_X != 0 && s.Value >= prog.Vaddr && s.Value < prog.Vaddr+prog.Memsz {
+					found[s.Name] = s.Value - prog.Vaddr + prog.Off
+					break
+				}
 			}
 		}
 	}
@@ -188,7 +239,7 @@ func versionOf(f *tlsFile) (opensslVersion, string) {
 		if !strings.HasPrefix(lib, "libcrypto.") {
 			continue
 		}
-		path := filepath.Join(filepath.Dir(f.Path), lib)
+		path := filepath.Join(f.Root, filepath.Dir(f.Name), lib)
 		ef, err := elf.Open(path)
 		if err != nil {
 			return opensslVersion{}, fmt.Sprintf("no banner; %s: %v", lib, err)
@@ -230,7 +281,10 @@ func (p *opensslProber) attach(f *tlsFile) ([]link.Link, error) {
 		names[i] = fn.name
 	}
 	have := definedFuncs(f.ELF, names...)
-	if !have["SSL_write"] || !have["SSL_read"] {
+	if _, ok := have["SSL_write"]; !ok {
+		return nil, errNotMine
+	}
+	if _, ok := have["SSL_read"]; !ok {
 		return nil, errNotMine
 	}
 	var base uint64
@@ -247,41 +301,82 @@ func (p *opensslProber) attach(f *tlsFile) ([]link.Link, error) {
 	if base == 0 {
 		desc += ": sockets found by the thread's I/O only"
 	}
-	p.t.opts.Logger.Debug("OpenSSL library", "component", "probes", "path", f.Path, "version", desc)
+	p.t.opts.Logger.Debug("OpenSSL library", "component", "tls", "path", f.Name, "version", desc)
 
-	var links []link.Link
-	fail := func(err error) ([]link.Link, error) {
-		for i := len(links) - 1; i >= 0; i-- {
-			links[i].Close()
+	var fns []string
+	var addrs, cookies []uint64
+	for _, fn := range opensslFuncs {
+		if off, ok := have[fn.name]; ok {
+			fns = append(fns, fn.name)
+			addrs = append(addrs, off)
+			cookies = append(cookies, base|fn.bits)
 		}
-		return nil, err
 	}
-	// Returns before entries, so that no entry is recorded whose return
-	// would be missed.
-	for _, ret := range []bool{true, false} {
-		for _, fn := range opensslFuncs {
-			if !have[fn.name] {
-				continue
-			}
-			opts := &link.UprobeOptions{Cookie: base | fn.bits}
-			var l link.Link
-			var err error
-			if ret {
-				l, err = f.Exe.Uretprobe(fn.name, p.objs.SslReturn, opts)
-			} else {
-				l, err = f.Exe.Uprobe(fn.name, p.objs.SslEntry, opts)
-			}
-			if err != nil {
-				return fail(fmt.Errorf("attaching to %s: %w", fn.name, err))
-			}
-			links = append(links, l)
-		}
+	links, err := p.attachMulti(f, fns, addrs, cookies)
+	if err != nil {
+		return nil, err
 	}
 	if err := p.attachIO(); err != nil {
 		p.t.opts.Logger.Warn("OpenSSL: plaintext of SSL objects without a socket descriptor BIO cannot be bound to its socket",
 			"component", "probes", "reason", err.Error())
 	}
 	return links, nil
+}
+
+// attachMulti attaches the entry and return programs to the functions
+// fns of f: with two uprobe_multi links when the kernel has them, else one
+// uprobe per function and way. Returns are attached before entries, so
+// that no entry is recorded whose return would be missed.
+func (p *opensslProber) attachMulti(f *tlsFile, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
+	if p.multi {
+		opts := &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies}
+		ret, err := f.Exe.UretprobeMulti(nil, p.objs.SslReturnMulti, opts)
+		if err == nil {
+			ent, err := f.Exe.UprobeMulti(nil, p.objs.SslEntryMulti, opts)
+			if err == nil {
+				return []link.Link{ret, ent}, nil
+			}
+			ret.Close()
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return nil, fmt.Errorf("attaching to %s: %w", strings.Join(fns, ", "), err)
+		}
+	}
+	var links []link.Link
+	for _, ret := range []bool{true, false} {
+		for i, fn := range fns {
+			opts := &link.UprobeOptions{Address: addrs[i], Cookie: cookies[i]}
+			var l link.Link
+			var err error
+			if ret {
+				l, err = f.Exe.Uretprobe(fn, p.objs.SslReturn, opts)
+			} else {
+				l, err = f.Exe.Uprobe(fn, p.objs.SslEntry, opts)
+			}
+			if err != nil {
+				closeLinks(links)
+				return nil, fmt.Errorf("attaching to %s: %w", fn, err)
+			}
+			links = append(links, l)
+		}
+	}
+	return links, nil
+}
+
+// closeLinks closes links at once (each uprobe link's detach waits for
+// RCU grace periods: in parallel they overlap).
+func closeLinks(links []link.Link) error {
+	errs := make([]error, len(links))
+	var wg sync.WaitGroup
+	for i, l := range links {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = l.Close()
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // attachIO attaches the socket I/O fallback once.
@@ -340,12 +435,17 @@ func (p *opensslProber) stats() (OpenSSLStats, error) {
 
 // programs are the prober's programs by name (run-time statistics).
 func (p *opensslProber) programs() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
+	progs := map[string]*ebpf.Program{
 		"ssl_entry":     p.objs.SslEntry,
 		"ssl_return":    p.objs.SslReturn,
 		"ssl_sock_send": p.objs.SslSockSend,
 		"ssl_sock_recv": p.objs.SslSockRecv,
 	}
+	if p.multi {
+		progs["ssl_entry_multi"] = p.objs.SslEntryMulti
+		progs["ssl_return_multi"] = p.objs.SslReturnMulti
+	}
+	return progs
 }
 
 func (p *opensslProber) Close() error {

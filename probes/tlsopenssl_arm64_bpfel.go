@@ -105,7 +105,9 @@ const (
 	tlsOpenSSLMapTracedCgroups       = "traced_cgroups"
 	tlsOpenSSLMapTracedPorts         = "traced_ports"
 	tlsOpenSSLProgSslEntry           = "ssl_entry"
+	tlsOpenSSLProgSslEntryMulti      = "ssl_entry_multi"
 	tlsOpenSSLProgSslReturn          = "ssl_return"
+	tlsOpenSSLProgSslReturnMulti     = "ssl_return_multi"
 	tlsOpenSSLProgSslSockRecv        = "ssl_sock_recv"
 	tlsOpenSSLProgSslSockSend        = "ssl_sock_send"
 	tlsOpenSSLVarAcceptHook          = "accept_hook"
@@ -168,10 +170,12 @@ type tlsOpenSSLSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tlsOpenSSLProgramSpecs struct {
-	SslEntry    *ebpf.ProgramSpec `ebpf:"ssl_entry"`
-	SslReturn   *ebpf.ProgramSpec `ebpf:"ssl_return"`
-	SslSockRecv *ebpf.ProgramSpec `ebpf:"ssl_sock_recv"`
-	SslSockSend *ebpf.ProgramSpec `ebpf:"ssl_sock_send"`
+	SslEntry       *ebpf.ProgramSpec `ebpf:"ssl_entry"`
+	SslEntryMulti  *ebpf.ProgramSpec `ebpf:"ssl_entry_multi"`
+	SslReturn      *ebpf.ProgramSpec `ebpf:"ssl_return"`
+	SslReturnMulti *ebpf.ProgramSpec `ebpf:"ssl_return_multi"`
+	SslSockRecv    *ebpf.ProgramSpec `ebpf:"ssl_sock_recv"`
+	SslSockSend    *ebpf.ProgramSpec `ebpf:"ssl_sock_send"`
 }
 
 // tlsOpenSSLMapSpecs contains maps before they are loaded into the kernel.
@@ -282,16 +286,20 @@ type tlsOpenSSLVariables struct {
 //
 // It can be passed to loadTlsOpenSSLObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tlsOpenSSLPrograms struct {
-	SslEntry    *ebpf.Program `ebpf:"ssl_entry"`
-	SslReturn   *ebpf.Program `ebpf:"ssl_return"`
-	SslSockRecv *ebpf.Program `ebpf:"ssl_sock_recv"`
-	SslSockSend *ebpf.Program `ebpf:"ssl_sock_send"`
+	SslEntry       *ebpf.Program `ebpf:"ssl_entry"`
+	SslEntryMulti  *ebpf.Program `ebpf:"ssl_entry_multi"`
+	SslReturn      *ebpf.Program `ebpf:"ssl_return"`
+	SslReturnMulti *ebpf.Program `ebpf:"ssl_return_multi"`
+	SslSockRecv    *ebpf.Program `ebpf:"ssl_sock_recv"`
+	SslSockSend    *ebpf.Program `ebpf:"ssl_sock_send"`
 }
 
 func (p *tlsOpenSSLPrograms) Close() error {
 	return _TlsOpenSSLClose(
 		p.SslEntry,
+		p.SslEntryMulti,
 		p.SslReturn,
+		p.SslReturnMulti,
 		p.SslSockRecv,
 		p.SslSockSend,
 	)

@@ -382,27 +382,39 @@ func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
 }
 
 // probeFile offers a new file to every prober and remembers the outcome.
+// The file is opened once, through the process's root, and the probers
+// reach it through that descriptor: a process that ends meanwhile does not
+// take its files away.
 func (m *TLSTracer) probeFile(pid int, mp mapping) {
-	full := filepath.Join(m.opts.ProcRoot, strconv.Itoa(pid), "root", mp.path)
-	st := &fileState{}
-	ef, err := elf.Open(full)
+	root := filepath.Join(m.opts.ProcRoot, strconv.Itoa(pid), "root")
+	fh, err := os.Open(filepath.Join(root, mp.path))
 	if err != nil {
-		if gone(err) {
-			return // the process ended: another process may show the file again
+		if !gone(err) {
+			m.log.Debug("cannot open mapped file", "path", mp.path, "pid", pid, "err", err)
 		}
+		return // another process may show the file again
+	}
+	defer fh.Close()
+	var sst syscall.Stat_t
+	if err := syscall.Fstat(int(fh.Fd()), &sst); err != nil {
+		return
+	}
+	st := &fileState{}
+	ef, err := elf.NewFile(fh)
+	if err != nil {
 		// Not an ELF file: nothing to probe, and nothing worth a warning.
 		m.log.Debug("not probing", "path", mp.path, "pid", pid, "reason", err.Error())
 		m.remember(mp.id, st)
 		return
 	}
-	defer ef.Close()
-	exe, err := link.OpenExecutable(full)
+	path := fmt.Sprintf("/proc/self/fd/%d", fh.Fd())
+	exe, err := link.OpenExecutable(path)
 	if err != nil {
 		m.log.Warn("cannot probe file", "path", mp.path, "pid", pid, "reason", err.Error())
 		m.remember(mp.id, st)
 		return
 	}
-	tf := &tlsFile{Path: full, ELF: ef, Exe: exe}
+	tf := &tlsFile{Path: path, Name: mp.path, Root: root, ELF: ef, Exe: exe}
 	for _, p := range m.probers {
 		links, err := p.attach(tf)
 		if errors.Is(err, errNotMine) {
@@ -418,6 +430,7 @@ func (m *TLSTracer) probeFile(pid int, mp mapping) {
 		m.mu.Lock()
 		m.attached = append(m.attached, a)
 		m.mu.Unlock()
+		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes)
 		if m.opts.OnAttach != nil {
 			m.opts.OnAttach(a)
 		}
@@ -553,12 +566,11 @@ func (m *TLSTracer) Close() error {
 		ids = append(ids, id)
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i].ino < ids[j].ino })
+	var links []link.Link
 	for _, id := range ids {
-		st := m.files[id]
-		for i := len(st.links) - 1; i >= 0; i-- {
-			errs = append(errs, st.links[i].Close())
-		}
+		links = append(links, m.files[id].links...)
 	}
+	errs = append(errs, closeLinks(links))
 	m.files = nil
 	m.mu.Unlock()
 	for i := len(m.probers) - 1; i >= 0; i-- {

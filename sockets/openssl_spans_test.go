@@ -7,8 +7,10 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -147,6 +149,10 @@ else:
     print(r.status, len(body))
 `
 
+// fourFuncs: the four functions are probed, entry and return: two
+// uprobe_multi links (Linux 6.6+) or eight uprobes.
+func fourFuncs(a probes.TLSAttachment) bool { return a.Probes == 2 || a.Probes == 8 }
+
 // freshLibssl copies the machine's libssl.so.3 and libcrypto.so.3 into a
 // folder of the test: files no process has mapped yet, so that TLS
 // tracing must find them when a process loads them.
@@ -233,8 +239,8 @@ func TestOpenSSLPythonDlopen(t *testing.T) {
 	for _, a := range tt.Attached() {
 		if a.Path == filepath.Join(lib, "libssl.so.3") {
 			found = true
-			if a.PID != clientPID || a.Impl != "openssl" || a.Probes != 8 {
-				t.Errorf("copy attached as %+v, want revealed by the client %d, openssl, 8 probes", a, clientPID)
+			if a.PID != clientPID || a.Impl != "openssl" || !fourFuncs(a) {
+				t.Errorf("copy attached as %+v, want revealed by the client %d, openssl, SSL_read/write(_ex)", a, clientPID)
 			}
 		}
 	}
@@ -251,6 +257,69 @@ func TestOpenSSLPythonDlopen(t *testing.T) {
 			checkTLSSession(t, s, spans.Client, "python3", clientPID, p.ClientCG.ID(), server, p.ClientIP, "/py/path", 201, 3000, "1.3")
 		} else {
 			checkTLSSession(t, s, spans.Server, "python3", srv.Process.Pid, p.ServerCG.ID(), server, p.ClientIP, "/py/path", 201, 3000, "1.3")
+		}
+	}
+}
+
+// TestOpenSSLStaticExec: a program with OpenSSL linked in statically
+// (no libssl to map, no version banner: the SSL layout is unknown), run
+// after the tracer started. The exec watch finds the executable itself and
+// attaches to its SSL functions within the 300 ms the program waits
+// before it connects; the plaintext is bound to the socket by
+// the thread's I/O during each call, and both ends give their spans (the
+// client's without a TLS version: it is read from the SSL object only
+// where its layout is known).
+func TestOpenSSLStaticExec(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	clang := testbed.RequireTool(t, "clang-14")
+	if _, err := os.Stat("/usr/lib/x86_64-linux-gnu/libssl.a"); err != nil {
+		testbed.RequireTool(t, "libssl.a (libssl-dev)")
+	}
+	bin := filepath.Join(t.TempDir(), "ssl_client")
+	if out, err := exec.Command(clang, "-O1", "-static", "-o", bin, "testdata/ssl_client.c", "-lssl", "-lcrypto", "-lpthread").CombinedOutput(); err != nil {
+		t.Fatalf("building the static client: %v\n%s", err, out)
+	}
+	p.WriteFile(t, "s.txt", []byte(strings.Repeat("x", 2345)))
+	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
+	var mu sync.Mutex
+	var attachedAt time.Time
+	tt := c.startTLS(t, probes.TLSOptions{OnAttach: func(a probes.TLSAttachment) {
+		if a.Path == bin {
+			mu.Lock()
+			attachedAt = time.Now()
+			mu.Unlock()
+		}
+	}})
+	started := time.Now()
+	out := p.Client(t, nil, bin, p.ServerIP.String(), fmt.Sprint(p.Port), p.Cert.CertFile, "/s.txt", "300")
+	mu.Lock()
+	t.Logf("attached %v after the exec", attachedAt.Sub(started))
+	mu.Unlock()
+	var found bool
+	for _, a := range tt.Attached() {
+		if a.Path == bin {
+			found = a.Impl == "openssl" && fourFuncs(a)
+		}
+	}
+	if !found {
+		t.Fatalf("the static client was not attached: %+v", tt.Attached())
+	}
+	got := c.wait(t, 2)
+	if len(got) != 2 {
+		t.Fatalf("%d sessions, want 2: %s", len(got), describe(got))
+	}
+	head := strings.TrimSpace(out)
+	server := netip.AddrPortFrom(p.ServerIP, p.Port)
+	for _, s := range got {
+		// The response: nginx's headers and the 2345 bytes.
+		if want := fmt.Sprint(s.Tx.RespBytes); want != head {
+			t.Errorf("%d: response of %d bytes, the client read %s", s.Kind, s.Tx.RespBytes, head)
+		}
+		if s.Kind == spans.Client {
+			// Unknown layout: the client's side does not know the version.
+			checkTLSSession(t, s, spans.Client, "ssl_client", 0, p.ClientCG.ID(), server, p.ClientIP, "/s.txt", 200, 2345, "")
+		} else {
+			checkTLSSession(t, s, spans.Server, "nginx", 0, p.ServerCG.ID(), server, p.ClientIP, "/s.txt", 200, 2345, "1.3")
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package probes
 
 import (
+	"bufio"
 	"context"
 	"os"
 	"os/exec"
@@ -37,9 +38,9 @@ func TestStartTLSAttachesAndCloseRemovesEverything(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() { stdin.Close(); cmd.Wait() }()
-		buf := make([]byte, 3)
-		if _, err := out.Read(buf); err != nil || string(buf) != "up\n" {
-			t.Fatalf("python: %q %v", buf, err)
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err != nil || line != "up\n" {
+			t.Fatalf("python: %q %v", line, err)
 		}
 		procs = append(procs, cmd)
 	}

@@ -3,6 +3,7 @@ package sockets_test
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"net/netip"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/clovisor/clovisor/internal/testbed"
 	"github.com/clovisor/clovisor/probes"
+	"github.com/clovisor/clovisor/sockets"
 	"github.com/clovisor/clovisor/spans"
 )
 
@@ -321,5 +323,124 @@ func TestOpenSSLStaticExec(t *testing.T) {
 		} else {
 			checkTLSSession(t, s, spans.Server, "nginx", 0, p.ServerCG.ID(), server, p.ClientIP, "/s.txt", 200, 2345, "1.3")
 		}
+	}
+}
+
+// TestOpenSSLSidecar: a plaintext application (curl) talks HTTP to a
+// local TLS-originating proxy (nginx, proxy_pass https://) on 127.0.0.1,
+// which forwards to the TLS server in the other namespace. The
+// application's hop gives L7 spans from the socket's own bytes (no TLS);
+// the proxy's outbound hop is TLS on the socket (the handshake read in the
+// clear names the cipher) and its L7 spans come from the OpenSSL uprobes
+// of both nginx processes.
+func TestOpenSSLSidecar(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	testbed.RequireTool(t, "curl")
+	p.WriteFile(t, "side.txt", []byte(strings.Repeat("c", 4321)))
+	const proxyPort = 18080
+	p.StartTLSProxy(t, proxyPort)
+	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
+	c.startTLS(t, probes.TLSOptions{})
+	out := p.Client(t, nil, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+		fmt.Sprintf("http://127.0.0.1:%d/up/side.txt", proxyPort))
+	if out != "200 4321" {
+		t.Fatalf("curl through the proxy: %q", out)
+	}
+	got := c.wait(t, 4)
+	if len(got) != 4 {
+		t.Fatalf("%d sessions, want 4: %s", len(got), describe(got))
+	}
+	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), proxyPort)
+	server := netip.AddrPortFrom(p.ServerIP, p.Port)
+	var app, tlsHop int
+	for _, s := range got {
+		switch s.Server {
+		case local: // curl -> proxy, plaintext on the socket
+			app++
+			wantComm := map[spans.Kind]string{spans.Client: "curl", spans.Server: "nginx"}[s.Kind]
+			if s.Process.Comm != wantComm || s.CgroupID != p.ClientCG.ID() || s.PayloadSource != "socket" || s.TLS != nil {
+				t.Errorf("application hop: %s", describe([]*spans.Session{s}))
+			}
+			if path := attr(s.Tx, "url.path").AsString(); path != "/up/side.txt" || s.Tx.StatusCode != 200 {
+				t.Errorf("application hop: path %q status %d", path, s.Tx.StatusCode)
+			}
+			if n := attr(s.Tx, "http.response.body.size").AsInt64(); n != 4321 {
+				t.Errorf("application hop: body %d bytes", n)
+			}
+		case server: // proxy -> server, TLS on the socket
+			tlsHop++
+			cg := map[spans.Kind]uint64{spans.Client: p.ClientCG.ID(), spans.Server: p.ServerCG.ID()}[s.Kind]
+			// nginx 1.22 originates TLS 1.2 unless told otherwise.
+			checkTLSSession(t, s, s.Kind, "nginx", 0, cg, server, p.ClientIP, "/side.txt", 200, 4321, "1.2")
+			if s.TLS == nil || s.TLS.Cipher == "" || s.TLS.ServerName != "server" {
+				t.Errorf("TLS hop: cipher and SNI not read from the handshake on the socket: %+v", s.TLS)
+			}
+		default:
+			t.Errorf("unexpected session %s", describe([]*spans.Session{s}))
+		}
+	}
+	if app != 2 || tlsHop != 2 {
+		t.Errorf("%d application-hop and %d TLS-hop sessions, want 2 and 2: %s", app, tlsHop, describe(got))
+	}
+}
+
+// TestOpenSSLStopMidTransfer: TLS tracing and the socket tracer stop while
+// curl is downloading a file over HTTPS from nginx (8 MiB rate-limited to
+// 4 MiB/s): the transfer completes and the file arrives intact.
+func TestOpenSSLStopMidTransfer(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	testbed.RequireTool(t, "curl")
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(i*7 + i>>11)
+	}
+	p.WriteFile(t, "big.bin", data)
+	tr, err := probes.Open(probes.Options{Mode: sockets.AttachModeUnderTest(t), FilterCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	for _, id := range []uint64{p.ClientCG.ID(), p.ServerCG.ID()} {
+		if err := tr.AddCgroup(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tt, err := tr.StartTLS(context.Background(), probes.TLSOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(t.TempDir(), "big.bin")
+	cmd, start := p.ClientCommand(context.Background(), "curl", "-sS", "--cacert", p.Cert.CertFile, "--limit-rate", "4M",
+		"-o", dst, "-w", "%{http_code} %{size_download}", p.URL("/big.bin"))
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond)
+	st, err := tt.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tt.Close(); err != nil {
+		t.Error(err)
+	}
+	if err := tr.Close(); err != nil {
+		t.Error(err)
+	}
+	stopped := time.Now()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("curl: %v: %s", err, errb.String())
+	}
+	t.Logf("tracing stopped after %d SSL calls, %v before the transfer ended", st.OpenSSL.Calls, time.Since(stopped))
+	if st.OpenSSL.Calls == 0 || time.Since(stopped) < 100*time.Millisecond {
+		t.Errorf("tracing did not stop in the middle of a traced transfer (%d calls, %v)", st.OpenSSL.Calls, time.Since(stopped))
+	}
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != fmt.Sprintf("200 %d", len(data)) || sha256.Sum256(got) != sha256.Sum256(data) {
+		t.Errorf("curl: %q, %d bytes, sha256 equal: %v", out.String(), len(got), sha256.Sum256(got) == sha256.Sum256(data))
 	}
 }

@@ -96,8 +96,10 @@ func (p *TLSPair) URL(path string) string {
 
 // StartTLSProxy starts a second nginx in the client's namespace and
 // cgroup that listens for plaintext HTTP on 127.0.0.1:port and forwards
-// every request to the TLS server over HTTPS (a TLS-originating sidecar,
-// as an Envoy or Istio proxy is). It returns the proxy's nginx.
+// every request under /up/ to the TLS server over HTTPS (a TLS-originating
+// sidecar, as an Envoy or Istio proxy is), verifying the server's
+// certificate for the name "server" (sent as SNI). It returns the proxy's
+// nginx.
 func (p *TLSPair) StartTLSProxy(t testing.TB, port uint16) *Server {
 	t.Helper()
 	loc := fmt.Sprintf(`        location /up/ {
@@ -106,9 +108,10 @@ func (p *TLSPair) StartTLSProxy(t testing.TB, port uint16) *Server {
             proxy_set_header Connection "";
             proxy_ssl_trusted_certificate %s;
             proxy_ssl_verify on;
-            proxy_ssl_name %s;
+            proxy_ssl_name server;
+            proxy_ssl_server_name on;
         }
-`, netip.AddrPortFrom(p.ServerIP, p.Port), p.Cert.CertFile, p.ServerIP)
+`, netip.AddrPortFrom(p.ServerIP, p.Port), p.Cert.CertFile)
 	return startNginx(t, nginxConfig{ns: p.ClientNS, cgroup: p.ClientCG, port: port, root: p.Root,
 		addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, locations: loc})
 }

@@ -65,6 +65,7 @@ type options struct {
 	wirePods     listFlag
 	wireNodes    listFlag
 	wireAttach   string
+	tls, tlsSet  bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -97,9 +98,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.wirePods, "wire-interfaces", "pod interfaces for wire tracing: names, patterns, @veth (default: @veth, the host side of every veth)")
 	fs.Var(&o.wireNodes, "wire-node-interfaces", "node NICs for wire tracing: names, patterns, @default-route (default: @default-route)")
 	fs.StringVar(&o.wireAttach, "wire-attach", "", "how to attach the tc programs: auto, tcx or clsact (default auto)")
+	tlsFlags(fs, o)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
+	fs.Visit(func(f *flag.Flag) { o.tlsSet = o.tlsSet || f.Name == "tls" })
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
@@ -199,6 +202,16 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	tlsTr, err := startTLS(ctx, o, fileCfg, tr, log)
+	if err != nil {
+		if wire != nil {
+			wire.Close()
+		}
+		tr.Close()
+		_ = exp.Shutdown(context.Background())
+		return err
+	}
+
 	tk := sockets.NewTracker(sockets.Config{
 		Analyzers:   analyzers,
 		Sink:        exp.Export,
@@ -252,7 +265,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	errs := []error{runErr}
+	errs := []error{runErr, stopTLS(tlsTr, log)}
 	if err := tr.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("detaching: %w", err))
 	}

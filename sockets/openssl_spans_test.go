@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -442,5 +443,77 @@ func TestOpenSSLStopMidTransfer(t *testing.T) {
 	}
 	if out.String() != fmt.Sprintf("200 %d", len(data)) || sha256.Sum256(got) != sha256.Sum256(data) {
 		t.Errorf("curl: %q, %d bytes, sha256 equal: %v", out.String(), len(got), sha256.Sum256(got) == sha256.Sum256(data))
+	}
+}
+
+// TestOpenSSL11Client: OpenSSL 1.1.1's s_client (libssl.so.1.1, found when
+// a first program of that library starts after the tracer) sends an HTTP
+// request to nginx (OpenSSL 3) over TLS 1.3: the client's side gives a
+// CLIENT span with the path and status, bound by the SSL object's
+// descriptor (the 1.1.1 layout), and nginx its SERVER span.
+func TestOpenSSL11Client(t *testing.T) {
+	p := testbed.NewTLSPair(t)
+	bin, libDir := testbed.OpenSSL11(t)
+	p.WriteFile(t, "old.txt", []byte(strings.Repeat("o", 1111)))
+	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
+	tt := c.startTLS(t, probes.TLSOptions{})
+	env := []string{"LD_LIBRARY_PATH=" + libDir}
+	// A first program of the library reveals it: openssl's interactive
+	// prompt, which runs until its input ends. (A new library is probed
+	// some tens of ms after a process maps it: see docs/benchmarks.md.)
+	prompt, startPrompt := p.ClientCommand(context.Background(), bin)
+	prompt.Env = append(os.Environ(), env...)
+	stdin, err := prompt.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := startPrompt(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); prompt.Wait() }()
+	lib := filepath.Join(libDir, "libssl.so.1.1")
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.ContainsFunc(tt.Attached(), func(a probes.TLSAttachment) bool {
+		return a.Path == lib && fourFuncs(a) && a.PID == prompt.Process.Pid
+	}) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not attached: %+v", lib, tt.Attached())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before, _ := tt.Stats()
+	server := netip.AddrPortFrom(p.ServerIP, p.Port)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := p.ClientNS.Command(ctx, bin, "s_client", "-connect", server.String(), "-CAfile", p.Cert.CertFile, "-quiet")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdin = strings.NewReader(fmt.Sprintf("GET /old.txt HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", server))
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := p.ClientCG.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("s_client: %v\n%s", err, errb.String())
+	}
+	if !strings.HasPrefix(out.String(), "HTTP/1.1 200 OK\r\n") || !strings.HasSuffix(out.String(), strings.Repeat("o", 1111)) {
+		t.Fatalf("s_client printed %q", out.String())
+	}
+	got := c.wait(t, 2)
+	if len(got) != 2 {
+		t.Fatalf("%d sessions, want 2: %s", len(got), describe(got))
+	}
+	for _, s := range got {
+		if s.Kind == spans.Client {
+			checkTLSSession(t, s, spans.Client, "openssl", cmd.Process.Pid, p.ClientCG.ID(), server, p.ClientIP, "/old.txt", 200, 1111, "1.3")
+		} else {
+			checkTLSSession(t, s, spans.Server, "nginx", 0, p.ServerCG.ID(), server, p.ClientIP, "/old.txt", 200, 1111, "1.3")
+		}
+	}
+	after, _ := tt.Stats()
+	// s_client's SSL objects use socket BIOs: found by their descriptor,
+	// as nginx's; none through the thread's I/O.
+	if d := after.OpenSSL.ByDescriptor - before.OpenSSL.ByDescriptor; d < 4 || after.OpenSSL.ByIO != before.OpenSSL.ByIO || after.OpenSSL.BadLayout != 0 {
+		t.Errorf("OpenSSL counters %+v -> %+v", before.OpenSSL, after.OpenSSL)
 	}
 }

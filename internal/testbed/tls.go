@@ -115,3 +115,15 @@ func (p *TLSPair) StartTLSProxy(t testing.TB, port uint16) *Server {
 	return startNginx(t, nginxConfig{ns: p.ClientNS, cgroup: p.ClientCG, port: port, root: p.Root,
 		addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, locations: loc})
 }
+
+// OpenSSL11 returns the openssl command-line program of OpenSSL 1.1.1
+// (Debian 11's packages, fetched once by scripts/openssl11.sh into the
+// cache folder) and the folder of its libssl.so.1.1 and libcrypto.so.1.1:
+// run it with LD_LIBRARY_PATH=libDir.
+func OpenSSL11(t testing.TB) (bin, libDir string) {
+	t.Helper()
+	RequireTool(t, "apt-get")
+	RequireTool(t, "dpkg-deb")
+	bin = cachedBinary(t, "OpenSSL11", "openssl11.sh")
+	return bin, filepath.Join(filepath.Dir(filepath.Dir(bin)), "lib", "x86_64-linux-gnu")
+}

@@ -4,8 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -285,6 +290,117 @@ func TestOpenSSLKernelEvents(t *testing.T) {
 	// nginx: a socket BIO (its descriptor); curl: its own BIO (the socket
 	// of its I/O during the call, or remembered from an earlier call).
 	if st.OpenSSL.ByDescriptor < 2 || st.OpenSSL.ByIO < 2 || st.OpenSSL.Unbound != 0 || st.OpenSSL.BadLayout != 0 {
+		t.Errorf("OpenSSL counters %+v", st.OpenSSL)
+	}
+}
+
+// TestOpenSSLNestedCallsOnce: a program whose SSL_write_ex calls SSL_write
+// and whose SSL_read_ex calls SSL_read several times (as some OpenSSL
+// versions and forks nest their entry points) is reported once per
+// application call, with the outer call's byte count: two sends (8 and 5
+// bytes) and one 13-byte receive, bound by the thread's I/O (the SSL
+// object's layout is unknown) to the program's socket.
+func TestOpenSSLNestedCallsOnce(t *testing.T) {
+	testbed.RequireRoot(t)
+	clang := testbed.RequireTool(t, "clang-14")
+	bin := filepath.Join(t.TempDir(), "nested_ssl")
+	if out, err := exec.Command(clang, "-O1", "-o", bin, "testdata/nested_ssl.c").CombinedOutput(); err != nil {
+		t.Fatalf("building: %v\n%s", err, out)
+	}
+	cg := testbed.NewCgroup(t, "nested")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 13)
+		if _, err := io.ReadFull(c, buf); err == nil {
+			for i := 0; i < 13; i += 3 { // the echo in pieces
+				c.Write(buf[i:min(i+3, 13)])
+				time.Sleep(2 * time.Millisecond)
+			}
+		}
+	}()
+	tr, tt := startTLSTracing(t, probes.TLSOptions{}, cg.ID())
+	cmd := exec.Command(bin, "127.0.0.1", fmt.Sprint(ln.Addr().(*net.TCPAddr).Port))
+	var out strings.Builder
+	cmd.Stdout = &out
+	// The program waits for nothing: make sure it is probed before it
+	// runs by letting a first, waiting copy reveal the file.
+	waiter := exec.Command(bin, "wait")
+	stdin, err := waiter.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cg.Start(waiter); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); waiter.Wait() }()
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.ContainsFunc(tt.Attached(), func(a probes.TLSAttachment) bool { return a.Path == bin && a.PID == waiter.Process.Pid }) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not attached: %+v", bin, tt.Attached())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := cg.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil || out.String() != "hello-explain\n" {
+		t.Fatalf("nested_ssl: %v %q", err, out.String())
+	}
+	pid := uint32(cmd.Process.Pid)
+	r := readRaw(t, tr, 3*time.Second, func(r *rawEvents) bool {
+		n := 0
+		for _, d := range r.data {
+			if d.ev.Source == probes.SourceOpenSSL && d.ev.Tgid == pid {
+				n++
+			}
+		}
+		return n >= 3 && len(r.closes) >= 1
+	})
+	var got []string
+	cookies := map[uint64]bool{}
+	for _, d := range r.data {
+		if d.ev.Source != probes.SourceOpenSSL || d.ev.Tgid != pid {
+			continue
+		}
+		got = append(got, fmt.Sprintf("%d:%d:%s", d.ev.Dir, d.ev.Len, d.payload))
+		cookies[d.ev.Cookie] = true
+		if d.ev.TlsVersion != 0 || d.ev.CgroupId != cg.ID() {
+			t.Errorf("event with TLS version %#x, cgroup %d", d.ev.TlsVersion, d.ev.CgroupId)
+		}
+	}
+	want := []string{
+		fmt.Sprintf("%d:8:hello-ex", probes.DirSend),
+		fmt.Sprintf("%d:5:plain", probes.DirSend),
+		fmt.Sprintf("%d:13:hello-explain", probes.DirRecv),
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("OpenSSL events %q, want %q", got, want)
+	}
+	var sockCookie uint64
+	for c, o := range r.opens {
+		if o.Tgid == pid {
+			sockCookie = c
+		}
+	}
+	if len(cookies) != 1 || !cookies[sockCookie] || sockCookie == 0 {
+		t.Errorf("events on sockets %v, the program's connection is %d", cookies, sockCookie)
+	}
+	st, err := tt.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One nested SSL_write, and at least four nested SSL_reads (13 bytes,
+	// at most 4 per call).
+	if st.OpenSSL.Nested < 5 || st.OpenSSL.ByIO < 3 {
 		t.Errorf("OpenSSL counters %+v", st.OpenSSL)
 	}
 }

@@ -9,12 +9,18 @@
  *                        with SSL_write, then reads the 13-byte echo with
  *                        one SSL_read_ex, and prints it.
  *   nested_ssl wait      waits until its input ends (a process that maps
- *                        the program, for the agent to find). */
+ *                        the program, for the agent to find).
+ *   nested_ssl bench N   waits for a line on its input, then calls
+ *                        SSL_write N times on an SSL object with no
+ *                        socket (it "writes" to memory) and prints the
+ *                        mean wall time per call in ns: the cost of the
+ *                        probes of one call (BenchmarkOpenSSLProbeCost). */
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 struct fake_ssl {
@@ -24,6 +30,8 @@ struct fake_ssl {
 
 __attribute__((noinline)) int SSL_write(struct fake_ssl *s, const void *buf, int num)
 {
+	if (s->fd < 0)
+		return num; /* a memory "BIO" */
 	return write(s->fd, buf, num);
 }
 
@@ -61,6 +69,20 @@ int main(int argc, char **argv)
 		char c;
 		while (read(0, &c, 1) > 0)
 			;
+		return 0;
+	}
+	if (argc == 3 && !strcmp(argv[1], "bench")) {
+		struct fake_ssl m = {.fd = -1};
+		long n = atol(argv[2]);
+		char line[16];
+		if (!fgets(line, sizeof(line), stdin))
+			return 1;
+		struct timespec a, b;
+		clock_gettime(CLOCK_MONOTONIC, &a);
+		for (long i = 0; i < n; i++)
+			SSL_write(&m, "x", 1);
+		clock_gettime(CLOCK_MONOTONIC, &b);
+		printf("%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / (double)n);
 		return 0;
 	}
 	if (argc != 3) {

@@ -90,6 +90,7 @@ type TLSTracer struct {
 	scans    uint64
 
 	urgent    chan int
+	rescan    chan struct{}
 	queuedMu  sync.Mutex
 	queued    map[int]bool
 	cgroupDir string // cgroup2 mount, for the cgroup filter
@@ -113,7 +114,7 @@ func (t *Tracer) StartTLS(ctx context.Context, o TLSOptions) (*TLSTracer, error)
 		o.Rescan = 30 * time.Second
 	}
 	m := &TLSTracer{t: t, log: o.Logger.With("component", "tls"), opts: o, files: map[fileID]*fileState{},
-		urgent: make(chan int, 1024), queued: map[int]bool{}}
+		urgent: make(chan int, 1024), rescan: make(chan struct{}, 1), queued: map[int]bool{}}
 	if len(tlsProberFactories) == 0 {
 		return nil, errors.New("no TLS probers are built in")
 	}
@@ -261,6 +262,8 @@ func (m *TLSTracer) work(ctx context.Context) {
 			m.scanUrgent(pid)
 		case <-tick:
 			m.scanAll(ctx)
+		case <-m.rescan:
+			m.scanAll(ctx)
 		}
 	}
 }
@@ -271,6 +274,16 @@ func (m *TLSTracer) scanUrgent(pid int) {
 	m.queuedMu.Unlock()
 	// The watch has filtered by cgroup already.
 	m.scanPID(pid, false)
+}
+
+// Rescan asks for a scan of every process soon (without waiting for it):
+// call it after tracing more cgroups, so that their running processes'
+// libraries are probed now rather than at the next periodic rescan.
+func (m *TLSTracer) Rescan() {
+	select {
+	case m.rescan <- struct{}{}:
+	default: // one is pending already
+	}
 }
 
 // scanAll scans every process, serving urgent scans in between.

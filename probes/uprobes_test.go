@@ -167,3 +167,72 @@ func TestOpenSSLVersionsAndLayouts(t *testing.T) {
 		t.Errorf("cookie %#x", c)
 	}
 }
+
+// TestTLSRescanFindsNewlyTracedCgroup: with the cgroup filter, a process of
+// a cgroup that is not traced is not looked at; once its cgroup is traced,
+// Rescan finds its libssl at once.
+func TestTLSRescanFindsNewlyTracedCgroup(t *testing.T) {
+	testbed.RequireRoot(t)
+	python := testbed.RequireTool(t, "python3")
+	lib := t.TempDir()
+	for _, name := range []string{"libssl.so.3", "libcrypto.so.3"} {
+		data, err := os.ReadFile(filepath.Join("/usr/lib/x86_64-linux-gnu", name))
+		if err != nil {
+			t.Fatalf("libssl3 (Debian) is needed: %v", err)
+		}
+		if err := os.WriteFile(filepath.Join(lib, name), data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cg := testbed.NewCgroup(t, "rescan")
+	cmd := exec.Command(python, "-c", "import ssl, sys; print('up', flush=True); sys.stdin.read()")
+	cmd.Env = append(os.Environ(), "LD_LIBRARY_PATH="+lib)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cg.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); cmd.Wait() }()
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "up\n" {
+		t.Fatalf("python: %q %v", line, err)
+	}
+	tr, err := Open(Options{Mode: ModeTracepoint, FilterCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	tt, err := tr.StartTLS(context.Background(), TLSOptions{Rescan: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tt.Close()
+	copyPath := filepath.Join(lib, "libssl.so.3")
+	has := func() bool {
+		for _, a := range tt.Attached() {
+			if a.Path == copyPath && a.PID == cmd.Process.Pid {
+				return true
+			}
+		}
+		return false
+	}
+	if has() {
+		t.Fatalf("the copy was probed although its cgroup is not traced: %+v", tt.Attached())
+	}
+	if err := tr.AddCgroup(cg.ID()); err != nil {
+		t.Fatal(err)
+	}
+	tt.Rescan()
+	deadline := time.Now().Add(5 * time.Second)
+	for !has() {
+		if time.Now().After(deadline) {
+			t.Fatalf("the copy was not probed after Rescan: %+v", tt.Attached())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

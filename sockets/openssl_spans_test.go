@@ -164,12 +164,9 @@ func freshLibssl(t *testing.T) string {
 	dir := t.TempDir()
 	for _, name := range []string{"libssl.so.3", "libcrypto.so.3"} {
 		src := filepath.Join("/usr/lib/x86_64-linux-gnu", name)
-		if _, err := os.Stat(src); err != nil {
-			testbed.RequireTool(t, "no-"+name) // skips (fails in CI) with the reason
-		}
 		data, err := os.ReadFile(src)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("libssl3 (Debian) is needed: %v", err)
 		}
 		if err := os.WriteFile(filepath.Join(dir, name), data, 0o755); err != nil {
 			t.Fatal(err)

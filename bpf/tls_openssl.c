@@ -23,9 +23,11 @@
  * its num is the descriptor, and fd_sock() finds the socket. Otherwise
  * (a custom BIO, as curl's, a memory BIO, an unknown layout, BoringSSL)
  * the socket is the one the thread did I/O on during the call, seen by this
- * object's own sock_send_length / sock_recv_length programs, which user
- * space attaches only while some library is probed, and which do nothing
- * but one hash lookup for threads outside an SSL call. Either way the
+ * object's own sock_send_length / sock_recv_length programs (Linux 6.3+;
+ * before, the trace events of the read and write system calls' entries),
+ * which user space loads and attaches only once some library is probed,
+ * and which do nothing but one hash lookup for threads outside an SSL
+ * call. Either way the
  * socket found is remembered per SSL object, for calls that do no I/O (a
  * read served from a record already received).
  *
@@ -281,6 +283,7 @@ static __always_inline void note_io(struct sock *sk)
 		c->sk = (__u64)sk;
 }
 
+/* Linux 6.3+: every sock_sendmsg / sock_recvmsg, with the socket. */
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(ssl_sock_send, struct sock *sk, int ret, int flags)
 {
@@ -294,3 +297,36 @@ int BPF_PROG(ssl_sock_recv, struct sock *sk, int ret, int flags)
 	note_io(sk);
 	return 0;
 }
+
+/* Before 6.3: the descriptor of the thread's read and write system calls
+ * (the trace events of their entries), resolved to its socket only for
+ * threads inside an SSL call. */
+static __always_inline void note_fd(struct syscall_trace_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *c = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (!c || c->sk)
+		return;
+	long fd = -1;
+	bpf_probe_read_kernel(&fd, sizeof(fd), &ctx->args[0]);
+	struct sock *sk = fd_sock((int)fd);
+	if (sk)
+		c->sk = (__u64)sk;
+}
+
+#define SSL_SYS_IO(call)                                                                                              \
+	SEC("tracepoint/syscalls/sys_enter_" #call)                                                                    \
+	int sslio_##call(struct syscall_trace_enter *ctx)                                                              \
+	{                                                                                                              \
+		note_fd(ctx);                                                                                          \
+		return 0;                                                                                              \
+	}
+
+SSL_SYS_IO(read)
+SSL_SYS_IO(write)
+SSL_SYS_IO(readv)
+SSL_SYS_IO(writev)
+SSL_SYS_IO(recvfrom)
+SSL_SYS_IO(sendto)
+SSL_SYS_IO(recvmsg)
+SSL_SYS_IO(sendmsg)

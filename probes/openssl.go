@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -131,38 +132,40 @@ func layoutFor(v opensslVersion) (sslLayout, bool) {
 
 type opensslProber struct {
 	t     *Tracer
+	spec  *ebpf.CollectionSpec // configured, for the I/O fallback's programs
 	objs  opensslObjs
 	multi bool // objs has the uprobe_multi programs
 
 	mu      sync.Mutex
-	ioLinks []link.Link // the socket I/O fallback, attached with the first library
+	io      []*ebpf.Program // the socket I/O fallback, loaded with the first library
+	ioNames []string
+	ioLinks []io.Closer
 	ioDone  bool
 }
 
-// opensslObjs are the loaded programs and maps of bpf/tls_openssl.c.
+// opensslObjs are the loaded uprobe programs and maps of
+// bpf/tls_openssl.c.
 type opensslObjs struct {
 	SslEntry       *ebpf.Program `ebpf:"ssl_entry"`
 	SslReturn      *ebpf.Program `ebpf:"ssl_return"`
 	SslEntryMulti  *ebpf.Program `ebpf:"ssl_entry_multi"`
 	SslReturnMulti *ebpf.Program `ebpf:"ssl_return_multi"`
-	SslSockSend    *ebpf.Program `ebpf:"ssl_sock_send"`
-	SslSockRecv    *ebpf.Program `ebpf:"ssl_sock_recv"`
+	SslCalls       *ebpf.Map     `ebpf:"ssl_calls"`
 	SslStats       *ebpf.Map     `ebpf:"ssl_stats"`
 }
 
 // opensslClassic are the same without the uprobe_multi programs, for
 // kernels before 6.6, which refuse to load those.
 type opensslClassic struct {
-	SslEntry    *ebpf.Program `ebpf:"ssl_entry"`
-	SslReturn   *ebpf.Program `ebpf:"ssl_return"`
-	SslSockSend *ebpf.Program `ebpf:"ssl_sock_send"`
-	SslSockRecv *ebpf.Program `ebpf:"ssl_sock_recv"`
-	SslStats    *ebpf.Map     `ebpf:"ssl_stats"`
+	SslEntry  *ebpf.Program `ebpf:"ssl_entry"`
+	SslReturn *ebpf.Program `ebpf:"ssl_return"`
+	SslCalls  *ebpf.Map     `ebpf:"ssl_calls"`
+	SslStats  *ebpf.Map     `ebpf:"ssl_stats"`
 }
 
 func (o *opensslObjs) Close() error {
 	var errs []error
-	for _, c := range []io.Closer{o.SslEntry, o.SslReturn, o.SslEntryMulti, o.SslReturnMulti, o.SslSockSend, o.SslSockRecv, o.SslStats} {
+	for _, c := range []io.Closer{o.SslEntry, o.SslReturn, o.SslEntryMulti, o.SslReturnMulti, o.SslCalls, o.SslStats} {
 		if c != nil && !reflect.ValueOf(c).IsNil() {
 			errs = append(errs, c.Close())
 		}
@@ -175,8 +178,8 @@ func newOpenSSLProber(t *Tracer) (tlsProber, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &opensslProber{t: t}
-	err = t.loadTLSObjects(spec.Copy(), &p.objs)
+	p := &opensslProber{t: t, spec: spec}
+	err = t.loadTLSObjects(spec, &p.objs)
 	if err == nil {
 		p.multi = true
 		return p, nil
@@ -186,7 +189,7 @@ func newOpenSSLProber(t *Tracer) (tlsProber, error) {
 	if err := t.loadTLSObjects(spec, &c); err != nil {
 		return nil, loadErr("OpenSSL uprobes", err)
 	}
-	p.objs = opensslObjs{SslEntry: c.SslEntry, SslReturn: c.SslReturn, SslSockSend: c.SslSockSend, SslSockRecv: c.SslSockRecv, SslStats: c.SslStats}
+	p.objs = opensslObjs{SslEntry: c.SslEntry, SslReturn: c.SslReturn, SslCalls: c.SslCalls, SslStats: c.SslStats}
 	return p, nil
 }
 
@@ -328,7 +331,10 @@ func (p *opensslProber) attach(f *tlsFile) ([]link.Link, error) {
 // uprobe per function and way. Returns are attached before entries, so
 // that no entry is recorded whose return would be missed.
 func (p *opensslProber) attachMulti(f *tlsFile, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
-	if p.multi {
+	p.mu.Lock()
+	multi := p.multi
+	p.mu.Unlock()
+	if multi {
 		opts := &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies}
 		ret, err := f.Exe.UretprobeMulti(nil, p.objs.SslReturnMulti, opts)
 		if err == nil {
@@ -338,10 +344,24 @@ func (p *opensslProber) attachMulti(f *tlsFile, fns []string, addrs, cookies []u
 			}
 			ret.Close()
 		}
-		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return nil, fmt.Errorf("attaching to %s: %w", strings.Join(fns, ", "), err)
+		// Kernels before 6.6 may load the uprobe_multi programs and refuse
+		// the link only (EINVAL): classic uprobes then, for this file and
+		// every later one, if they work.
+		links, cerr := p.attachClassic(f, fns, addrs, cookies)
+		if cerr != nil {
+			return nil, fmt.Errorf("attaching to %s: uprobe_multi: %v; uprobes: %w", strings.Join(fns, ", "), err, cerr)
 		}
+		p.mu.Lock()
+		p.multi = false
+		p.mu.Unlock()
+		p.t.opts.Logger.Debug("OpenSSL uprobes without uprobe_multi links", "component", "tls", "reason", err.Error())
+		return links, nil
 	}
+	return p.attachClassic(f, fns, addrs, cookies)
+}
+
+// attachClassic attaches one uprobe per function and way.
+func (p *opensslProber) attachClassic(f *tlsFile, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
 	var links []link.Link
 	for _, ret := range []bool{true, false} {
 		for i, fn := range fns {
@@ -379,7 +399,13 @@ func closeLinks(links []link.Link) error {
 	return errors.Join(errs...)
 }
 
-// attachIO attaches the socket I/O fallback once.
+// sslIOSyscalls are the system calls whose entries the I/O fallback
+// watches before Linux 6.3 (programs sslio_<name>).
+var sslIOSyscalls = []string{"read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg"}
+
+// attachIO loads and attaches the socket I/O fallback, once: the BTF
+// tracepoints sock_send_length and sock_recv_length (Linux 6.3+), else the
+// trace events of the read and write system calls' entries.
 func (p *opensslProber) attachIO() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -387,21 +413,58 @@ func (p *opensslProber) attachIO() error {
 		return nil
 	}
 	p.ioDone = true
-	for _, tp := range []string{"sock_send_length", "sock_recv_length"} {
-		ok, err := kernelHasBTFType("btf_trace_" + tp)
+	ok, err := kernelHasBTFType("btf_trace_sock_send_length")
+	if err != nil {
+		return err
+	}
+	var names []string
+	var ids []uint64
+	if ok {
+		names = []string{"ssl_sock_send", "ssl_sock_recv"}
+	} else {
+		events := make([]string, len(sslIOSyscalls))
+		for i, c := range sslIOSyscalls {
+			names = append(names, "sslio_"+c)
+			events[i] = "sys_enter_" + c
+		}
+		if ids, err = tracepointIDs("syscalls", events...); err != nil {
+			return fmt.Errorf("no sock_send_length tracepoint (Linux 6.3+), and the system calls' trace events are not usable: %w", err)
+		}
+	}
+	spec := p.spec.Copy()
+	for name := range spec.Programs {
+		if !slices.Contains(names, name) {
+			delete(spec.Programs, name)
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		"ssl_calls": p.objs.SslCalls,
+	}})
+	if err != nil {
+		return loadErr("the OpenSSL socket I/O fallback", err)
+	}
+	// Only the programs are kept: the maps they use are the shared
+	// ssl_calls and, through it, nothing else.
+	for _, name := range names {
+		p.io = append(p.io, coll.DetachProgram(name))
+		p.ioNames = append(p.ioNames, name)
+	}
+	coll.Close()
+	for i, prog := range p.io {
+		if ids == nil {
+			l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
+			if err != nil {
+				return fmt.Errorf("attaching %s: %w", prog, err)
+			}
+			p.ioLinks = append(p.ioLinks, l)
+			continue
+		}
+		var tmp Tracer
+		err := tmp.attachTracepoint(prog, ids[i])
+		p.ioLinks = append(p.ioLinks, tmp.closers...)
 		if err != nil {
 			return err
 		}
-		if !ok {
-			return fmt.Errorf("BTF tracepoint %s is missing (added in Linux 6.3)", tp)
-		}
-	}
-	for _, prog := range []*ebpf.Program{p.objs.SslSockSend, p.objs.SslSockRecv} {
-		l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
-		if err != nil {
-			return fmt.Errorf("attaching %s: %w", prog, err)
-		}
-		p.ioLinks = append(p.ioLinks, l)
 	}
 	return nil
 }
@@ -436,15 +499,18 @@ func (p *opensslProber) stats() (OpenSSLStats, error) {
 // programs are the prober's programs by name (run-time statistics).
 func (p *opensslProber) programs() map[string]*ebpf.Program {
 	progs := map[string]*ebpf.Program{
-		"ssl_entry":     p.objs.SslEntry,
-		"ssl_return":    p.objs.SslReturn,
-		"ssl_sock_send": p.objs.SslSockSend,
-		"ssl_sock_recv": p.objs.SslSockRecv,
+		"ssl_entry":  p.objs.SslEntry,
+		"ssl_return": p.objs.SslReturn,
 	}
-	if p.multi {
+	if p.objs.SslEntryMulti != nil {
 		progs["ssl_entry_multi"] = p.objs.SslEntryMulti
 		progs["ssl_return_multi"] = p.objs.SslReturnMulti
 	}
+	p.mu.Lock()
+	for i, prog := range p.io {
+		progs[p.ioNames[i]] = prog
+	}
+	p.mu.Unlock()
 	return progs
 }
 
@@ -454,7 +520,10 @@ func (p *opensslProber) Close() error {
 	for i := len(p.ioLinks) - 1; i >= 0; i-- {
 		errs = append(errs, p.ioLinks[i].Close())
 	}
-	p.ioLinks = nil
+	for _, prog := range p.io {
+		errs = append(errs, prog.Close())
+	}
+	p.ioLinks, p.io, p.ioNames = nil, nil, nil
 	p.mu.Unlock()
 	errs = append(errs, p.objs.Close())
 	return errors.Join(errs...)

@@ -110,6 +110,14 @@ const (
 	tlsOpenSSLProgSslReturnMulti     = "ssl_return_multi"
 	tlsOpenSSLProgSslSockRecv        = "ssl_sock_recv"
 	tlsOpenSSLProgSslSockSend        = "ssl_sock_send"
+	tlsOpenSSLProgSslioRead          = "sslio_read"
+	tlsOpenSSLProgSslioReadv         = "sslio_readv"
+	tlsOpenSSLProgSslioRecvfrom      = "sslio_recvfrom"
+	tlsOpenSSLProgSslioRecvmsg       = "sslio_recvmsg"
+	tlsOpenSSLProgSslioSendmsg       = "sslio_sendmsg"
+	tlsOpenSSLProgSslioSendto        = "sslio_sendto"
+	tlsOpenSSLProgSslioWrite         = "sslio_write"
+	tlsOpenSSLProgSslioWritev        = "sslio_writev"
 	tlsOpenSSLVarAcceptHook          = "accept_hook"
 	tlsOpenSSLVarCookieFromPtr       = "cookie_from_ptr"
 	tlsOpenSSLVarCookieMult          = "cookie_mult"
@@ -176,6 +184,14 @@ type tlsOpenSSLProgramSpecs struct {
 	SslReturnMulti *ebpf.ProgramSpec `ebpf:"ssl_return_multi"`
 	SslSockRecv    *ebpf.ProgramSpec `ebpf:"ssl_sock_recv"`
 	SslSockSend    *ebpf.ProgramSpec `ebpf:"ssl_sock_send"`
+	SslioRead      *ebpf.ProgramSpec `ebpf:"sslio_read"`
+	SslioReadv     *ebpf.ProgramSpec `ebpf:"sslio_readv"`
+	SslioRecvfrom  *ebpf.ProgramSpec `ebpf:"sslio_recvfrom"`
+	SslioRecvmsg   *ebpf.ProgramSpec `ebpf:"sslio_recvmsg"`
+	SslioSendmsg   *ebpf.ProgramSpec `ebpf:"sslio_sendmsg"`
+	SslioSendto    *ebpf.ProgramSpec `ebpf:"sslio_sendto"`
+	SslioWrite     *ebpf.ProgramSpec `ebpf:"sslio_write"`
+	SslioWritev    *ebpf.ProgramSpec `ebpf:"sslio_writev"`
 }
 
 // tlsOpenSSLMapSpecs contains maps before they are loaded into the kernel.
@@ -292,6 +308,14 @@ type tlsOpenSSLPrograms struct {
 	SslReturnMulti *ebpf.Program `ebpf:"ssl_return_multi"`
 	SslSockRecv    *ebpf.Program `ebpf:"ssl_sock_recv"`
 	SslSockSend    *ebpf.Program `ebpf:"ssl_sock_send"`
+	SslioRead      *ebpf.Program `ebpf:"sslio_read"`
+	SslioReadv     *ebpf.Program `ebpf:"sslio_readv"`
+	SslioRecvfrom  *ebpf.Program `ebpf:"sslio_recvfrom"`
+	SslioRecvmsg   *ebpf.Program `ebpf:"sslio_recvmsg"`
+	SslioSendmsg   *ebpf.Program `ebpf:"sslio_sendmsg"`
+	SslioSendto    *ebpf.Program `ebpf:"sslio_sendto"`
+	SslioWrite     *ebpf.Program `ebpf:"sslio_write"`
+	SslioWritev    *ebpf.Program `ebpf:"sslio_writev"`
 }
 
 func (p *tlsOpenSSLPrograms) Close() error {
@@ -302,6 +326,14 @@ func (p *tlsOpenSSLPrograms) Close() error {
 		p.SslReturnMulti,
 		p.SslSockRecv,
 		p.SslSockSend,
+		p.SslioRead,
+		p.SslioReadv,
+		p.SslioRecvfrom,
+		p.SslioRecvmsg,
+		p.SslioSendmsg,
+		p.SslioSendto,
+		p.SslioWrite,
+		p.SslioWritev,
 	)
 }
 

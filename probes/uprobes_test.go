@@ -44,6 +44,7 @@ func TestStartTLSAttachesAndCloseRemovesEverything(t *testing.T) {
 		}
 		procs = append(procs, cmd)
 	}
+	onlyOpenSSL(t)
 	tr, err := Open(Options{Mode: ModeTracepoint})
 	if err != nil {
 		t.Fatal(err)
@@ -108,6 +109,15 @@ func TestStartTLSAttachesAndCloseRemovesEverything(t *testing.T) {
 	if len(after.Progs) != len(before.Progs) || len(after.Links) != len(before.Links) {
 		t.Errorf("the socket tracer held %+v before, %+v after", before, after)
 	}
+}
+
+// onlyOpenSSL leaves the OpenSSL prober alone in tlsProberFactories for
+// the test, so that its counts do not depend on the other probers (and on
+// the other programs running on the machine that those would probe).
+func onlyOpenSSL(t *testing.T) {
+	saved := tlsProberFactories
+	t.Cleanup(func() { tlsProberFactories = saved })
+	tlsProberFactories = []func(*Tracer) (tlsProber, error){newOpenSSLProber}
 }
 
 func diff(a, b testbed.BPFObjects) testbed.BPFObjects {

@@ -66,6 +66,7 @@ type options struct {
 	wirePods     listFlag
 	wireNodes    listFlag
 	wireAttach   string
+	tls, tlsSet  bool
 	kube         kubeOptions     // Kubernetes mode (kube.go)
 	set          map[string]bool // flags given on the command line
 }
@@ -100,12 +101,14 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.wirePods, "wire-interfaces", "pod interfaces for wire tracing: names, patterns, @veth (default: @veth, the host side of every veth)")
 	fs.Var(&o.wireNodes, "wire-node-interfaces", "node NICs for wire tracing: names, patterns, @default-route (default: @default-route)")
 	fs.StringVar(&o.wireAttach, "wire-attach", "", "how to attach the tc programs: auto, tcx or clsact (default auto)")
+	tlsFlags(fs, o)
 	o.kube.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	o.set = map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
+	o.tlsSet = o.set["tls"]
 	if err := o.kube.check(); err != nil {
 		return nil, err
 	}
@@ -229,6 +232,16 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	tlsTr, err := startTLS(ctx, o, fileCfg, tr, log)
+	if err != nil {
+		if wire != nil {
+			wire.Close()
+		}
+		tr.Close()
+		_ = exp.Shutdown(context.Background())
+		return err
+	}
+
 	var hint func(netip.AddrPort) string
 	if ks != nil {
 		hint = index.Protocol // protocols named by Service ports
@@ -256,6 +269,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if ka, err = ks.agent(log, o, tr, wt, netnsPath, index, func(old, cur *podmap.LiveConfig) {
 			exp.reconfigure(log, o, old, cur, newExporter)
 		}); err != nil {
+			_ = stopTLS(tlsTr, log)
 			tr.Close()
 			if wire != nil {
 				wire.Close()
@@ -318,7 +332,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	errs := []error{runErr}
+	errs := []error{runErr, stopTLS(tlsTr, log)}
 	if err := tr.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("detaching: %w", err))
 	}

@@ -11,11 +11,23 @@
  *   syscalls/sys_enter_mmap, sys_exit_mmap an executable file mapping
  *                                          was made (reported at the
  *                                          exit, when it is in the maps)
- * Neither is on a network path.
+ *
+ * When the uprobes are attached per process (the tracer filters by
+ * cgroup), also:
+ *
+ *   sched_process_fork (BTF tracepoint)   a traced process made a new
+ *                                          process (not a thread): the
+ *                                          child maps what its parent
+ *                                          did, and must be probed too
+ *   sched_process_exit (BTF tracepoint)   the last thread of a process
+ *                                          with uprobes of its own ended:
+ *                                          its links can go
+ * None is on a network path.
  */
 #include "vmlinux.h"
 #include "bpf_helpers.h"
 #include "bpf_tracing.h"
+#include "bpf_core_read.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -24,6 +36,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 enum watch_kind {
 	PROC_EXEC = 1, /* the process executed a program */
 	PROC_MMAP = 2, /* the process mapped a file executable */
+	PROC_FORK = 3, /* the process was made by fork (tgid: the child) */
+	PROC_EXIT = 4, /* the process ended */
 };
 
 struct watch_event {
@@ -48,6 +62,15 @@ struct {
 	__type(key, __u64);
 	__type(value, __u8);
 } traced_cgroups SEC(".maps");
+
+/* The processes with uprobes of their own (filled by user space): their
+ * exits are reported. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} probed_tgids SEC(".maps");
 
 /* Threads inside an mmap of a file with PROT_EXEC. */
 struct {
@@ -76,7 +99,7 @@ static __always_inline int traced(__u64 *cgid)
 	return !filter_cgroups || bpf_map_lookup_elem(&traced_cgroups, cgid);
 }
 
-static __always_inline void report(__u32 kind, __u64 cgid)
+static __always_inline void report_tgid(__u32 tgid, __u32 kind, __u64 cgid)
 {
 	struct watch_event *e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
 	if (!e) {
@@ -86,11 +109,16 @@ static __always_inline void report(__u32 kind, __u64 cgid)
 			*n += 1;
 		return;
 	}
-	e->tgid = bpf_get_current_pid_tgid() >> 32;
+	e->tgid = tgid;
 	e->kind = kind;
 	e->cgroup_id = cgid;
 	/* Rare events that user space must act on at once: wake it. */
 	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void report(__u32 kind, __u64 cgid)
+{
+	report_tgid(bpf_get_current_pid_tgid() >> 32, kind, cgid);
 }
 
 SEC("tp_btf/sched_process_exec")
@@ -129,5 +157,32 @@ int watch_mmap_exit(struct syscall_trace_exit *ctx)
 	if (ctx->ret < 0 && ctx->ret > -4096)
 		return 0;
 	report(PROC_MMAP, bpf_get_current_cgroup_id());
+	return 0;
+}
+
+/* Runs in the parent. A new thread group only: threads share the
+ * process's memory and its uprobes. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(watch_fork, struct task_struct *parent, struct task_struct *child)
+{
+	if (child->pid != child->tgid)
+		return 0;
+	__u64 cgid;
+	if (traced(&cgid))
+		report_tgid(child->tgid, PROC_FORK, cgid);
+	return 0;
+}
+
+/* Runs for every thread that ends; the process has ended when the count
+ * of its live threads (decremented before this trace point) is zero. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(watch_exit, struct task_struct *p)
+{
+	__u32 tgid = p->tgid;
+	if (!bpf_map_lookup_elem(&probed_tgids, &tgid))
+		return 0;
+	if (BPF_CORE_READ(p, signal, live.counter) != 0)
+		return 0;
+	report_tgid(tgid, PROC_EXIT, 0);
 	return 0;
 }

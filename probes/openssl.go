@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -278,7 +279,15 @@ func sectionBanner(f *elf.File) (opensslVersion, bool) {
 	return opensslVersion{}, false
 }
 
-func (p *opensslProber) attach(f *tlsFile) ([]link.Link, error) {
+// opensslTarget is the functions of one file and their cookies.
+type opensslTarget struct {
+	p       *opensslProber
+	fns     []string
+	addrs   []uint64
+	cookies []uint64
+}
+
+func (p *opensslProber) inspect(f *tlsFile) (tlsTarget, error) {
 	names := make([]string, len(opensslFuncs))
 	for i, fn := range opensslFuncs {
 		names[i] = fn.name
@@ -306,48 +315,55 @@ func (p *opensslProber) attach(f *tlsFile) ([]link.Link, error) {
 	}
 	p.t.opts.Logger.Debug("OpenSSL library", "component", "tls", "path", f.Name, "version", desc)
 
-	var fns []string
-	var addrs, cookies []uint64
+	t := &opensslTarget{p: p}
 	for _, fn := range opensslFuncs {
 		if off, ok := have[fn.name]; ok {
-			fns = append(fns, fn.name)
-			addrs = append(addrs, off)
-			cookies = append(cookies, base|fn.bits)
+			t.fns = append(t.fns, fn.name)
+			t.addrs = append(t.addrs, off)
+			t.cookies = append(t.cookies, base|fn.bits)
 		}
 	}
-	links, err := p.attachMulti(f, fns, addrs, cookies)
+	return t, nil
+}
+
+func (t *opensslTarget) attach(exe *link.Executable, pid int) ([]link.Link, error) {
+	links, err := t.p.attachMulti(exe, pid, t.fns, t.addrs, t.cookies)
 	if err != nil {
 		return nil, err
 	}
-	if err := p.attachIO(); err != nil {
-		p.t.opts.Logger.Warn("OpenSSL: plaintext of SSL objects without a socket descriptor BIO cannot be bound to its socket",
+	if err := t.p.attachIO(); err != nil {
+		t.p.t.opts.Logger.Warn("OpenSSL: plaintext of SSL objects without a socket descriptor BIO cannot be bound to its socket",
 			"component", "probes", "reason", err.Error())
 	}
 	return links, nil
 }
 
 // attachMulti attaches the entry and return programs to the functions
-// fns of f: with two uprobe_multi links when the kernel has them, else one
-// uprobe per function and way. Returns are attached before entries, so
-// that no entry is recorded whose return would be missed.
-func (p *opensslProber) attachMulti(f *tlsFile, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
+// fns of exe (in process pid only, unless 0): with two uprobe_multi links
+// when the kernel has them, else one uprobe per function and way. Returns
+// are attached before entries, so that no entry is recorded whose return
+// would be missed.
+func (p *opensslProber) attachMulti(exe *link.Executable, pid int, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
 	p.mu.Lock()
 	multi := p.multi
 	p.mu.Unlock()
 	if multi {
-		opts := &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies}
-		ret, err := f.Exe.UretprobeMulti(nil, p.objs.SslReturnMulti, opts)
+		opts := &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies, PID: uint32(pid)}
+		ret, err := exe.UretprobeMulti(nil, p.objs.SslReturnMulti, opts)
 		if err == nil {
-			ent, err := f.Exe.UprobeMulti(nil, p.objs.SslEntryMulti, opts)
-			if err == nil {
+			var ent link.Link
+			if ent, err = exe.UprobeMulti(nil, p.objs.SslEntryMulti, opts); err == nil {
 				return []link.Link{ret, ent}, nil
 			}
 			ret.Close()
 		}
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, err // the process is gone
+		}
 		// Kernels before 6.6 may load the uprobe_multi programs and refuse
 		// the link only (EINVAL): classic uprobes then, for this file and
 		// every later one, if they work.
-		links, cerr := p.attachClassic(f, fns, addrs, cookies)
+		links, cerr := p.attachClassic(exe, pid, fns, addrs, cookies)
 		if cerr != nil {
 			return nil, fmt.Errorf("attaching to %s: uprobe_multi: %v; uprobes: %w", strings.Join(fns, ", "), err, cerr)
 		}
@@ -357,21 +373,21 @@ func (p *opensslProber) attachMulti(f *tlsFile, fns []string, addrs, cookies []u
 		p.t.opts.Logger.Debug("OpenSSL uprobes without uprobe_multi links", "component", "tls", "reason", err.Error())
 		return links, nil
 	}
-	return p.attachClassic(f, fns, addrs, cookies)
+	return p.attachClassic(exe, pid, fns, addrs, cookies)
 }
 
 // attachClassic attaches one uprobe per function and way.
-func (p *opensslProber) attachClassic(f *tlsFile, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
+func (p *opensslProber) attachClassic(exe *link.Executable, pid int, fns []string, addrs, cookies []uint64) ([]link.Link, error) {
 	var links []link.Link
 	for _, ret := range []bool{true, false} {
 		for i, fn := range fns {
-			opts := &link.UprobeOptions{Address: addrs[i], Cookie: cookies[i]}
+			opts := &link.UprobeOptions{Address: addrs[i], Cookie: cookies[i], PID: pid}
 			var l link.Link
 			var err error
 			if ret {
-				l, err = f.Exe.Uretprobe(fn, p.objs.SslReturn, opts)
+				l, err = exe.Uretprobe(fn, p.objs.SslReturn, opts)
 			} else {
-				l, err = f.Exe.Uprobe(fn, p.objs.SslEntry, opts)
+				l, err = exe.Uprobe(fn, p.objs.SslEntry, opts)
 			}
 			if err != nil {
 				closeLinks(links)

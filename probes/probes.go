@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -134,6 +135,9 @@ type Tracer struct {
 	opts                  Options // as normalized by Open
 	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
+
+	tlsMu sync.Mutex
+	tls   *TLSTracer // TLS tracing per process, told of cgroup changes
 }
 
 // Programs returns the attached programs by name (for their run-time
@@ -215,18 +219,43 @@ func (t *Tracer) Close() error {
 }
 
 // AddCgroup traces the sockets of the cgroup with this cgroup v2 id (when
-// the tracer filters by cgroup).
+// the tracer filters by cgroup). TLS tracing, when started, looks for the
+// cgroup's running processes soon (TLSTracer.Rescan).
 func (t *Tracer) AddCgroup(id uint64) error {
-	return t.cgroups.Put(id, uint8(1))
+	if err := t.cgroups.Put(id, uint8(1)); err != nil {
+		return err
+	}
+	if m := t.tlsManager(); m != nil {
+		m.Rescan()
+	}
+	return nil
 }
 
-// RemoveCgroup stops tracing a cgroup.
+// RemoveCgroup stops tracing a cgroup; TLS tracing detaches the uprobes
+// of its processes.
 func (t *Tracer) RemoveCgroup(id uint64) error {
 	err := t.cgroups.Delete(id)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil
+		err = nil
+	}
+	if m := t.tlsManager(); m != nil {
+		m.untraceCgroup(id)
 	}
 	return err
+}
+
+func (t *Tracer) tlsManager() *TLSTracer {
+	t.tlsMu.Lock()
+	defer t.tlsMu.Unlock()
+	return t.tls
+}
+
+func (t *Tracer) setTLSManager(old, m *TLSTracer) {
+	t.tlsMu.Lock()
+	defer t.tlsMu.Unlock()
+	if t.tls == old {
+		t.tls = m
+	}
 }
 
 // Stats are the kernel side's counters, summed over CPUs.

@@ -33,7 +33,7 @@ type tlsFile struct {
 	Exe *link.Executable
 }
 
-// errNotMine is what a prober's attach returns for a file that holds none
+// errNotMine is what a prober's inspect returns for a file that holds none
 // of its TLS implementation.
 var errNotMine = errors.New("no TLS implementation of this kind")
 
@@ -41,12 +41,22 @@ var errNotMine = errors.New("no TLS implementation of this kind")
 type tlsProber interface {
 	// name is the implementation's name in logs ("openssl", "go_tls").
 	name() string
-	// attach attaches the implementation's uprobes to f and returns the
-	// links, or errNotMine. Any other error names what is missing (for
+	// inspect looks for the implementation in f and returns how to probe
+	// it, or errNotMine. Any other error names what is missing (for
 	// example a Go binary whose version or struct offsets are unknown).
-	attach(f *tlsFile) ([]link.Link, error)
+	// It runs once per file; the target is attached to the file once, or
+	// once per process that maps it.
+	inspect(f *tlsFile) (tlsTarget, error)
 	// Close unloads the prober's programs (after its links are closed).
 	Close() error
+}
+
+// tlsTarget is the uprobes of one implementation in one file.
+type tlsTarget interface {
+	// attach attaches the uprobes to exe (the file inspect looked at, or
+	// the same file opened again): in process pid only, or in every
+	// process that maps the file when pid is 0.
+	attach(exe *link.Executable, pid int) ([]link.Link, error)
 }
 
 // loadTLSObjects loads a TLS uprobe object (built from a C file including

@@ -25,6 +25,8 @@ type tlsProcWatchWatchKind uint32
 const (
 	tlsProcWatchWatchKindPROC_EXEC tlsProcWatchWatchKind = 1
 	tlsProcWatchWatchKindPROC_MMAP tlsProcWatchWatchKind = 2
+	tlsProcWatchWatchKindPROC_FORK tlsProcWatchWatchKind = 3
+	tlsProcWatchWatchKindPROC_EXIT tlsProcWatchWatchKind = 4
 )
 
 // Names of all BPF objects in the ELF.
@@ -32,10 +34,13 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	tlsProcWatchMapExecMmaps        = "exec_mmaps"
+	tlsProcWatchMapProbedTgids      = "probed_tgids"
 	tlsProcWatchMapProcEvents       = "proc_events"
 	tlsProcWatchMapProcLost         = "proc_lost"
 	tlsProcWatchMapTracedCgroups    = "traced_cgroups"
 	tlsProcWatchProgWatchExec       = "watch_exec"
+	tlsProcWatchProgWatchExit       = "watch_exit"
+	tlsProcWatchProgWatchFork       = "watch_fork"
 	tlsProcWatchProgWatchMmapEnter  = "watch_mmap_enter"
 	tlsProcWatchProgWatchMmapExit   = "watch_mmap_exit"
 	tlsProcWatchVarFilterCgroups    = "filter_cgroups"
@@ -87,6 +92,8 @@ type tlsProcWatchSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tlsProcWatchProgramSpecs struct {
 	WatchExec      *ebpf.ProgramSpec `ebpf:"watch_exec"`
+	WatchExit      *ebpf.ProgramSpec `ebpf:"watch_exit"`
+	WatchFork      *ebpf.ProgramSpec `ebpf:"watch_fork"`
 	WatchMmapEnter *ebpf.ProgramSpec `ebpf:"watch_mmap_enter"`
 	WatchMmapExit  *ebpf.ProgramSpec `ebpf:"watch_mmap_exit"`
 }
@@ -96,6 +103,7 @@ type tlsProcWatchProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tlsProcWatchMapSpecs struct {
 	ExecMmaps     *ebpf.MapSpec `ebpf:"exec_mmaps"`
+	ProbedTgids   *ebpf.MapSpec `ebpf:"probed_tgids"`
 	ProcEvents    *ebpf.MapSpec `ebpf:"proc_events"`
 	ProcLost      *ebpf.MapSpec `ebpf:"proc_lost"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -132,6 +140,7 @@ func (o *tlsProcWatchObjects) Close() error {
 // It can be passed to loadTlsProcWatchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tlsProcWatchMaps struct {
 	ExecMmaps     *ebpf.Map `ebpf:"exec_mmaps"`
+	ProbedTgids   *ebpf.Map `ebpf:"probed_tgids"`
 	ProcEvents    *ebpf.Map `ebpf:"proc_events"`
 	ProcLost      *ebpf.Map `ebpf:"proc_lost"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -140,6 +149,7 @@ type tlsProcWatchMaps struct {
 func (m *tlsProcWatchMaps) Close() error {
 	return _TlsProcWatchClose(
 		m.ExecMmaps,
+		m.ProbedTgids,
 		m.ProcEvents,
 		m.ProcLost,
 		m.TracedCgroups,
@@ -161,6 +171,8 @@ type tlsProcWatchVariables struct {
 // It can be passed to loadTlsProcWatchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tlsProcWatchPrograms struct {
 	WatchExec      *ebpf.Program `ebpf:"watch_exec"`
+	WatchExit      *ebpf.Program `ebpf:"watch_exit"`
+	WatchFork      *ebpf.Program `ebpf:"watch_fork"`
 	WatchMmapEnter *ebpf.Program `ebpf:"watch_mmap_enter"`
 	WatchMmapExit  *ebpf.Program `ebpf:"watch_mmap_exit"`
 }
@@ -168,6 +180,8 @@ type tlsProcWatchPrograms struct {
 func (p *tlsProcWatchPrograms) Close() error {
 	return _TlsProcWatchClose(
 		p.WatchExec,
+		p.WatchExit,
+		p.WatchFork,
 		p.WatchMmapEnter,
 		p.WatchMmapExit,
 	)

@@ -33,8 +33,27 @@ import (
 // object of its own: bpf/tls_procwatch.c), so that libraries loaded by the
 // dynamic loader or by dlopen later (Python's _ssl at `import ssl`) are
 // probed before the program uses them; a slow periodic rescan catches what
-// the watch cannot see (cgroups traced later, kernels without the mmap
-// trace events).
+// the watch cannot see (kernels without the mmap trace events).
+//
+// Where the probes go depends on the tracer's cgroup filter:
+//
+//   - Without it (every process is traced), each file is probed once, for
+//     every process that maps it, now or later.
+//   - With it, each traced process is probed on its own (a PID per link):
+//     the kernel then sets its breakpoints in that process only, so that
+//     the processes of untraced cgroups that map the same library (a load
+//     generator, other pods of the same image) never trap into the kernel
+//     at all. A uprobe belongs to a file, and without the PID every process
+//     mapping the file would take the traps, even though the programs'
+//     cgroup filter then returns at once. The watch also reports the
+//     processes that traced ones fork (they inherit the parent's
+//     breakpoints, but not its links: the child is probed on its own) and
+//     the end of probed processes, whose links are then closed; a process
+//     whose cgroup stops being traced (Tracer.RemoveCgroup, or found by a
+//     rescan) loses its probes too. The cost: a new traced process is
+//     probed some milliseconds after its exec, fork or dlopen (the time to
+//     read its maps and attach), where a file probed once covers every
+//     later process from its first instruction.
 
 // TLSOptions configure StartTLS.
 type TLSOptions struct {
@@ -46,38 +65,73 @@ type TLSOptions struct {
 	// (default 30 s; negative: never).
 	Rescan time.Duration
 	// OnAttach, if set, is called (from the manager's goroutine) for every
-	// file probed.
+	// attachment made.
 	OnAttach func(TLSAttachment)
 }
 
-// TLSAttachment is one file whose TLS functions are probed.
+// TLSAttachment is the probes of one TLS implementation in one file.
 type TLSAttachment struct {
 	// Impl is the prober's name ("openssl", "go_tls").
 	Impl string
 	// Path is the file's path in the process's mount namespace.
 	Path string
-	// PID is the process whose maps revealed the file.
+	// PID is the process whose maps revealed the file; unless
+	// AllProcesses, the only process whose calls are probed.
 	PID int
+	// AllProcesses: the probes are the file's, for every process that
+	// maps it (the tracer does not filter by cgroup).
+	AllProcesses bool
 	// Dev and Inode identify the file (as /proc/<pid>/maps shows them).
 	Dev, Inode uint64
-	// Probes is the number of uprobes attached.
+	// Probes is the number of links attached.
 	Probes int
 }
 
 // fileID is a file's identity: device and inode.
 type fileID struct{ dev, ino uint64 }
 
-// fileState is what the manager did with a file.
+// fileTarget is what one prober found in a file.
+type fileTarget struct {
+	impl   string
+	target tlsTarget
+}
+
+// fileState is what the manager found in a file.
 type fileState struct {
+	// name is the path as the first process that revealed it maps it.
+	name string
+	// targets are the probers' findings (none: nothing to probe).
+	targets []fileTarget
+	// links and atts are the file's probes for every process (when the
+	// tracer does not filter by cgroup).
 	links []link.Link
+	atts  []TLSAttachment
+}
+
+// procState is a process probed on its own: the links per file.
+type procState struct {
+	cgroup uint64
+	files  map[fileID]*procFile
+}
+
+type procFile struct {
+	links []link.Link
+	atts  []TLSAttachment
+}
+
+// procEvent is a watch event to act on.
+type procEvent struct {
+	pid  int
+	exit bool
 }
 
 // TLSTracer is the running manager. Close detaches everything.
 type TLSTracer struct {
-	t       *Tracer
-	log     *slog.Logger
-	opts    TLSOptions
-	probers []tlsProber
+	t          *Tracer
+	log        *slog.Logger
+	opts       TLSOptions
+	probers    []tlsProber
+	perProcess bool // one set of links per traced process, else per file
 
 	watch      tlsProcWatchObjects
 	watchLoad  bool
@@ -86,17 +140,21 @@ type TLSTracer struct {
 
 	mu       sync.Mutex
 	files    map[fileID]*fileState
+	procs    map[int]*procState
 	attached []TLSAttachment
 	scans    uint64
+	detached uint64
 
-	urgent    chan int
+	urgent    chan procEvent
 	rescan    chan struct{}
+	untrace   chan uint64
 	queuedMu  sync.Mutex
 	queued    map[int]bool
 	cgroupDir string // cgroup2 mount, for the cgroup filter
 
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	closing sync.WaitGroup // links being closed in the background
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 }
 
 // StartTLS loads the TLS probers and starts the manager: when it returns,
@@ -113,8 +171,9 @@ func (t *Tracer) StartTLS(ctx context.Context, o TLSOptions) (*TLSTracer, error)
 	if o.Rescan == 0 {
 		o.Rescan = 30 * time.Second
 	}
-	m := &TLSTracer{t: t, log: o.Logger.With("component", "tls"), opts: o, files: map[fileID]*fileState{},
-		urgent: make(chan int, 1024), rescan: make(chan struct{}, 1), queued: map[int]bool{}}
+	m := &TLSTracer{t: t, log: o.Logger.With("component", "tls"), opts: o, perProcess: t.opts.FilterCgroups,
+		files: map[fileID]*fileState{}, procs: map[int]*procState{},
+		urgent: make(chan procEvent, 1024), rescan: make(chan struct{}, 1), untrace: make(chan uint64, 256), queued: map[int]bool{}}
 	if len(tlsProberFactories) == 0 {
 		return nil, errors.New("no TLS probers are built in")
 	}
@@ -143,6 +202,9 @@ func (t *Tracer) StartTLS(ctx context.Context, o TLSOptions) (*TLSTracer, error)
 		m.Close()
 		return nil, err
 	}
+	if m.perProcess {
+		t.setTLSManager(nil, m)
+	}
 	m.scanAll(nil)
 
 	ctx, m.cancel = context.WithCancel(ctx)
@@ -159,9 +221,9 @@ func (t *Tracer) StartTLS(ctx context.Context, o TLSOptions) (*TLSTracer, error)
 }
 
 // startWatch loads bpf/tls_procwatch.c and attaches it: the exec
-// tracepoint is required, the mmap trace events are optional (without
-// them, libraries loaded after the program started are found by the
-// periodic rescan only).
+// tracepoint is required (and, per process, the fork and exit ones), the
+// mmap trace events are optional (without them, libraries loaded after the
+// program started are found by the periodic rescan only).
 func (m *TLSTracer) startWatch() error {
 	spec, err := loadTlsProcWatch()
 	if err != nil {
@@ -175,17 +237,47 @@ func (m *TLSTracer) startWatch() error {
 			return fmt.Errorf("setting %s: %w", name, err)
 		}
 	}
-	if err := spec.LoadAndAssign(&m.watch, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		"traced_cgroups": m.t.cgroups,
-	}}); err != nil {
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{"traced_cgroups": m.t.cgroups}}
+	if m.perProcess {
+		err = spec.LoadAndAssign(&m.watch, opts)
+	} else {
+		// Without the fork and exit programs, which only per-process
+		// probes need.
+		var o struct {
+			tlsProcWatchMaps
+			WatchExec      *ebpf.Program `ebpf:"watch_exec"`
+			WatchMmapEnter *ebpf.Program `ebpf:"watch_mmap_enter"`
+			WatchMmapExit  *ebpf.Program `ebpf:"watch_mmap_exit"`
+		}
+		if err = spec.LoadAndAssign(&o, opts); err == nil {
+			m.watch.tlsProcWatchMaps = o.tlsProcWatchMaps
+			m.watch.WatchExec, m.watch.WatchMmapEnter, m.watch.WatchMmapExit = o.WatchExec, o.WatchMmapEnter, o.WatchMmapExit
+		}
+	}
+	if err != nil {
 		return loadErr("process watch", err)
 	}
 	m.watchLoad = true
-	l, err := link.AttachTracing(link.TracingOptions{Program: m.watch.WatchExec, AttachType: ebpf.AttachTraceRawTp})
-	if err != nil {
-		return fmt.Errorf("attaching the exec watch (BTF tracepoint sched_process_exec): %w", err)
+	raw := []struct {
+		prog *ebpf.Program
+		what string
+	}{{m.watch.WatchExec, "exec watch (BTF tracepoint sched_process_exec)"}}
+	if m.perProcess {
+		raw = append(raw, struct {
+			prog *ebpf.Program
+			what string
+		}{m.watch.WatchFork, "fork watch (BTF tracepoint sched_process_fork)"}, struct {
+			prog *ebpf.Program
+			what string
+		}{m.watch.WatchExit, "exit watch (BTF tracepoint sched_process_exit)"})
 	}
-	m.watchLinks = append(m.watchLinks, l)
+	for _, r := range raw {
+		l, err := link.AttachTracing(link.TracingOptions{Program: r.prog, AttachType: ebpf.AttachTraceRawTp})
+		if err != nil {
+			return fmt.Errorf("attaching the %s: %w", r.what, err)
+		}
+		m.watchLinks = append(m.watchLinks, l)
+	}
 	ids, err := tracepointIDs("syscalls", "sys_enter_mmap", "sys_exit_mmap")
 	if err != nil {
 		m.log.Warn("libraries loaded after a program starts are found by the periodic rescan only",
@@ -208,7 +300,8 @@ func (m *TLSTracer) startWatch() error {
 	return nil
 }
 
-// readWatch turns watch events into urgent scans.
+// readWatch turns watch events into urgent scans, and exits into
+// detaching.
 func (m *TLSTracer) readWatch() {
 	var rec ringbuf.Record
 	for {
@@ -218,30 +311,40 @@ func (m *TLSTracer) readWatch() {
 			}
 			continue
 		}
-		if len(rec.RawSample) < 4 {
+		if len(rec.RawSample) < 8 {
 			continue
 		}
-		// struct watch_event starts with the tgid.
-		m.enqueue(int(binary.NativeEndian.Uint32(rec.RawSample)))
+		// struct watch_event starts with the tgid and the kind.
+		pid := int(binary.NativeEndian.Uint32(rec.RawSample))
+		kind := tlsProcWatchWatchKind(binary.NativeEndian.Uint32(rec.RawSample[4:]))
+		m.enqueue(pid, kind == tlsProcWatchWatchKindPROC_EXIT)
 	}
 }
 
-// enqueue asks for a prompt scan of pid (once, however many events).
-func (m *TLSTracer) enqueue(pid int) {
+// enqueue asks for a prompt scan of pid (once, however many events), or
+// for dropping its probes when it ended.
+func (m *TLSTracer) enqueue(pid int, exit bool) {
 	m.queuedMu.Lock()
-	if m.queued[pid] {
+	if exit {
+		// A scan queued before stays before the exit; a later one (of a
+		// new process with the same pid) must not be merged into it.
+		delete(m.queued, pid)
+	} else if m.queued[pid] {
 		m.queuedMu.Unlock()
 		return
+	} else {
+		m.queued[pid] = true
 	}
-	m.queued[pid] = true
 	m.queuedMu.Unlock()
 	select {
-	case m.urgent <- pid:
+	case m.urgent <- procEvent{pid: pid, exit: exit}:
 	default:
-		// Full: the next rescan will see it.
-		m.queuedMu.Lock()
-		delete(m.queued, pid)
-		m.queuedMu.Unlock()
+		// Full: the next rescan will see it (and that it is gone).
+		if !exit {
+			m.queuedMu.Lock()
+			delete(m.queued, pid)
+			m.queuedMu.Unlock()
+		}
 	}
 }
 
@@ -258,8 +361,10 @@ func (m *TLSTracer) work(ctx context.Context) {
 		case <-ctx.Done():
 			m.rd.Close() // ends readWatch
 			return
-		case pid := <-m.urgent:
-			m.scanUrgent(pid)
+		case ev := <-m.urgent:
+			m.handle(ev)
+		case id := <-m.untrace:
+			m.dropCgroup(id)
 		case <-tick:
 			m.scanAll(ctx)
 		case <-m.rescan:
@@ -268,17 +373,21 @@ func (m *TLSTracer) work(ctx context.Context) {
 	}
 }
 
-func (m *TLSTracer) scanUrgent(pid int) {
+func (m *TLSTracer) handle(ev procEvent) {
+	if ev.exit {
+		m.dropProc(ev.pid)
+		return
+	}
 	m.queuedMu.Lock()
-	delete(m.queued, pid)
+	delete(m.queued, ev.pid)
 	m.queuedMu.Unlock()
 	// The watch has filtered by cgroup already.
-	m.scanPID(pid, false)
+	m.scanPID(ev.pid, false)
 }
 
 // Rescan asks for a scan of every process soon (without waiting for it):
-// call it after tracing more cgroups, so that their running processes'
-// libraries are probed now rather than at the next periodic rescan.
+// Tracer.AddCgroup calls it, so that the running processes of a newly
+// traced cgroup are probed now rather than at the next periodic rescan.
 func (m *TLSTracer) Rescan() {
 	select {
 	case m.rescan <- struct{}{}:
@@ -286,7 +395,17 @@ func (m *TLSTracer) Rescan() {
 	}
 }
 
-// scanAll scans every process, serving urgent scans in between.
+// untraceCgroup asks for the probes of a cgroup's processes to go.
+func (m *TLSTracer) untraceCgroup(id uint64) {
+	select {
+	case m.untrace <- id:
+	default:
+		m.Rescan() // which finds the processes of untraced cgroups
+	}
+}
+
+// scanAll scans every process, serving urgent scans in between; per
+// process, it also drops the probes of processes that are gone.
 func (m *TLSTracer) scanAll(ctx context.Context) {
 	ents, err := os.ReadDir(m.opts.ProcRoot)
 	if err != nil {
@@ -294,21 +413,30 @@ func (m *TLSTracer) scanAll(ctx context.Context) {
 		return
 	}
 	self := os.Getpid()
+	alive := map[int]bool{}
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == self {
 			continue
 		}
+		alive[pid] = true
 		if ctx != nil {
 			select {
 			case <-ctx.Done():
 				return
-			case u := <-m.urgent:
-				m.scanUrgent(u)
+			case ev := <-m.urgent:
+				m.handle(ev)
+			case id := <-m.untrace:
+				m.dropCgroup(id)
 			default:
 			}
 		}
 		m.scanPID(pid, true)
+	}
+	for _, pid := range m.procPIDs() {
+		if !alive[pid] {
+			m.dropProc(pid)
+		}
 	}
 }
 
@@ -368,10 +496,20 @@ func gone(err error) bool {
 }
 
 // scanPID probes the new files that pid maps executable. checkCgroup:
-// skip it unless it is in a traced cgroup (when the tracer filters).
+// skip it unless it is in a traced cgroup (when the tracer filters). Per
+// process, the cgroup is always checked (a process found in an untraced
+// cgroup loses its probes) and the probes of files it no longer maps
+// (after an exec or dlclose) go.
 func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
-	if checkCgroup && m.cgroupDir != "" && !m.pidTraced(pid) {
-		return
+	var cg uint64
+	if m.cgroupDir != "" && (checkCgroup || m.perProcess) {
+		var traced bool
+		if cg, traced = m.pidCgroup(pid); !traced {
+			if m.perProcess {
+				m.dropProc(pid)
+			}
+			return
+		}
 	}
 	maps, err := execMappings(m.opts.ProcRoot, pid)
 	m.mu.Lock()
@@ -381,93 +519,310 @@ func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
 		if !gone(err) {
 			m.log.Debug("cannot read memory maps", "pid", pid, "err", err)
 		}
+		if m.perProcess {
+			m.dropProc(pid)
+		}
 		return
 	}
+	if !m.perProcess {
+		for _, mp := range maps {
+			m.mu.Lock()
+			_, known := m.files[mp.id]
+			m.mu.Unlock()
+			if !known {
+				m.probeFile(pid, mp)
+			}
+		}
+		return
+	}
+	mapped := make(map[fileID]bool, len(maps))
 	for _, mp := range maps {
+		mapped[mp.id] = true
 		m.mu.Lock()
-		_, known := m.files[mp.id]
+		st := m.files[mp.id]
+		ps := m.procs[pid]
+		_, done := ps.file(mp.id)
 		m.mu.Unlock()
-		if known {
+		if done || (st != nil && len(st.targets) == 0) {
 			continue
 		}
-		m.probeFile(pid, mp)
+		m.probeProcFile(pid, cg, mp, st)
 	}
+	// Files the process no longer maps.
+	m.mu.Lock()
+	var stale []link.Link
+	if ps := m.procs[pid]; ps != nil {
+		ps.cgroup = cg
+		for id, pf := range ps.files {
+			if !mapped[id] {
+				stale = append(stale, pf.links...)
+				m.detached += uint64(len(pf.atts))
+				delete(ps.files, id)
+			}
+		}
+	}
+	m.mu.Unlock()
+	m.closeLater(stale)
+	m.forgetIfEmpty(pid)
 }
 
-// probeFile offers a new file to every prober and remembers the outcome.
-// The file is opened once, through the process's root, and the probers
-// reach it through that descriptor: a process that ends meanwhile does not
-// take its files away.
-func (m *TLSTracer) probeFile(pid int, mp mapping) {
+// file reports whether the process has been probed in file id (with or
+// without success).
+func (ps *procState) file(id fileID) (*procFile, bool) {
+	if ps == nil {
+		return nil, false
+	}
+	pf, ok := ps.files[id]
+	return pf, ok
+}
+
+// openMapped opens the file of mapping mp through pid's root.
+func (m *TLSTracer) openMapped(pid int, mp mapping) (*os.File, string, bool) {
 	root := filepath.Join(m.opts.ProcRoot, strconv.Itoa(pid), "root")
 	fh, err := os.Open(filepath.Join(root, mp.path))
 	if err != nil {
 		if !gone(err) {
 			m.log.Debug("cannot open mapped file", "path", mp.path, "pid", pid, "err", err)
 		}
-		return // another process may show the file again
+		return nil, "", false // another process may show the file again
 	}
-	defer fh.Close()
-	var sst syscall.Stat_t
-	if err := syscall.Fstat(int(fh.Fd()), &sst); err != nil {
-		return
-	}
-	st := &fileState{}
+	return fh, root, true
+}
+
+// inspect offers the open file fh (mapping mp of pid) to every prober.
+// The probers reach it through the descriptor: a process that ends
+// meanwhile does not take its files away. exe is nil when the file is not
+// an ELF file or cannot be probed.
+func (m *TLSTracer) inspect(pid int, mp mapping, fh *os.File, root string) (*fileState, *link.Executable) {
+	st := &fileState{name: mp.path}
 	ef, err := elf.NewFile(fh)
 	if err != nil {
 		// Not an ELF file: nothing to probe, and nothing worth a warning.
 		m.log.Debug("not probing", "path", mp.path, "pid", pid, "reason", err.Error())
-		m.remember(mp.id, st)
-		return
+		return st, nil
 	}
 	path := fmt.Sprintf("/proc/self/fd/%d", fh.Fd())
 	exe, err := link.OpenExecutable(path)
 	if err != nil {
 		m.log.Warn("cannot probe file", "path", mp.path, "pid", pid, "reason", err.Error())
-		m.remember(mp.id, st)
-		return
+		return st, nil
 	}
 	tf := &tlsFile{Path: path, Name: mp.path, Root: root, ELF: ef, Exe: exe}
 	for _, p := range m.probers {
-		links, err := p.attach(tf)
+		target, err := p.inspect(tf)
 		if errors.Is(err, errNotMine) {
 			continue
 		}
 		if err != nil {
-			// Once per file: the file is remembered below.
+			// Once per file: the file is remembered.
 			m.log.Warn("TLS library not probed", "impl", p.name(), "path", mp.path, "pid", pid, "reason", err.Error())
 			continue
 		}
-		st.links = append(st.links, links...)
-		a := TLSAttachment{Impl: p.name(), Path: mp.path, PID: pid, Dev: mp.id.dev, Inode: mp.id.ino, Probes: len(links)}
+		st.targets = append(st.targets, fileTarget{impl: p.name(), target: target})
+	}
+	return st, exe
+}
+
+// attachTargets attaches every target of st to exe, in process pid (0:
+// all), and records the attachments.
+// ended reports that the process ended before anything was attached.
+func (m *TLSTracer) attachTargets(st *fileState, exe *link.Executable, pid int, mp mapping) (links []link.Link, atts []TLSAttachment, ended bool) {
+	for _, ft := range st.targets {
+		target := pid
+		if !m.perProcess {
+			target = 0
+		}
+		ls, err := ft.target.attach(exe, target)
+		if err != nil {
+			if m.perProcess && errors.Is(err, os.ErrNotExist) {
+				ended = true // the process ended
+				continue
+			}
+			m.log.Warn("TLS library not probed", "impl", ft.impl, "path", mp.path, "pid", pid, "reason", err.Error())
+			continue
+		}
+		links = append(links, ls...)
+		a := TLSAttachment{Impl: ft.impl, Path: mp.path, PID: pid, AllProcesses: !m.perProcess,
+			Dev: mp.id.dev, Inode: mp.id.ino, Probes: len(ls)}
+		atts = append(atts, a)
 		m.mu.Lock()
 		m.attached = append(m.attached, a)
 		m.mu.Unlock()
-		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes)
+		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes, "all_processes", a.AllProcesses)
 		if m.opts.OnAttach != nil {
 			m.opts.OnAttach(a)
 		}
 	}
-	m.remember(mp.id, st)
+	return links, atts, ended && len(links) == 0
 }
 
-func (m *TLSTracer) remember(id fileID, st *fileState) {
+// probeFile probes a new file for every process that maps it, and
+// remembers the outcome.
+func (m *TLSTracer) probeFile(pid int, mp mapping) {
+	fh, root, ok := m.openMapped(pid, mp)
+	if !ok {
+		return
+	}
+	defer fh.Close()
+	st, exe := m.inspect(pid, mp, fh, root)
+	if exe != nil && len(st.targets) > 0 {
+		st.links, st.atts, _ = m.attachTargets(st, exe, pid, mp)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.files == nil { // closed meanwhile
-		for _, l := range st.links {
-			l.Close()
-		}
+		closeLinks(st.links)
 		return
 	}
-	m.files[id] = st
+	m.files[mp.id] = st
 }
 
-// pidTraced reports whether pid's cgroup v2 group is traced.
-func (m *TLSTracer) pidTraced(pid int) bool {
+// probeProcFile probes file mp in process pid (in cgroup cg): st is what
+// an earlier look at the file found, or nil for a file not seen before.
+func (m *TLSTracer) probeProcFile(pid int, cg uint64, mp mapping, st *fileState) {
+	fh, root, ok := m.openMapped(pid, mp)
+	if !ok {
+		return
+	}
+	defer fh.Close()
+	var exe *link.Executable
+	if st == nil {
+		st, exe = m.inspect(pid, mp, fh, root)
+		m.mu.Lock()
+		if m.files == nil {
+			m.mu.Unlock()
+			return
+		}
+		m.files[mp.id] = st
+		m.mu.Unlock()
+		if exe == nil || len(st.targets) == 0 {
+			return
+		}
+	} else {
+		// The offsets found before are valid only in the same file: the
+		// path may now name another (an upgraded library).
+		var sst syscall.Stat_t
+		if err := syscall.Fstat(int(fh.Fd()), &sst); err != nil {
+			return
+		}
+		if sst.Ino != mp.id.ino {
+			if st, exe = m.inspect(pid, mp, fh, root); exe == nil || len(st.targets) == 0 {
+				return
+			}
+		} else {
+			var err error
+			if exe, err = link.OpenExecutable(fmt.Sprintf("/proc/self/fd/%d", fh.Fd())); err != nil {
+				return
+			}
+		}
+	}
+	// Registered before the links exist, so that an exit right after is
+	// reported.
+	if err := m.watch.ProbedTgids.Put(uint32(pid), uint8(1)); err != nil {
+		m.log.Debug("process exits will be found by the rescan only", "pid", pid, "reason", err.Error())
+	}
+	links, atts, ended := m.attachTargets(st, exe, pid, mp)
+	if ended {
+		m.dropProc(pid) // its other files' probes
+		_ = m.watch.ProbedTgids.Delete(uint32(pid))
+		return
+	}
+	m.mu.Lock()
+	if m.procs == nil { // closed meanwhile
+		m.mu.Unlock()
+		closeLinks(links)
+		return
+	}
+	ps := m.procs[pid]
+	if ps == nil {
+		ps = &procState{cgroup: cg, files: map[fileID]*procFile{}}
+		m.procs[pid] = ps
+	}
+	// Recorded also without links (the process ended, or the attach
+	// failed and was logged): not tried again for this process.
+	ps.files[mp.id] = &procFile{links: links, atts: atts}
+	m.mu.Unlock()
+}
+
+// dropProc detaches the probes of pid (it ended, or is not traced).
+func (m *TLSTracer) dropProc(pid int) {
+	m.mu.Lock()
+	ps := m.procs[pid]
+	if ps == nil {
+		m.mu.Unlock()
+		return
+	}
+	delete(m.procs, pid)
+	var links []link.Link
+	for _, pf := range ps.files {
+		links = append(links, pf.links...)
+		m.detached += uint64(len(pf.atts))
+	}
+	m.mu.Unlock()
+	_ = m.watch.ProbedTgids.Delete(uint32(pid))
+	m.closeLater(links)
+}
+
+// forgetIfEmpty drops the state of a process probed in no file.
+func (m *TLSTracer) forgetIfEmpty(pid int) {
+	m.mu.Lock()
+	ps := m.procs[pid]
+	empty := ps != nil && len(ps.files) == 0
+	if empty {
+		delete(m.procs, pid)
+	}
+	m.mu.Unlock()
+	if empty {
+		_ = m.watch.ProbedTgids.Delete(uint32(pid))
+	}
+}
+
+// dropCgroup detaches the probes of the processes of cgroup id.
+func (m *TLSTracer) dropCgroup(id uint64) {
+	m.mu.Lock()
+	var pids []int
+	for pid, ps := range m.procs {
+		if ps.cgroup == id {
+			pids = append(pids, pid)
+		}
+	}
+	m.mu.Unlock()
+	for _, pid := range pids {
+		m.dropProc(pid)
+	}
+}
+
+func (m *TLSTracer) procPIDs() []int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	pids := make([]int, 0, len(m.procs))
+	for pid := range m.procs {
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// closeLater closes links in the background (each close waits for the
+// kernel's RCU grace periods): new processes are not kept waiting for
+// their probes meanwhile. Close waits for them.
+func (m *TLSTracer) closeLater(links []link.Link) {
+	if len(links) == 0 {
+		return
+	}
+	m.closing.Add(1)
+	go func() {
+		defer m.closing.Done()
+		if err := closeLinks(links); err != nil {
+			m.log.Debug("closing uprobe links", "err", err)
+		}
+	}()
+}
+
+// pidCgroup returns the cgroup v2 id of pid, and whether it is traced.
+func (m *TLSTracer) pidCgroup(pid int) (uint64, bool) {
 	raw, err := os.ReadFile(filepath.Join(m.opts.ProcRoot, strconv.Itoa(pid), "cgroup"))
 	if err != nil {
-		return false
+		return 0, false
 	}
 	for _, line := range strings.Split(string(raw), "\n") {
 		rel, ok := strings.CutPrefix(line, "0::")
@@ -476,12 +831,12 @@ func (m *TLSTracer) pidTraced(pid int) bool {
 		}
 		var st syscall.Stat_t
 		if err := syscall.Stat(filepath.Join(m.cgroupDir, rel), &st); err != nil {
-			return false
+			return 0, false
 		}
 		var v uint8
-		return m.t.cgroups.Lookup(st.Ino, &v) == nil
+		return st.Ino, m.t.cgroups.Lookup(st.Ino, &v) == nil
 	}
-	return false
+	return 0, false
 }
 
 // cgroup2Mount finds the cgroup v2 mount point in this process's mountinfo.
@@ -511,19 +866,45 @@ func cgroup2Mount(procRoot string) (string, error) {
 	return "", errors.New("no cgroup2 file system mounted")
 }
 
-// Attached lists the files probed so far, in the order they were.
+// Attached lists the attachments made so far (also those detached
+// since), in the order they were made.
 func (m *TLSTracer) Attached() []TLSAttachment {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return append([]TLSAttachment(nil), m.attached...)
 }
 
+// Active lists the attachments in place now: per file, then per process.
+func (m *TLSTracer) Active() []TLSAttachment {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []TLSAttachment
+	for _, st := range m.files {
+		out = append(out, st.atts...)
+	}
+	for _, ps := range m.procs {
+		for _, pf := range ps.files {
+			out = append(out, pf.atts...)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].PID != out[j].PID {
+			return out[i].PID < out[j].PID
+		}
+		return out[i].Path < out[j].Path
+	})
+	return out
+}
+
 // TLSStats are the manager's and the probers' counters.
 type TLSStats struct {
 	// Files is the number of distinct files looked at, Attached the
-	// number probed, Scans the number of process scans.
-	Files, Attached int
-	Scans           uint64
+	// number of attachments made, Detached the number detached again
+	// (processes that ended, left the traced cgroups or unmapped the
+	// file), Processes the number of processes with probes of their own
+	// now, Scans the number of process scans.
+	Files, Attached, Processes int
+	Detached, Scans            uint64
 	// OpenSSL are the OpenSSL prober's kernel counters.
 	OpenSSL OpenSSLStats
 }
@@ -531,7 +912,7 @@ type TLSStats struct {
 // Stats reads the counters.
 func (m *TLSTracer) Stats() (TLSStats, error) {
 	m.mu.Lock()
-	s := TLSStats{Files: len(m.files), Attached: len(m.attached), Scans: m.scans}
+	s := TLSStats{Files: len(m.files), Attached: len(m.attached), Processes: len(m.procs), Detached: m.detached, Scans: m.scans}
 	m.mu.Unlock()
 	for _, p := range m.probers {
 		if op, ok := p.(*opensslProber); ok {
@@ -562,6 +943,7 @@ func (m *TLSTracer) Programs() map[string]*ebpf.Program {
 // Close stops the manager, detaches every uprobe and the watch, and
 // unloads the programs, in reverse order of creation.
 func (m *TLSTracer) Close() error {
+	m.t.setTLSManager(m, nil)
 	if m.cancel != nil {
 		m.cancel()
 		m.wg.Wait()
@@ -583,9 +965,15 @@ func (m *TLSTracer) Close() error {
 	for _, id := range ids {
 		links = append(links, m.files[id].links...)
 	}
-	errs = append(errs, closeLinks(links))
-	m.files = nil
+	for _, ps := range m.procs {
+		for _, pf := range ps.files {
+			links = append(links, pf.links...)
+		}
+	}
+	m.files, m.procs = nil, nil
 	m.mu.Unlock()
+	errs = append(errs, closeLinks(links))
+	m.closing.Wait()
 	for i := len(m.probers) - 1; i >= 0; i-- {
 		errs = append(errs, m.probers[i].Close())
 	}

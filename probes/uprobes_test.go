@@ -3,13 +3,18 @@ package probes
 import (
 	"bufio"
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/testbed"
 )
@@ -244,5 +249,360 @@ func TestTLSRescanFindsNewlyTracedCgroup(t *testing.T) {
 			t.Fatalf("the copy was not probed after Rescan: %+v", tt.Attached())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// sslCalls is a running testdata/ssl_calls.c: a process that makes SSL
+// calls through the machine's libssl on command.
+type sslCalls struct {
+	t   *testing.T
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *bufio.Reader
+	pid int
+}
+
+// buildSSLCalls compiles testdata/ssl_calls.c against the machine's libssl.
+func buildSSLCalls(t *testing.T) string {
+	t.Helper()
+	clang := testbed.RequireTool(t, "clang-14")
+	if _, err := os.Stat("/usr/include/openssl/ssl.h"); err != nil {
+		testbed.RequireTool(t, "openssl/ssl.h (libssl-dev)")
+	}
+	bin := filepath.Join(t.TempDir(), "ssl_calls")
+	if out, err := exec.Command(clang, "-O1", "-o", bin, "testdata/ssl_calls.c", "-lssl", "-lcrypto").CombinedOutput(); err != nil {
+		t.Fatalf("building ssl_calls: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func startSSLCalls(t *testing.T, bin string, cg *testbed.Cgroup) *sslCalls {
+	t.Helper()
+	cmd := exec.Command(bin)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cg.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	p := &sslCalls{t: t, cmd: cmd, in: in, out: bufio.NewReader(out), pid: cmd.Process.Pid}
+	t.Cleanup(func() { in.Close(); cmd.Process.Kill(); cmd.Wait() })
+	if line := p.line(); line != fmt.Sprintf("ready %d", p.pid) {
+		t.Fatalf("ssl_calls: %q", line)
+	}
+	return p
+}
+
+func (p *sslCalls) line() string {
+	p.t.Helper()
+	l, err := p.out.ReadString('\n')
+	if err != nil {
+		p.t.Fatalf("ssl_calls %d: %v", p.pid, err)
+	}
+	return strings.TrimSuffix(l, "\n")
+}
+
+// calls makes n SSL calls and returns their mean time.
+func (p *sslCalls) calls(n int) string {
+	p.t.Helper()
+	fmt.Fprintf(p.in, "calls %d\n", n)
+	l := p.line()
+	ns, ok := strings.CutPrefix(l, "done ")
+	if !ok {
+		p.t.Fatalf("ssl_calls %d: %q", p.pid, l)
+	}
+	return ns + " ns/call"
+}
+
+// fork makes the process fork; the child takes the commands until exit.
+func (p *sslCalls) fork() int {
+	p.t.Helper()
+	fmt.Fprintf(p.in, "fork\n")
+	var child int
+	if l := p.line(); func() bool { _, err := fmt.Sscanf(l, "child %d", &child); return err != nil }() {
+		p.t.Fatalf("ssl_calls %d fork: %q", p.pid, l)
+	}
+	return child
+}
+
+// exit ends the process (or its forked child).
+func (p *sslCalls) exit() { fmt.Fprintf(p.in, "exit\n") }
+
+// sslRuns sums the run counts of the OpenSSL entry and return programs.
+func sslRuns(t *testing.T, tt *TLSTracer) (entries, returns uint64) {
+	t.Helper()
+	for name, prog := range tt.Programs() {
+		st, err := prog.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch name {
+		case "ssl_entry", "ssl_entry_multi":
+			entries += st.RunCount
+		case "ssl_return", "ssl_return_multi":
+			returns += st.RunCount
+		}
+	}
+	return
+}
+
+// probedCode reads, in process pid's memory, the first byte of each
+// probed function of the OpenSSL target of the file at path.
+func probedCode(t *testing.T, tt *TLSTracer, pid int, path string) []byte {
+	t.Helper()
+	var offs []uint64
+	tt.mu.Lock()
+	for _, st := range tt.files {
+		if st.name != path {
+			continue
+		}
+		for _, ft := range st.targets {
+			if ot, ok := ft.target.(*opensslTarget); ok {
+				offs = append(offs, ot.addrs...)
+			}
+		}
+	}
+	tt.mu.Unlock()
+	if len(offs) == 0 {
+		t.Fatalf("no OpenSSL target in %s", path)
+	}
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	var out []byte
+	for _, off := range offs {
+		found := false
+		for _, l := range strings.Split(string(maps), "\n") {
+			f := strings.Fields(l)
+			if len(f) < 6 || f[5] != path || f[1][2] != 'x' {
+				continue
+			}
+			var start, end, foff uint64
+			fmt.Sscanf(f[0], "%x-%x", &start, &end)
+			fmt.Sscanf(f[2], "%x", &foff)
+			if off < foff || off >= foff+(end-start) {
+				continue
+			}
+			b := make([]byte, 1)
+			if _, err := mem.ReadAt(b, int64(start+off-foff)); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, b[0])
+			found = true
+		}
+		if !found {
+			t.Fatalf("offset %#x of %s not mapped executable in %d", off, path, pid)
+		}
+	}
+	return out
+}
+
+// TestTLSPerProcessProbes: with the cgroup filter, the uprobes are the
+// traced processes' own. Two processes map the machine's libssl.so.3, one
+// in a traced cgroup and one not: only the traced one has breakpoints in
+// its code (int3 at each probed function) and runs the programs (exactly
+// once per call and way); the other's calls run nothing and its code is
+// untouched. A child the traced process forks is probed on its own and
+// loses its links when it exits; untracing the cgroup removes the traced
+// process's links and breakpoints, tracing it again (AddCgroup rescans)
+// probes it again, its exit closes its links, and Close leaves nothing of
+// TLS tracing in the kernel.
+func TestTLSPerProcessProbes(t *testing.T) {
+	testbed.RequireRoot(t)
+	bin := buildSSLCalls(t)
+	onlyOpenSSL(t)
+	cgA, cgB := testbed.NewCgroup(t, "traced"), testbed.NewCgroup(t, "untraced")
+	a, b := startSSLCalls(t, bin, cgA), startSSLCalls(t, bin, cgB)
+	libssl := ""
+	if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", a.pid)); err == nil {
+		for _, l := range strings.Split(string(raw), "\n") {
+			if f := strings.Fields(l); len(f) >= 6 && filepath.Base(f[5]) == "libssl.so.3" {
+				libssl = f[5]
+			}
+		}
+	}
+	if libssl == "" {
+		t.Fatalf("ssl_calls maps no libssl.so.3")
+	}
+
+	tr, err := Open(Options{Mode: ModeTracepoint, FilterCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	if err := tr.AddCgroup(cgA.ID()); err != nil {
+		t.Fatal(err)
+	}
+	before, err := testbed.BPFObjectsOf(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tt, err := tr.StartTLS(context.Background(), TLSOptions{Rescan: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			tt.Close()
+		}
+	}()
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		t.Fatalf("enabling BPF statistics: %v", err)
+	}
+	defer stats.Close()
+
+	// links: the watch's five (exec, fork, exit, two mmap trace events),
+	// the OpenSSL I/O fallback's two, and per probed process 2
+	// (uprobe_multi) or 8 (uprobes).
+	const fixedLinks = 5 + 2
+	links := func() int {
+		t.Helper()
+		o, err := testbed.BPFObjectsOf(os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(diff(o, before).Links)
+	}
+	active := func(pids ...int) []TLSAttachment {
+		t.Helper()
+		got := tt.Active()
+		if len(got) != len(pids) {
+			return nil
+		}
+		for i, at := range got {
+			if at.PID != pids[i] || at.Path != libssl || at.Impl != "openssl" || at.AllProcesses || (at.Probes != 2 && at.Probes != 8) {
+				return nil
+			}
+		}
+		return got
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 5 s, still not %s: active %+v, %d links", what, tt.Active(), links())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	const int3 = 0xcc
+	breakpoints := func(pid int) (n, of int) {
+		t.Helper()
+		code := probedCode(t, tt, pid, libssl)
+		for _, c := range code {
+			if c == int3 {
+				n++
+			}
+		}
+		return n, len(code)
+	}
+	checkCode := func(pid int, want bool) {
+		t.Helper()
+		if runtime.GOARCH != "amd64" {
+			return // the breakpoint instruction checked is x86's
+		}
+		n, of := breakpoints(pid)
+		if (want && n != of) || (!want && n != 0) {
+			t.Errorf("process %d: %d of the %d probed functions start with int3, want %v", pid, n, of, want)
+		}
+	}
+	runs := func(p *sslCalls, n int, want uint64, who string) {
+		t.Helper()
+		e0, r0 := sslRuns(t, tt)
+		took := p.calls(n)
+		e1, r1 := sslRuns(t, tt)
+		if e1-e0 != want || r1-r0 != want {
+			t.Errorf("%s: %d SSL calls ran the entry program %d times and the return program %d times, want %d each",
+				who, n, e1-e0, r1-r0, want)
+		}
+		t.Logf("%s: %s", who, took)
+	}
+
+	at := active(a.pid)
+	if at == nil {
+		t.Fatalf("active attachments %+v, want libssl of process %d only", tt.Active(), a.pid)
+	}
+	perProc := at[0].Probes
+	if n := links(); n != fixedLinks+perProc {
+		t.Errorf("%d links, want %d", n, fixedLinks+perProc)
+	}
+	checkCode(a.pid, true)
+	checkCode(b.pid, false)
+	runs(b, 2000, 0, "untraced process")
+	runs(a, 2000, 2000, "traced process")
+
+	// A child of the traced process: probed on its own, until it exits.
+	child := a.fork()
+	waitFor("probed in the child", func() bool { return active(a.pid, child) != nil })
+	if n := links(); n != fixedLinks+2*perProc {
+		t.Errorf("%d links with the child, want %d", n, fixedLinks+2*perProc)
+	}
+	runs(a, 1000, 1000, "traced process's child") // a's input goes to the child now
+	a.exit()                                      // the child's
+	waitFor("detached from the child", func() bool { return active(a.pid) != nil && links() == fixedLinks+perProc })
+
+	// Untracing the cgroup detaches; tracing it again attaches again.
+	if err := tr.RemoveCgroup(cgA.ID()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("detached after RemoveCgroup", func() bool { return len(tt.Active()) == 0 && links() == fixedLinks })
+	checkCode(a.pid, false)
+	runs(a, 1000, 0, "process of an untraced cgroup")
+	if err := tr.AddCgroup(cgA.ID()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("probed again after AddCgroup", func() bool { return active(a.pid) != nil && links() == fixedLinks+perProc })
+	checkCode(a.pid, true)
+	runs(a, 1000, 1000, "process of a traced cgroup again")
+
+	// The traced process ends: its links go.
+	a.exit()
+	if err := a.cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("detached after the exit", func() bool { return len(tt.Active()) == 0 && links() == fixedLinks })
+	st, err := tt.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Attached != 3 || st.Detached != 3 || st.Processes != 0 {
+		t.Errorf("stats %+v, want 3 attachments made and detached (process, child, process again), no process probed", st)
+	}
+	runs(b, 1000, 0, "untraced process at the end")
+	checkCode(b.pid, false)
+
+	during, err := testbed.BPFObjectsOf(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	added := diff(during, before)
+	closed = true
+	if err := tt.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left := testbed.StillLoaded(added, 3*time.Second); left.Count() != 0 {
+		t.Errorf("still loaded after Close: %+v", left)
+	}
+	after, err := testbed.BPFObjectsOf(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after.Progs) != len(before.Progs) || len(after.Links) != len(before.Links) || len(after.Maps) != len(before.Maps) {
+		t.Errorf("held %+v before TLS tracing, %+v after", before, after)
 	}
 }

@@ -38,6 +38,10 @@ enum watch_kind {
 	PROC_MMAP = 2, /* the process mapped a file executable */
 	PROC_FORK = 3, /* the process was made by fork (tgid: the child) */
 	PROC_EXIT = 4, /* the process ended */
+	PROC_EXEC_THREAD = 5, /* a thread other than the leader executed a
+			       * program: it became the leader, and the old
+			       * leader's task (which links with the PID name)
+			       * is gone */
 };
 
 struct watch_event {
@@ -126,7 +130,7 @@ int BPF_PROG(watch_exec, struct task_struct *p, pid_t old_pid, struct linux_binp
 {
 	__u64 cgid;
 	if (traced(&cgid))
-		report(PROC_EXEC, cgid);
+		report(old_pid == p->tgid ? PROC_EXEC : PROC_EXEC_THREAD, cgid);
 	return 0;
 }
 

@@ -23,10 +23,11 @@ type tlsProcWatchWatchEvent struct {
 type tlsProcWatchWatchKind uint32
 
 const (
-	tlsProcWatchWatchKindPROC_EXEC tlsProcWatchWatchKind = 1
-	tlsProcWatchWatchKindPROC_MMAP tlsProcWatchWatchKind = 2
-	tlsProcWatchWatchKindPROC_FORK tlsProcWatchWatchKind = 3
-	tlsProcWatchWatchKindPROC_EXIT tlsProcWatchWatchKind = 4
+	tlsProcWatchWatchKindPROC_EXEC        tlsProcWatchWatchKind = 1
+	tlsProcWatchWatchKindPROC_MMAP        tlsProcWatchWatchKind = 2
+	tlsProcWatchWatchKindPROC_FORK        tlsProcWatchWatchKind = 3
+	tlsProcWatchWatchKindPROC_EXIT        tlsProcWatchWatchKind = 4
+	tlsProcWatchWatchKindPROC_EXEC_THREAD tlsProcWatchWatchKind = 5
 )
 
 // Names of all BPF objects in the ELF.

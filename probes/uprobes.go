@@ -316,8 +316,18 @@ func (m *TLSTracer) readWatch() {
 		}
 		// struct watch_event starts with the tgid and the kind.
 		pid := int(binary.NativeEndian.Uint32(rec.RawSample))
-		kind := tlsProcWatchWatchKind(binary.NativeEndian.Uint32(rec.RawSample[4:]))
-		m.enqueue(pid, kind == tlsProcWatchWatchKindPROC_EXIT)
+		switch tlsProcWatchWatchKind(binary.NativeEndian.Uint32(rec.RawSample[4:])) {
+		case tlsProcWatchWatchKindPROC_EXIT:
+			m.enqueue(pid, true)
+		case tlsProcWatchWatchKindPROC_EXEC_THREAD:
+			// The process's links name a task that is gone: new ones.
+			if m.perProcess {
+				m.enqueue(pid, true)
+			}
+			m.enqueue(pid, false)
+		default:
+			m.enqueue(pid, false)
+		}
 	}
 }
 

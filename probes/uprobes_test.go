@@ -417,8 +417,9 @@ func probedCode(t *testing.T, tt *TLSTracer, pid int, path string) []byte {
 // untouched. A child the traced process forks is probed on its own and
 // loses its links when it exits; untracing the cgroup removes the traced
 // process's links and breakpoints, tracing it again (AddCgroup rescans)
-// probes it again, its exit closes its links, and Close leaves nothing of
-// TLS tracing in the kernel.
+// probes it again, an exec by another thread than the leader (whose task
+// the links named) probes it anew, its exit closes its links, and Close
+// leaves nothing of TLS tracing in the kernel.
 func TestTLSPerProcessProbes(t *testing.T) {
 	testbed.RequireRoot(t)
 	bin := buildSSLCalls(t)
@@ -570,6 +571,20 @@ func TestTLSPerProcessProbes(t *testing.T) {
 	checkCode(a.pid, true)
 	runs(a, 1000, 1000, "process of a traced cgroup again")
 
+	// A thread other than the leader executes the program again: it
+	// becomes the leader, and the links made for the old leader's task
+	// are useless; the process is probed anew.
+	fmt.Fprintf(a.in, "texec\n")
+	if l := a.line(); l != fmt.Sprintf("ready %d", a.pid) {
+		t.Fatalf("ssl_calls after texec: %q", l)
+	}
+	waitFor("probed anew after the exec", func() bool {
+		st, _ := tt.Stats()
+		return st.Attached == 4 && active(a.pid) != nil && links() == fixedLinks+perProc
+	})
+	checkCode(a.pid, true)
+	runs(a, 1000, 1000, "process after a thread's exec")
+
 	// The traced process ends: its links go.
 	a.exit()
 	if err := a.cmd.Wait(); err != nil {
@@ -580,8 +595,8 @@ func TestTLSPerProcessProbes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Attached != 3 || st.Detached != 3 || st.Processes != 0 {
-		t.Errorf("stats %+v, want 3 attachments made and detached (process, child, process again), no process probed", st)
+	if st.Attached != 4 || st.Detached != 4 || st.Processes != 0 {
+		t.Errorf("stats %+v, want 4 attachments made and detached (process, child, process again, after the exec), no process probed", st)
 	}
 	runs(b, 1000, 0, "untraced process at the end")
 	checkCode(b.pid, false)

@@ -10,14 +10,25 @@
  *   calls N   N calls (SSL_write and SSL_read alternately): "done <ns per call>"
  *   fork      forks; the child answers "child <pid>" and takes the
  *             commands until "exit", while the parent waits for it
+ *   texec     executes the program again from a second thread (which
+ *             becomes the leader, with the process's pid): "ready <pid>"
  *   exit      ends the process (the child, after fork): no answer */
 #include <openssl/ssl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+static void *reexec(void *arg)
+{
+	char *argv[] = {"ssl_calls", NULL};
+	execv("/proc/self/exe", argv);
+	perror("execv");
+	exit(1);
+}
 
 int main(void)
 {
@@ -49,6 +60,10 @@ int main(void)
 				continue;
 			}
 			waitpid(c, NULL, 0);
+		} else if (!strcmp(line, "texec\n")) {
+			pthread_t th;
+			pthread_create(&th, NULL, reexec, NULL);
+			pthread_join(th, NULL); /* never returns: the exec ends this thread */
 		} else if (!strcmp(line, "exit\n")) {
 			return 0;
 		}

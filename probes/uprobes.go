@@ -50,10 +50,18 @@ import (
 //     breakpoints, but not its links: the child is probed on its own) and
 //     the end of probed processes, whose links are then closed; a process
 //     whose cgroup stops being traced (Tracer.RemoveCgroup, or found by a
-//     rescan) loses its probes too. The cost: a new traced process is
-//     probed some milliseconds after its exec, fork or dlopen (the time to
-//     read its maps and attach), where a file probed once covers every
-//     later process from its first instruction.
+//     rescan) loses its probes too. A process's probes outlive its exec
+//     (by the thread group leader, whose task the links name): a probed
+//     process that executes a program mapping the same library is traced
+//     from the new program's first instruction.
+//
+//     The cost: a new traced process is probed some milliseconds after
+//     its exec, fork or dlopen (the time to read its maps and attach,
+//     docs/benchmarks.md), and the SSL calls it makes before are not seen;
+//     a short-lived client (a curl) may be missed entirely. A file probed
+//     once covers every later process from its first instruction:
+//     TLSOptions.PerFile keeps that with the cgroup filter, at the cost of
+//     the traps in untraced processes.
 
 // TLSOptions configure StartTLS.
 type TLSOptions struct {
@@ -67,6 +75,10 @@ type TLSOptions struct {
 	// OnAttach, if set, is called (from the manager's goroutine) for every
 	// attachment made.
 	OnAttach func(TLSAttachment)
+	// PerFile probes each file once, for every process that maps it, also
+	// when the tracer filters by cgroup (the default then is per traced
+	// process; see above).
+	PerFile bool
 }
 
 // TLSAttachment is the probes of one TLS implementation in one file.
@@ -171,7 +183,7 @@ func (t *Tracer) StartTLS(ctx context.Context, o TLSOptions) (*TLSTracer, error)
 	if o.Rescan == 0 {
 		o.Rescan = 30 * time.Second
 	}
-	m := &TLSTracer{t: t, log: o.Logger.With("component", "tls"), opts: o, perProcess: t.opts.FilterCgroups,
+	m := &TLSTracer{t: t, log: o.Logger.With("component", "tls"), opts: o, perProcess: t.opts.FilterCgroups && !o.PerFile,
 		files: map[fileID]*fileState{}, procs: map[int]*procState{},
 		urgent: make(chan procEvent, 1024), rescan: make(chan struct{}, 1), untrace: make(chan uint64, 256), queued: map[int]bool{}}
 	if len(tlsProberFactories) == 0 {
@@ -508,8 +520,7 @@ func gone(err error) bool {
 // scanPID probes the new files that pid maps executable. checkCgroup:
 // skip it unless it is in a traced cgroup (when the tracer filters). Per
 // process, the cgroup is always checked (a process found in an untraced
-// cgroup loses its probes) and the probes of files it no longer maps
-// (after an exec or dlclose) go.
+// cgroup loses its probes).
 func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
 	var cg uint64
 	if m.cgroupDir != "" && (checkCgroup || m.perProcess) {
@@ -545,9 +556,7 @@ func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
 		}
 		return
 	}
-	mapped := make(map[fileID]bool, len(maps))
 	for _, mp := range maps {
-		mapped[mp.id] = true
 		m.mu.Lock()
 		st := m.files[mp.id]
 		ps := m.procs[pid]
@@ -558,22 +567,16 @@ func (m *TLSTracer) scanPID(pid int, checkCgroup bool) {
 		}
 		m.probeProcFile(pid, cg, mp, st)
 	}
-	// Files the process no longer maps.
+	// The probes of files the process no longer maps stay: after an exec
+	// (by the leader, whose task the links name), the new program's
+	// loader may map the same library again a moment later, and the
+	// kernel then sets the breakpoints as it does (before this scan can
+	// see the mapping); a probe of an unmapped file costs nothing.
 	m.mu.Lock()
-	var stale []link.Link
 	if ps := m.procs[pid]; ps != nil {
 		ps.cgroup = cg
-		for id, pf := range ps.files {
-			if !mapped[id] {
-				stale = append(stale, pf.links...)
-				m.detached += uint64(len(pf.atts))
-				delete(ps.files, id)
-			}
-		}
 	}
 	m.mu.Unlock()
-	m.closeLater(stale)
-	m.forgetIfEmpty(pid)
 }
 
 // file reports whether the process has been probed in file id (with or
@@ -773,20 +776,6 @@ func (m *TLSTracer) dropProc(pid int) {
 	m.closeLater(links)
 }
 
-// forgetIfEmpty drops the state of a process probed in no file.
-func (m *TLSTracer) forgetIfEmpty(pid int) {
-	m.mu.Lock()
-	ps := m.procs[pid]
-	empty := ps != nil && len(ps.files) == 0
-	if empty {
-		delete(m.procs, pid)
-	}
-	m.mu.Unlock()
-	if empty {
-		_ = m.watch.ProbedTgids.Delete(uint32(pid))
-	}
-}
-
 // dropCgroup detaches the probes of the processes of cgroup id.
 func (m *TLSTracer) dropCgroup(id uint64) {
 	m.mu.Lock()
@@ -875,6 +864,10 @@ func cgroup2Mount(procRoot string) (string, error) {
 	}
 	return "", errors.New("no cgroup2 file system mounted")
 }
+
+// PerProcess reports whether the uprobes are attached per traced process
+// (the tracer filters by cgroup, and PerFile was not asked for).
+func (m *TLSTracer) PerProcess() bool { return m.perProcess }
 
 // Attached lists the attachments made so far (also those detached
 // since), in the order they were made.

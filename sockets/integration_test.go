@@ -28,6 +28,7 @@ import (
 // CLOVISOR_TEST_HTTP_CLIENT set, it GETs each URL in os.Args' place (the
 // variable holds them, space-separated) over one keep-alive connection.
 func TestMain(m *testing.M) {
+	testbed.ExecProbedMain()
 	if urls := os.Getenv("CLOVISOR_TEST_HTTP_CLIENT"); urls != "" {
 		os.Exit(httpClient(strings.Fields(urls)))
 	}

@@ -83,14 +83,15 @@ func TestOpenSSLSpansCurlNginx(t *testing.T) {
 	testbed.RequireTool(t, "curl")
 	p.WriteFile(t, "f.txt", []byte(strings.Repeat("s", 7000)))
 	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
-	c.startTLS(t, probes.TLSOptions{})
+	tt := c.startTLS(t, probes.TLSOptions{})
 	server := netip.AddrPortFrom(p.ServerIP, p.Port)
 	for i, v := range []struct{ flag, name string }{{"--tlsv1.3", "1.3"}, {"--tls-max", "1.2"}} {
 		args := []string{"-sS", "--cacert", p.Cert.CertFile, "-o", "/dev/null", "-w", "%{http_code} %{size_download}", v.flag}
 		if v.name == "1.2" {
 			args = append(args, "1.2")
 		}
-		out := p.Client(t, nil, "curl", append(args, p.URL("/f.txt?try="+v.name))...)
+		// Through the exec wrapper: probed before curl starts.
+		out := sockets.ProbedClient(t, tt, p, nil, []string{sockets.SystemLibssl}, "curl", append(args, p.URL("/f.txt?try="+v.name))...)
 		if out != "200 7000" {
 			t.Fatalf("curl: %q", out)
 		}
@@ -455,40 +456,27 @@ func TestOpenSSL11Client(t *testing.T) {
 	c := startTracer(t, 0, p.ClientCG.ID(), p.ServerCG.ID())
 	tt := c.startTLS(t, probes.TLSOptions{})
 	env := []string{"LD_LIBRARY_PATH=" + libDir}
-	// A first program of the library reveals it: openssl's interactive
-	// prompt, which runs until its input ends. (A new library is probed
-	// some tens of ms after a process maps it: see docs/benchmarks.md.)
-	prompt, startPrompt := p.ClientCommand(context.Background(), bin)
-	prompt.Env = append(os.Environ(), env...)
-	stdin, err := prompt.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := startPrompt(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); prompt.Wait() }()
 	lib := filepath.Join(libDir, "libssl.so.1.1")
-	deadline := time.Now().Add(5 * time.Second)
-	for !slices.ContainsFunc(tt.Attached(), func(a probes.TLSAttachment) bool {
-		return a.Path == lib && fourFuncs(a) && a.PID == prompt.Process.Pid
-	}) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not attached: %+v", lib, tt.Attached())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 	before, _ := tt.Stats()
 	server := netip.AddrPortFrom(p.ServerIP, p.Port)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	cmd := p.ClientNS.Command(ctx, bin, "s_client", "-connect", server.String(), "-CAfile", p.Cert.CertFile, "-quiet")
+	// Through the exec wrapper, which maps the library first: it is found
+	// there (a file no process had mapped), and the process is probed
+	// before s_client starts.
+	self, args := testbed.ProbedArgs(t, bin, "s_client", "-connect", server.String(), "-CAfile", p.Cert.CertFile, "-quiet")
+	cmd, start := p.ClientCommand(ctx, self, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = strings.NewReader(fmt.Sprintf("GET /old.txt HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", server))
 	var out, errb strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := p.ClientCG.Start(cmd); err != nil {
+	if err := testbed.ProbedStart(t, cmd, start, sockets.ProbedIn(t, tt, lib), lib)(); err != nil {
 		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(tt.Attached(), func(a probes.TLSAttachment) bool {
+		return a.Path == lib && fourFuncs(a) && a.PID == cmd.Process.Pid
+	}) {
+		t.Fatalf("%s not attached: %+v", lib, tt.Attached())
 	}
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("s_client: %v\n%s", err, errb.String())

@@ -192,11 +192,13 @@ func TestOpenSSLKernelEvents(t *testing.T) {
 		t.Fatalf("libssl.so.3 not attached at start: %+v", tt.Attached())
 	}
 
-	cmd, start := p.ClientCommand(context.Background(), "curl", "-sS", "--cacert", p.Cert.CertFile,
+	// curl runs through the exec wrapper, probed before it starts.
+	self, args := testbed.ProbedArgs(t, "curl", "-sS", "--cacert", p.Cert.CertFile,
 		"-A", "clovisor-test", "-H", "X-Test: abc", "-o", "/dev/null", "-w", "%{local_port}", p.URL("/f.txt"))
+	cmd, start := p.ClientCommand(context.Background(), self, args...)
 	var out strings.Builder
 	cmd.Stdout = &out
-	if err := start(); err != nil {
+	if err := testbed.ProbedStart(t, cmd, start, ProbedIn(t, tt, SystemLibssl), SystemLibssl)(); err != nil {
 		t.Fatal(err)
 	}
 	curlPID := uint32(cmd.Process.Pid)
@@ -328,28 +330,13 @@ func TestOpenSSLNestedCallsOnce(t *testing.T) {
 		}
 	}()
 	tr, tt := startTLSTracing(t, probes.TLSOptions{}, cg.ID())
-	cmd := exec.Command(bin, "127.0.0.1", fmt.Sprint(ln.Addr().(*net.TCPAddr).Port))
+	// The program waits for nothing: the exec wrapper makes sure it is
+	// probed before it runs.
+	self, args := testbed.ProbedArgs(t, bin, "127.0.0.1", fmt.Sprint(ln.Addr().(*net.TCPAddr).Port))
+	cmd := exec.Command(self, args...)
 	var out strings.Builder
 	cmd.Stdout = &out
-	// The program waits for nothing: make sure it is probed before it
-	// runs by letting a first, waiting copy reveal the file.
-	waiter := exec.Command(bin, "wait")
-	stdin, err := waiter.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cg.Start(waiter); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); waiter.Wait() }()
-	deadline := time.Now().Add(5 * time.Second)
-	for !slices.ContainsFunc(tt.Attached(), func(a probes.TLSAttachment) bool { return a.Path == bin && a.PID == waiter.Process.Pid }) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not attached: %+v", bin, tt.Attached())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err := cg.Start(cmd); err != nil {
+	if err := testbed.ProbedStart(t, cmd, func() error { return cg.Start(cmd) }, ProbedIn(t, tt, bin), bin)(); err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Wait(); err != nil || out.String() != "hello-explain\n" {

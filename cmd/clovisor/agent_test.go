@@ -27,6 +27,7 @@ import (
 var agentBin string
 
 func TestMain(m *testing.M) {
+	testbed.ExecProbedMain() // when run as the exec wrapper (tls_test.go)
 	dir, err := os.MkdirTemp("", "clovisor-agent-test")
 	if err != nil {
 		panic(err)
@@ -328,6 +329,7 @@ func TestBadFlags(t *testing.T) {
 		{"--probe-mode=magic"},
 		{"--cgroup=/no/such/cgroup-of-clovisor"},
 		{"--payload-bytes=100000"},
+		{"--tls-probes=everywhere"},
 		{"stray"},
 	} {
 		out, err := exec.Command(agentBin, args...).CombinedOutput()

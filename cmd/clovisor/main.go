@@ -67,6 +67,7 @@ type options struct {
 	wireNodes    listFlag
 	wireAttach   string
 	tls, tlsSet  bool
+	tlsProbes    string // --tls-probes (tls.go)
 	kube         kubeOptions     // Kubernetes mode (kube.go)
 	set          map[string]bool // flags given on the command line
 }
@@ -109,6 +110,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	o.set = map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
 	o.tlsSet = o.set["tls"]
+	if err := tlsCheck(o); err != nil {
+		return nil, err
+	}
 	if err := o.kube.check(); err != nil {
 		return nil, err
 	}

@@ -15,14 +15,38 @@ import (
 //	tls:
 //	  enabled: true   # uprobes on TLS libraries (OpenSSL, Go crypto/tls); --tls overrides
 //	  rescan: 30s     # how often all traced processes are looked at again
+//	  probes: process # with a cgroup filter: uprobes per traced process, or per file; --tls-probes overrides
 type tlsConfig struct {
 	Enabled *bool         `yaml:"enabled"`
 	Rescan  time.Duration `yaml:"rescan"`
+	Probes  string        `yaml:"probes"`
 }
 
-// tlsFlags registers --tls.
+// tlsFlags registers --tls and --tls-probes.
 func tlsFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.tls, "tls", true, "also trace the plaintext of TLS libraries in the traced processes (uprobes on OpenSSL, Go crypto/tls)")
+	fs.StringVar(&o.tlsProbes, "tls-probes", "", "with a cgroup filter (--cgroup, Kubernetes mode): process (uprobes in the traced processes only; "+
+		"a new process is probed a few ms after it starts) or file (in every process that maps a probed library, "+
+		"traced or not, from its first instruction) (default process)")
+}
+
+// tlsCheck checks the TLS flags.
+func tlsCheck(o *options) error {
+	if _, err := tlsPerFile(o.tlsProbes); err != nil {
+		return fmt.Errorf("--tls-probes: %w", err)
+	}
+	return nil
+}
+
+// tlsPerFile reads --tls-probes or tls.probes ("" is the default).
+func tlsPerFile(v string) (bool, error) {
+	switch v {
+	case "", "process":
+		return false, nil
+	case "file":
+		return true, nil
+	}
+	return false, fmt.Errorf("%q: want process or file", v)
 }
 
 // startTLS starts TLS tracing on the socket tracer, as the flag (when
@@ -32,20 +56,29 @@ func tlsFlags(fs *flag.FlagSet, o *options) {
 func startTLS(ctx context.Context, o *options, cfg *fileConfig, tr *probes.Tracer, log *slog.Logger) (*probes.TLSTracer, error) {
 	enabled, explicit := o.tls, o.tlsSet
 	var rescan time.Duration
+	probesWhere := o.tlsProbes
 	if cfg.TLS != nil {
 		if cfg.TLS.Enabled != nil && !o.tlsSet {
 			enabled, explicit = *cfg.TLS.Enabled, true
 		}
 		rescan = cfg.TLS.Rescan
+		if probesWhere == "" {
+			probesWhere = cfg.TLS.Probes
+		}
+	}
+	perFile, err := tlsPerFile(probesWhere)
+	if err != nil {
+		return nil, fmt.Errorf("tls.probes in the configuration file: %w", err)
 	}
 	if !enabled {
 		return nil, nil
 	}
 	tt, err := tr.StartTLS(ctx, probes.TLSOptions{
-		Logger: log,
-		Rescan: rescan,
+		Logger:  log,
+		Rescan:  rescan,
+		PerFile: perFile,
 		OnAttach: func(a probes.TLSAttachment) {
-			log.Info("TLS library probed", "component", "tls", "impl", a.Impl, "path", a.Path, "pid", a.PID)
+			log.Info("TLS library probed", "component", "tls", "impl", a.Impl, "path", a.Path, "pid", a.PID, "all_processes", a.AllProcesses)
 		},
 	})
 	if err != nil {
@@ -55,7 +88,11 @@ func startTLS(ctx context.Context, o *options, cfg *fileConfig, tr *probes.Trace
 		log.Warn("TLS tracing not started: TLS sessions show as TLS only", "component", "tls", "reason", err.Error())
 		return nil, nil
 	}
-	log.Info("TLS tracing started", "component", "tls", "files", len(tt.Attached()))
+	where := "file"
+	if tt.PerProcess() {
+		where = "process"
+	}
+	log.Info("TLS tracing started", "component", "tls", "probes", where, "attachments", len(tt.Attached()))
 	return tt, nil
 }
 
@@ -65,7 +102,8 @@ func stopTLS(tt *probes.TLSTracer, log *slog.Logger) error {
 		return nil
 	}
 	if st, err := tt.Stats(); err == nil {
-		log.Info("TLS counters", "component", "tls", "files_seen", st.Files, "files_probed", st.Attached, "scans", st.Scans,
+		log.Info("TLS counters", "component", "tls", "files_seen", st.Files, "attachments", st.Attached, "detached", st.Detached,
+			"probed_processes", st.Processes, "scans", st.Scans,
 			"openssl_calls", st.OpenSSL.Calls, "openssl_by_descriptor", st.OpenSSL.ByDescriptor, "openssl_by_io", st.OpenSSL.ByIO,
 			"openssl_by_cache", st.OpenSSL.ByCache, "openssl_unbound", st.OpenSSL.Unbound)
 	}

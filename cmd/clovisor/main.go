@@ -67,7 +67,7 @@ type options struct {
 	wireNodes    listFlag
 	wireAttach   string
 	tls, tlsSet  bool
-	tlsProbes    string // --tls-probes (tls.go)
+	tlsProbes    string          // --tls-probes (tls.go)
 	kube         kubeOptions     // Kubernetes mode (kube.go)
 	set          map[string]bool // flags given on the command line
 }

@@ -3,11 +3,15 @@
 /*
  * OpenSSL plaintext: uprobes on SSL_write, SSL_write_ex, SSL_read and
  * SSL_read_ex (entry and return) of libssl (1.1.x, 3.x, static copies, and
- * libraries of the same API such as BoringSSL).
+ * libraries of the same API such as BoringSSL), or, on x86-64 where user
+ * space finds them, on the two internal functions those wrap
+ * (ssl_read_internal and ssl_write_internal, which take the byte count
+ * pointer as the _ex forms do: see probes/openssl_internal.go).
  *
  * Entry saves the call's arguments per thread; the return reports the
  * bytes the call really moved (ret > 0, or *written / *readbytes when the
- * _ex form returned 1) with emit_plain, bound to the socket underneath.
+ * _ex form or an internal function returned > 0) with emit_plain, bound to
+ * the socket underneath.
  *
  * Which socket: every uprobe carries a 64-bit attach cookie that user space
  * makes from the library's version (see probes/openssl.go):
@@ -17,6 +21,7 @@
  *   bits 40..47  offset of method in a BIO
  *   bit  56      the call sends (SSL_write*), else it receives
  *   bit  57      the _ex form (a size_t * of the byte count in arg 4)
+ *   bit  58      ... in arg 5 (ssl_write_internal since OpenSSL 3.3)
  *   bit  63      the layout above is known
  * With a known layout the SSL's BIO is read: when it is a descriptor BIO
  * (socket, fd, connect, accept: BIO_TYPE_DESCRIPTOR in its method's type)
@@ -49,6 +54,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define COOKIE_BIO_METHOD_OFF(c) (((c) >> 40) & 0xff)
 #define COOKIE_SEND (1ULL << 56)
 #define COOKIE_EX (1ULL << 57)
+#define COOKIE_ARG5 (1ULL << 58)
 #define COOKIE_LAYOUT (1ULL << 63)
 
 #define BIO_TYPE_DESCRIPTOR 0x0100
@@ -141,10 +147,15 @@ static __always_inline int on_entry(struct pt_regs *ctx)
 		ssl_count(SSL_STAT_NESTED);
 		return 0;
 	}
+	/* Both read, then one chosen: a context access at an offset chosen
+	 * at run time is refused by the verifier. */
+	__u64 arg4 = PT_REGS_PARM4(ctx), arg5 = PT_REGS_PARM5(ctx);
+	barrier_var(arg4);
+	barrier_var(arg5);
 	struct ssl_call c = {
 		.ssl = PT_REGS_PARM1(ctx),
 		.buf = PT_REGS_PARM2(ctx),
-		.nbytes = (cookie & COOKIE_EX) ? PT_REGS_PARM4(ctx) : 0,
+		.nbytes = !(cookie & COOKIE_EX) ? 0 : (cookie & COOKIE_ARG5) ? arg5 : arg4,
 		.sp = sp,
 		.cookie = cookie,
 	};
@@ -186,7 +197,8 @@ static __always_inline int on_return(struct pt_regs *ctx)
 	long ret = PT_REGS_RC(ctx);
 	__u64 n = 0;
 	if (c.nbytes) {
-		if ((int)ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)c.nbytes))
+		/* 1 (the _ex functions), or > 0 (the internal functions). */
+		if ((int)ret <= 0 || bpf_probe_read_user(&n, sizeof(n), (void *)c.nbytes))
 			return 0;
 	} else {
 		if ((int)ret <= 0)

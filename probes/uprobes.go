@@ -97,6 +97,8 @@ type TLSAttachment struct {
 	Dev, Inode uint64
 	// Probes is the number of links attached.
 	Probes int
+	// Functions are the functions probed.
+	Functions []string
 }
 
 // fileID is a file's identity: device and inode.
@@ -657,11 +659,15 @@ func (m *TLSTracer) attachTargets(st *fileState, exe *link.Executable, pid int, 
 		links = append(links, ls...)
 		a := TLSAttachment{Impl: ft.impl, Path: mp.path, PID: pid, AllProcesses: !m.perProcess,
 			Dev: mp.id.dev, Inode: mp.id.ino, Probes: len(ls)}
+		if f, ok := ft.target.(interface{ functions() []string }); ok {
+			a.Functions = f.functions()
+		}
 		atts = append(atts, a)
 		m.mu.Lock()
 		m.attached = append(m.attached, a)
 		m.mu.Unlock()
-		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes, "all_processes", a.AllProcesses)
+		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes, "all_processes", a.AllProcesses,
+			"functions", strings.Join(a.Functions, ","))
 		if m.opts.OnAttach != nil {
 			m.opts.OnAttach(a)
 		}

@@ -3,12 +3,14 @@ package probes
 import (
 	"bufio"
 	"context"
+	"debug/elf"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -471,7 +473,7 @@ func TestTLSPerProcessProbes(t *testing.T) {
 
 	// links: the watch's five (exec, fork, exit, two mmap trace events),
 	// the OpenSSL I/O fallback's two, and per probed process 2
-	// (uprobe_multi) or 8 (uprobes).
+	// (uprobe_multi) or 2 per function (uprobes).
 	const fixedLinks = 5 + 2
 	links := func() int {
 		t.Helper()
@@ -481,6 +483,12 @@ func TestTLSPerProcessProbes(t *testing.T) {
 		}
 		return len(diff(o, before).Links)
 	}
+	// On x86-64 the internal functions that SSL_read(_ex) and
+	// SSL_write(_ex) wrap.
+	wantFuncs := []string{"SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"}
+	if runtime.GOARCH == "amd64" {
+		wantFuncs = []string{"ssl_read_internal", "ssl_write_internal"}
+	}
 	active := func(pids ...int) []TLSAttachment {
 		t.Helper()
 		got := tt.Active()
@@ -488,7 +496,8 @@ func TestTLSPerProcessProbes(t *testing.T) {
 			return nil
 		}
 		for i, at := range got {
-			if at.PID != pids[i] || at.Path != libssl || at.Impl != "openssl" || at.AllProcesses || (at.Probes != 2 && at.Probes != 8) {
+			if at.PID != pids[i] || at.Path != libssl || at.Impl != "openssl" || at.AllProcesses || (at.Probes != 2 && at.Probes != 2*len(at.Functions)) ||
+				!slices.Equal(at.Functions, wantFuncs) {
 				return nil
 			}
 		}
@@ -624,3 +633,112 @@ func TestTLSPerProcessProbes(t *testing.T) {
 		t.Errorf("held %+v before TLS tracing, %+v after", before, after)
 	}
 }
+
+// TestOpenSSLInternalFunctions: the internal functions behind SSL_read(_ex)
+// and SSL_write(_ex) are found from the wrappers' code (libraries built by
+// the test, whose symbol tables say where the internal functions are), with
+// the position of the write's byte count pointer by the version (before
+// and after OpenSSL 3.3, whose SSL_write_ex jumps through the PLT to
+// SSL_write_ex2); wrappers that call each other, internal functions that
+// do not start with a push, a version that contradicts the code, and
+// versions before 1.1.1 are refused. The machine's libssl.so.3 has them.
+func TestOpenSSLInternalFunctions(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the internal functions are used on x86-64 only")
+	}
+	clang := testbed.RequireTool(t, "clang-14")
+	dir := t.TempDir()
+	build := func(define string) *elf.File {
+		t.Helper()
+		so := filepath.Join(dir, "w"+define+".so")
+		args := []string{"-O2", "-fPIC", "-shared", "-o", so, "testdata/ssl_wrappers.c"}
+		if define != "" {
+			args = append(args, "-D"+define)
+		}
+		if out, err := exec.Command(clang, args...).CombinedOutput(); err != nil {
+			t.Fatalf("building ssl_wrappers.c -D%s: %v\n%s", define, err, out)
+		}
+		f, err := elf.Open(so)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	version := func(s string) opensslVersion {
+		v, ok := parseOpenSSLVersion([]byte("OpenSSL " + s + " 1 Jan 2025"))
+		if !ok {
+			t.Fatalf("version %s", s)
+		}
+		return v
+	}
+	symOff := func(f *elf.File, name string) uint64 {
+		t.Helper()
+		syms, err := f.Symbols()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range syms {
+			if s.Name == name {
+				for _, p := range f.Progs {
+					if p.Type == elf.PT_LOAD && p.Flags&elf.PF_X != 0 && s.Value >= p.Vaddr && s.Value < p.Vaddr+p.Memsz {
+						return s.Value - p.Vaddr + p.Off
+					}
+				}
+			}
+		}
+		t.Fatalf("no symbol %s", name)
+		return 0
+	}
+	for _, c := range []struct {
+		define, version string
+		arg5            bool
+		err             string // "" when found
+	}{
+		{"", "3.0.19", false, ""},
+		{"", "1.1.1w", false, ""},
+		{"FLAGS33", "3.3.0", true, ""},
+		{"FLAGS33", "3.5.1", true, ""},
+		{"FLAGS33", "3.2.4", false, "SSL_write's call"},
+		{"", "3.3.0", false, "SSL_write's call"},
+		{"NESTED", "3.0.19", false, "SSL_read and SSL_read_ex call 0 functions in common"},
+		{"LEAF", "3.0.19", false, "not a push"},
+		{"", "1.1.0l", false, "before 1.1.1"},
+	} {
+		f := build(c.define)
+		r, w, err := findOpenSSLInternal(f, version(c.version))
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("-D%s, OpenSSL %s: %+v %+v, error %v; want an error with %q", c.define, c.version, r, w, err, c.err)
+			}
+			continue
+		}
+		want := []opensslInternal{
+			{name: "ssl_read_internal", off: symOff(f, "ssl_read_internal")},
+			{name: "ssl_write_internal", off: symOff(f, "ssl_write_internal"), arg5: c.arg5},
+		}
+		if err != nil || r != want[0] || w != want[1] {
+			t.Errorf("-D%s, OpenSSL %s: %+v %+v %v, want %+v", c.define, c.version, r, w, err, want)
+		}
+	}
+	sys, err := elf.Open(SystemLibssl)
+	if err != nil {
+		testbed.RequireTool(t, SystemLibssl+" (libssl3)")
+		return
+	}
+	defer sys.Close()
+	v, _ := sectionBanner(sys)
+	if v.Major == 0 {
+		if crypto, err := elf.Open(filepath.Join(filepath.Dir(SystemLibssl), "libcrypto.so.3")); err == nil {
+			v, _ = sectionBanner(crypto)
+			crypto.Close()
+		}
+	}
+	r, w, err := findOpenSSLInternal(sys, v)
+	if err != nil || r.off == 0 || w.off == 0 || w.arg5 != (v.Major == 3 && v.Minor >= 3) {
+		t.Errorf("%s (OpenSSL %s): %+v %+v %v", SystemLibssl, v, r, w, err)
+	}
+}
+
+// SystemLibssl is the machine's libssl.so.3.
+const SystemLibssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3"

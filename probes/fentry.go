@@ -10,7 +10,8 @@ import (
 
 // fentryMode hooks the kprobe mode's functions with fentry/fexit (BPF
 // trampolines): tcp_v4_connect, tcp_v6_connect, inet_csk_accept,
-// tcp_close, tcp_sendmsg and tcp_recvmsg.
+// tcp_close, tcp_sendmsg and tcp_recvmsg, and kernel TLS's tls_sw_sendmsg,
+// tls_device_sendmsg and tls_sw_recvmsg when the tls module is loaded.
 type fentryMode struct{}
 
 func (fentryMode) name() string { return ModeFentry }
@@ -85,7 +86,70 @@ func (fentryMode) open(t *Tracer, o *Options) error {
 		}
 		t.add(l)
 	}
+	t.startKTLS(o, func() (ktlsHooks, error) { return fentryKTLS(spec, &maps) })
 	return nil
+}
+
+// fentryKTLS loads and attaches the fexit programs on the tls module's
+// functions, which load only against the module's BTF (so only once it is
+// loaded), sharing the mode's maps.
+func fentryKTLS(spec *ebpf.CollectionSpec, m *socketFentryMaps) (k ktlsHooks, err error) {
+	// tls_sw_recvmsg's flags argument, as for tcp_recvmsg.
+	flags, err := tlsFuncParam("tls_sw_recvmsg", "flags")
+	if err != nil {
+		return k, fmt.Errorf("no BTF for the tls module's functions (CONFIG_DEBUG_INFO_BTF_MODULES): %w", err)
+	}
+	spec = spec.Copy()
+	if err := spec.Variables["recvmsg_flags_arg"].Set(uint8(flags)); err != nil {
+		return k, err
+	}
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		"events":         m.Events,
+		"stats":          m.Stats,
+		"scratch":        m.Scratch,
+		"traced_cgroups": m.TracedCgroups,
+		"traced_ports":   m.TracedPorts,
+		"pending_conns":  m.PendingConns,
+	}}
+	k.progs = map[string]*ebpf.Program{}
+	for _, h := range []struct {
+		fn, prog string
+		optional string // what is not seen without it
+	}{
+		{"tls_sw_sendmsg", "fx_tls_sw_sendmsg", ""},
+		{"tls_sw_recvmsg", "fx_tls_sw_recvmsg", ""},
+		{"tls_device_sendmsg", "fx_tls_device_sendmsg", "sends of NIC-offloaded kernel TLS (CONFIG_TLS_DEVICE)"},
+	} {
+		p, err := loadProgram(spec, h.prog, opts)
+		if err != nil && h.optional != "" {
+			k.notes = append(k.notes, fmt.Sprintf("%s not hooked, %s not seen: %v", h.fn, h.optional, rootCause(err)))
+			continue
+		}
+		if err != nil {
+			return k, fmt.Errorf("loading fexit on %s: %w", h.fn, err)
+		}
+		k.closers = append(k.closers, p)
+		l, err := link.AttachTracing(link.TracingOptions{Program: p})
+		if err != nil {
+			return k, fmt.Errorf("attaching fexit on %s: %w", h.fn, err)
+		}
+		k.closers = append(k.closers, l)
+		k.progs[h.prog] = p
+		k.hooks = append(k.hooks, "fexit/"+h.fn)
+	}
+	return k, nil
+}
+
+// loadProgram loads one program of spec (with the maps it uses).
+func loadProgram(spec *ebpf.CollectionSpec, name string, opts *ebpf.CollectionOptions) (*ebpf.Program, error) {
+	one := spec.Copy()
+	one.Programs = map[string]*ebpf.ProgramSpec{name: spec.Programs[name]}
+	coll, err := ebpf.NewCollectionWithOptions(one, *opts)
+	if err != nil {
+		return nil, err
+	}
+	defer coll.Close()
+	return coll.DetachProgram(name), nil
 }
 
 // rootCause is the innermost error of a chain (e.g. the errno of a failed

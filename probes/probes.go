@@ -13,8 +13,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -130,15 +132,26 @@ type Tracer struct {
 	Events *ebpf.Map
 
 	stats, cgroups, ports *ebpf.Map
-	programs              map[string]*ebpf.Program
 	opts                  Options // as normalized by Open
 	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
+
+	// mu guards what the kernel TLS watcher (ktls.go) changes after Open.
+	mu          sync.Mutex
+	programs    map[string]*ebpf.Program
+	ktls        KTLSState
+	ktlsClosers []io.Closer // the kTLS hooks' links (and programs), closed first
+	ktlsProgs   []string    // their programs' names in programs
+	stopKTLS    func()      // stops the watcher (nil: none runs)
 }
 
 // Programs returns the attached programs by name (for their run-time
 // statistics).
-func (t *Tracer) Programs() map[string]*ebpf.Program { return t.programs }
+func (t *Tracer) Programs() map[string]*ebpf.Program {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return maps.Clone(t.programs)
+}
 
 // attachMode is one way of hooking the kernel's socket calls.
 type attachMode interface {
@@ -204,7 +217,14 @@ func (t *Tracer) add(c io.Closer) { t.closers = append(t.closers, c) }
 
 // Close detaches and unloads everything, in reverse order of creation.
 func (t *Tracer) Close() error {
+	if t.stopKTLS != nil {
+		t.stopKTLS()
+		t.stopKTLS = nil
+	}
 	var errs []error
+	if err := t.closeKTLS(); err != nil {
+		errs = append(errs, err)
+	}
 	for i := len(t.closers) - 1; i >= 0; i-- {
 		if err := t.closers[i].Close(); err != nil {
 			errs = append(errs, err)

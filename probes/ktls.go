@@ -80,14 +80,23 @@ type ktlsHooks struct {
 	notes   []string
 }
 
-// tlsModuleState says whether the kernel has the TLS layer's functions
-// now: built in (in vmlinux's BTF), or the tls module loaded ("live").
-func tlsModuleState() (present bool, builtin bool) {
-	if ok, _ := kernelHasBTFFunc("tls_sw_sendmsg"); ok {
-		return true, true
-	}
+// How startKTLS learns about the TLS layer (replaced in tests).
+var (
+	tlsIsBuiltIn = tlsBuiltIn
+	tlsIsLive    = tlsModuleLive
+)
+
+// tlsBuiltIn reports whether the TLS layer is built into the kernel
+// (its functions are in vmlinux's BTF).
+func tlsBuiltIn() bool {
+	ok, _ := kernelHasBTFFunc("tls_sw_sendmsg")
+	return ok
+}
+
+// tlsModuleLive reports whether the tls module is loaded and initialised.
+func tlsModuleLive() bool {
 	b, err := os.ReadFile("/sys/module/" + KTLSModule + "/initstate")
-	return err == nil && strings.TrimSpace(string(b)) == "live", false
+	return err == nil && strings.TrimSpace(string(b)) == "live"
 }
 
 // kernelHasBTFFunc reports whether vmlinux's BTF has a function.
@@ -110,7 +119,8 @@ func kernelHasBTFFunc(name string) (bool, error) {
 // logged, and KTLS says why.
 func (t *Tracer) startKTLS(o *Options, attach ktlsAttacher) {
 	log := o.Logger.With("component", "probes", "mode", t.Mode)
-	present, builtin := tlsModuleState()
+	builtin := tlsIsBuiltIn()
+	present := builtin || tlsIsLive()
 	if present {
 		t.attachKTLS(log, attach)
 	} else {
@@ -134,7 +144,7 @@ func (t *Tracer) startKTLS(o *Options, attach ktlsAttacher) {
 				return
 			case <-tick.C:
 			}
-			now, _ := tlsModuleState()
+			now := tlsIsLive()
 			switch {
 			case now && !was:
 				log.Info("kernel TLS: the tls module is loaded")

@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -18,6 +20,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf/ringbuf"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/testbed"
@@ -777,6 +780,21 @@ func TestKTLS(t *testing.T) {
 			}
 		})
 	}
+	// The spans made of these sessions, as exported.
+	spanAttrs := exportedSpans(t, sessions)
+	if len(spanAttrs) != 2*2*len(ktlsRequests) {
+		t.Errorf("%d spans exported, want %d", len(spanAttrs), 2*2*len(ktlsRequests))
+	}
+	for i, a := range spanAttrs {
+		port, _ := strconv.Atoi(a["server.port"])
+		version := map[int]string{ktlsPort12: "1.2", ktlsPort13: "1.3"}[port]
+		if a["clovisor.payload.source"] != "ktls" || a["tls.protocol.name"] != "tls" || a["tls.protocol.version"] != version ||
+			a["url.scheme"] != "https" || a["http.response.status_code"] != "200" || !slices.Contains([]string{"GET", "POST"}, a["http.request.method"]) ||
+			!strings.HasPrefix(a["url.path"], "/ktls/") || version == "" {
+			t.Errorf("span %d: attributes %v; want clovisor.payload.source=ktls, tls.protocol.name=tls, tls.protocol.version=%s, url.scheme=https, a /ktls/ path, status 200", i, a, version)
+		}
+	}
+
 	// Nothing else was reported: every socket with events is one of the
 	// four ends above.
 	if len(socks) != 2*len(versions) {
@@ -788,6 +806,35 @@ func TestKTLS(t *testing.T) {
 	if ks, err := tr.Stats(); err != nil || ks.DataLost != 0 || ks.ConnLost != 0 || ks.PayloadFaults != 0 {
 		t.Errorf("kernel stats %+v %v", ks, err)
 	}
+}
+
+// exportedSpans exports the sessions through spans.Exporter (OTLP mode,
+// into memory) and returns each span's attributes as strings, with its
+// kind under "span.kind".
+func exportedSpans(t *testing.T, sessions []*spans.Session) []map[string]string {
+	t.Helper()
+	mem := tracetest.NewInMemoryExporter()
+	exp, err := spans.New(context.Background(), spans.Config{Output: spans.OutputOTLP, Exporter: mem},
+		slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exp.Shutdown(context.Background())
+	for _, s := range sessions {
+		exp.Export(s)
+	}
+	if err := exp.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]string
+	for _, sp := range mem.GetSpans() {
+		a := map[string]string{"span.kind": sp.SpanKind.String()}
+		for _, kv := range sp.Attributes {
+			a[string(kv.Key)] = kv.Value.Emit()
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 func txAttr(tx *protocols.Transaction, key string) string {

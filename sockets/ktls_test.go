@@ -718,12 +718,17 @@ func TestKTLS(t *testing.T) {
 					t.Errorf("%s: first send %.40q, want the line %q", end.name, first, wantLine)
 				}
 				// What TCP carried: the records, each larger than its
-				// plaintext by the cipher's overhead.
+				// plaintext by the cipher's overhead. TCP counts
+				// retransmitted bytes again (a loaded emulated VM can
+				// retransmit): then at most a segment each more.
 				if s.close == nil {
 					t.Errorf("%s: no close event", end.name)
-				} else if want := ktlsWire(v.version, end.writes...); s.close.BytesSent != want {
-					t.Errorf("%s: TCP sent %d bytes, want %d: %d bytes of plaintext in %s records", end.name, s.close.BytesSent, want,
-						len(strings.Join(end.writes, "")), v.name)
+				} else if want, retrans := ktlsWire(v.version, end.writes...), uint64(s.close.TotalRetrans); s.close.BytesSent < want ||
+					s.close.BytesSent > want+retrans*64<<10 || (retrans == 0 && s.close.BytesSent != want) {
+					t.Errorf("%s: TCP sent %d bytes (%d segments retransmitted), want %d: %d bytes of plaintext in %s records",
+						end.name, s.close.BytesSent, retrans, want, len(strings.Join(end.writes, "")), v.name)
+				} else if retrans != 0 {
+					t.Logf("%s: TCP sent %d bytes: %d of records and %d retransmitted in %d segments", end.name, s.close.BytesSent, want, s.close.BytesSent-want, retrans)
 				}
 			}
 

@@ -30,7 +30,7 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	if err := configure(spec, o); err != nil {
 		return err
 	}
-	if err := setRecvmsgFlagsArg(spec); err != nil {
+	if err := t.setRecvmsgFlagsArg(spec); err != nil {
 		return err
 	}
 	// Stands in for the socket cookie (kprobes may not make cookies): a
@@ -44,7 +44,7 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketKprobeObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("kprobe programs", err)
 	}
 	t.add(&objs)
@@ -126,8 +126,8 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 
 // kernelFuncProto returns a kernel function's prototype from the
 // kernel's BTF.
-func kernelFuncProto(name string) (*btf.FuncProto, error) {
-	kspec, err := btf.LoadKernelSpec()
+func (t *Tracer) kernelFuncProto(name string) (*btf.FuncProto, error) {
+	kspec, err := t.btf.Kernel()
 	if err != nil {
 		return nil, fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
 	}
@@ -143,8 +143,8 @@ func kernelFuncProto(name string) (*btf.FuncProto, error) {
 }
 
 // kernelFuncParams returns how many parameters a kernel function has.
-func kernelFuncParams(name string) (int, error) {
-	proto, err := kernelFuncProto(name)
+func (t *Tracer) kernelFuncParams(name string) (int, error) {
+	proto, err := t.kernelFuncProto(name)
 	if err != nil {
 		return 0, err
 	}
@@ -153,8 +153,8 @@ func kernelFuncParams(name string) (int, error) {
 
 // setRecvmsgFlagsArg tells the programs which argument of tcp_recvmsg
 // holds the flags on this kernel, from its BTF.
-func setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
-	proto, err := kernelFuncProto("tcp_recvmsg")
+func (t *Tracer) setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
+	proto, err := t.kernelFuncProto("tcp_recvmsg")
 	if err != nil {
 		return err
 	}

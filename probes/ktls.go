@@ -82,14 +82,14 @@ type ktlsHooks struct {
 
 // How startKTLS learns about the TLS layer (replaced in tests).
 var (
-	tlsIsBuiltIn = tlsBuiltIn
+	tlsIsBuiltIn = (*Tracer).tlsBuiltIn
 	tlsIsLive    = tlsModuleLive
 )
 
 // tlsBuiltIn reports whether the TLS layer is built into the kernel
 // (its functions are in vmlinux's BTF).
-func tlsBuiltIn() bool {
-	ok, _ := kernelHasBTFFunc("tls_sw_sendmsg")
+func (t *Tracer) tlsBuiltIn() bool {
+	ok, _ := t.kernelHasBTFType("tls_sw_sendmsg")
 	return ok
 }
 
@@ -99,28 +99,15 @@ func tlsModuleLive() bool {
 	return err == nil && strings.TrimSpace(string(b)) == "live"
 }
 
-// kernelHasBTFFunc reports whether vmlinux's BTF has a function.
-func kernelHasBTFFunc(name string) (bool, error) {
-	spec, err := btf.LoadKernelSpec()
-	if err != nil {
-		return false, err
-	}
-	var fn *btf.Func
-	err = spec.TypeByName(name, &fn)
-	if errors.Is(err, btf.ErrNotFound) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
 // startKTLS attaches the kTLS hooks now if the TLS layer is there, and
 // watches for the tls module (its arrival, its removal) unless it is
 // built in. Failing to hook kernel TLS does not fail the mode: it is
 // logged, and KTLS says why.
 func (t *Tracer) startKTLS(o *Options, attach ktlsAttacher) {
 	log := o.Logger.With("component", "probes", "mode", t.Mode)
-	builtin := tlsIsBuiltIn()
-	present := builtin || tlsIsLive()
+	present := tlsIsLive()
+	builtin := !present && tlsIsBuiltIn(t)
+	present = present || builtin
 	if present {
 		t.attachKTLS(log, attach)
 	} else {
@@ -213,11 +200,11 @@ func (t *Tracer) closeKTLS() error {
 }
 
 // tlsFuncParam returns the index of a parameter of a function of the TLS
-// layer, from the BTF of vmlinux (built in) or of the tls module.
-func tlsFuncParam(fn, param string) (int, error) {
-	spec, err := btf.LoadKernelModuleSpec(KTLSModule)
+// layer, from the BTF of the tls module, or of vmlinux (built in).
+func tlsFuncParam(cache *btf.Cache, fn, param string) (int, error) {
+	spec, err := cache.Module(KTLSModule)
 	if errors.Is(err, fs.ErrNotExist) {
-		spec, err = btf.LoadKernelSpec()
+		spec, err = cache.Kernel()
 	}
 	if err != nil {
 		return 0, err

@@ -22,8 +22,10 @@ func (c closeCounter) Close() error { c.n.Add(1); return nil }
 // sockets.TestKTLSModuleLoadedLater.)
 func TestKTLSWatcher(t *testing.T) {
 	var live atomic.Bool
-	defer func(b, l func() bool, iv time.Duration) { tlsIsBuiltIn, tlsIsLive, ktlsWatchInterval = b, l, iv }(tlsIsBuiltIn, tlsIsLive, ktlsWatchInterval)
-	tlsIsBuiltIn = func() bool { return false }
+	defer func(b func(*Tracer) bool, l func() bool, iv time.Duration) {
+		tlsIsBuiltIn, tlsIsLive, ktlsWatchInterval = b, l, iv
+	}(tlsIsBuiltIn, tlsIsLive, ktlsWatchInterval)
+	tlsIsBuiltIn = func(*Tracer) bool { return false }
 	tlsIsLive = live.Load
 	ktlsWatchInterval = 5 * time.Millisecond
 

@@ -132,7 +132,8 @@ type Tracer struct {
 	Events *ebpf.Map
 
 	stats, cgroups, ports *ebpf.Map
-	opts                  Options // as normalized by Open
+	opts                  Options    // as normalized by Open
+	btf                   *btf.Cache // the kernel's BTF, parsed once while opening
 	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
 
@@ -187,8 +188,9 @@ func Open(o Options) (*Tracer, error) {
 	}
 	var refused []string
 	for _, name := range candidates {
-		t := &Tracer{Mode: name, opts: o}
+		t := &Tracer{Mode: name, opts: o, btf: btf.NewCache()}
 		err := attachModes[name].open(t, &o)
+		t.btf = nil // the module list it holds goes stale
 		if err == nil {
 			o.Logger.Info("socket tracer attached", "component", "probes", "mode", name,
 				"requested", o.Mode, "refused", strings.Join(refused, "; "), "kernel", KernelRelease())
@@ -330,8 +332,8 @@ func (t *Tracer) fillPorts(ports []uint16) error {
 
 // kernelHasBTFType reports whether the kernel's BTF has a type of this name
 // (for example "btf_trace_sock_send_length" for that BTF tracepoint).
-func kernelHasBTFType(name string) (bool, error) {
-	spec, err := btf.LoadKernelSpec()
+func (t *Tracer) kernelHasBTFType(name string) (bool, error) {
+	spec, err := t.btf.Kernel()
 	if err != nil {
 		return false, fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF): %w", err)
 	}
@@ -340,6 +342,12 @@ func kernelHasBTFType(name string) (bool, error) {
 		return false, nil
 	}
 	return err == nil, err
+}
+
+// loadOpts are the options of the mode's collection loads: the BTF parsed
+// once.
+func (t *Tracer) loadOpts() *ebpf.CollectionOptions {
+	return &ebpf.CollectionOptions{Cache: t.btf}
 }
 
 // loadErr makes a load error readable: a verifier error with its log tail.

@@ -30,7 +30,7 @@ var tracepointNeeds = []struct{ tp, since string }{
 
 func (tracepointMode) open(t *Tracer, o *Options) error {
 	for _, n := range tracepointNeeds {
-		ok, err := kernelHasBTFType("btf_trace_" + n.tp)
+		ok, err := t.kernelHasBTFType("btf_trace_" + n.tp)
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrUnsupported, err)
 		}
@@ -62,7 +62,7 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketTPObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("tracepoint programs", err)
 	}
 	t.add(&objs)
@@ -120,7 +120,7 @@ func openTPSys(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketTPSysObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("tracepoint programs (syscall events)", err)
 	}
 	t.add(&objs)

@@ -134,7 +134,7 @@ type Tracer struct {
 	stats, cgroups, ports *ebpf.Map
 	opts                  Options    // as normalized by Open
 	btf                   *btf.Cache // the kernel's BTF, parsed once while opening
-	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
+	cookieMult            uint64     // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
 
 	// mu guards what the kernel TLS watcher (ktls.go) changes after Open.

@@ -19,6 +19,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"golang.org/x/sys/unix"
@@ -649,6 +650,17 @@ func TestKTLS(t *testing.T) {
 	tk := NewTracker(Config{Analyzers: protocols.NewRegistry(http1.New()),
 		Sink: func(s *spans.Session) { sessions = append(sessions, s) }})
 
+	// In a VM nothing else moves TCP data: count the hooks' runs during
+	// the exchange, to show which of them kernel TLS passes.
+	var runsBefore map[string]uint64
+	if vmtest.InGuest() {
+		stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+		if err != nil {
+			t.Fatalf("BPF run statistics: %v", err)
+		}
+		defer stats.Close()
+		runsBefore = programRuns(t, tr)
+	}
 	serverPID, serverDone := e.startServer(t)
 	versions := []struct {
 		name    string
@@ -663,6 +675,34 @@ func TestKTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	socks := ktlsEvents(t, tr, tk, 2*len(versions))
+	if runsBefore != nil {
+		runs := programRuns(t, tr)
+		for name := range runs {
+			runs[name] -= runsBefore[name]
+		}
+		t.Logf("%s mode: program runs during the kTLS exchanges: %v", mode, runs)
+		// The TCP data hooks of the kprobe and fentry modes never run for
+		// kernel TLS; their kTLS hooks do. (skb_copy_datagram_iter, in
+		// the kprobe mode, may run within tls_sw_recvmsg: it reports
+		// nothing there, as the socket-source check above shows.)
+		zero, busy := map[string][]string{
+			probes.ModeKprobe: {"kp_tcp_sendmsg", "krp_tcp_sendmsg", "kp_tcp_recvmsg", "krp_tcp_recvmsg"},
+			probes.ModeFentry: {"fx_tcp_sendmsg", "fx_tcp_recvmsg"},
+		}[mode], map[string][]string{
+			probes.ModeKprobe: {"kp_tls_sendmsg", "krp_tls_sendmsg", "kp_tls_recvmsg", "krp_tls_recvmsg"},
+			probes.ModeFentry: {"fx_tls_sw_sendmsg", "fx_tls_sw_recvmsg"},
+		}[mode]
+		for _, name := range zero {
+			if n, ok := runs[name]; !ok || n != 0 {
+				t.Errorf("%s ran %d times (present %v) during kTLS-only traffic, want 0", name, n, ok)
+			}
+		}
+		for _, name := range busy {
+			if runs[name] == 0 {
+				t.Errorf("%s did not run during the kTLS exchanges", name)
+			}
+		}
+	}
 
 	requests, responses := strings.Join(ktlsRequests, ""), strings.Join(ktlsResponses, "")
 	for _, v := range versions {
@@ -840,6 +880,21 @@ func exportedSpans(t *testing.T, sessions []*spans.Session) []map[string]string 
 		out = append(out, a)
 	}
 	return out
+}
+
+// programRuns returns how often each of the tracer's programs ran (with
+// BPF run statistics enabled).
+func programRuns(t *testing.T, tr *probes.Tracer) map[string]uint64 {
+	t.Helper()
+	runs := map[string]uint64{}
+	for name, p := range tr.Programs() {
+		st, err := p.Stats()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		runs[name] = st.RunCount
+	}
+	return runs
 }
 
 func txAttr(tx *protocols.Transaction, key string) string {

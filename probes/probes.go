@@ -332,8 +332,20 @@ func (t *Tracer) fillPorts(ports []uint16) error {
 
 // kernelHasBTFType reports whether the kernel's BTF has a type of this name
 // (for example "btf_trace_sock_send_length" for that BTF tracepoint).
+func kernelHasBTFType(name string) (bool, error) {
+	return btfHasType(btf.NewCache(), name)
+}
+
+// kernelHasBTFType is kernelHasBTFType with the BTF parsed for opening.
 func (t *Tracer) kernelHasBTFType(name string) (bool, error) {
-	spec, err := t.btf.Kernel()
+	if t.btf == nil {
+		return kernelHasBTFType(name)
+	}
+	return btfHasType(t.btf, name)
+}
+
+func btfHasType(c *btf.Cache, name string) (bool, error) {
+	spec, err := c.Kernel()
 	if err != nil {
 		return false, fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF): %w", err)
 	}
@@ -360,11 +372,12 @@ func loadErr(what string, err error) error {
 }
 
 // LoadedPrograms lists the BPF programs loaded in the kernel (by anyone)
-// that carry the names of Clovisor's socket programs, by id. Clovisor's
+// that carry the names of Clovisor's socket and TLS uprobe programs, by id. Clovisor's
 // own links are not pinned, so after its process ends none should remain.
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
 	names := map[string]bool{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry,
+		loadTlsOpenSSL, loadTlsProcWatch} {
 		spec, err := load()
 		if err != nil {
 			return nil, err

@@ -36,6 +36,10 @@ var coreSocketTests = []string{
 	"TestCurlNginx", "TestCurlNginx/ipv4", "TestCurlNginx/ipv6",
 	"TestGoKeepAlive", "TestUntracedCgroupIgnored", "TestPortFilter",
 	"TestServerClosesWithoutResponse", "TestKernelEvents",
+	// OpenSSL uprobes: classic uprobes and the system calls' I/O fallback
+	// before 6.3/6.6, uprobe_multi and sock_*_length after.
+	"TestOpenSSLKernelEvents",
+	// Kernel TLS on both ends, in every mode; the tls module loaded late.
 	"TestKTLS", "TestKTLS/1.2", "TestKTLS/1.3", "TestKTLSModuleLoadedLater",
 }
 

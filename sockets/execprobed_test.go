@@ -53,5 +53,6 @@ func ProbedClient(t *testing.T, tt *probes.TLSTracer, p *testbed.TLSPair, env []
 	return out.String()
 }
 
-// SystemLibssl is the machine's libssl.so.3, which curl and nginx use.
-const SystemLibssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+// SystemLibssl is the machine's libssl.so.3, which curl and nginx use
+// (where ldd finds it: the VM kernels' guests have their libraries there).
+const SystemLibssl = "/lib/x86_64-linux-gnu/libssl.so.3"

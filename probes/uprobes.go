@@ -155,7 +155,8 @@ type TLSTracer struct {
 	mu       sync.Mutex
 	files    map[fileID]*fileState
 	procs    map[int]*procState
-	attached []TLSAttachment
+	attached []TLSAttachment // the last maxAttachedKept made
+	nAttach  int              // all made
 	scans    uint64
 	detached uint64
 
@@ -665,6 +666,10 @@ func (m *TLSTracer) attachTargets(st *fileState, exe *link.Executable, pid int, 
 		atts = append(atts, a)
 		m.mu.Lock()
 		m.attached = append(m.attached, a)
+		if len(m.attached) > maxAttachedKept {
+			m.attached = append(m.attached[:0], m.attached[len(m.attached)-maxAttachedKept/2:]...)
+		}
+		m.nAttach++
 		m.mu.Unlock()
 		m.log.Debug("TLS library probed", "impl", a.Impl, "path", a.Path, "pid", pid, "probes", a.Probes, "all_processes", a.AllProcesses,
 			"functions", strings.Join(a.Functions, ","))
@@ -875,8 +880,13 @@ func cgroup2Mount(procRoot string) (string, error) {
 // (the tracer filters by cgroup, and PerFile was not asked for).
 func (m *TLSTracer) PerProcess() bool { return m.perProcess }
 
+// maxAttachedKept bounds the history Attached keeps: per process, every
+// new traced process that maps a TLS library adds one.
+const maxAttachedKept = 4096
+
 // Attached lists the attachments made so far (also those detached
-// since), in the order they were made.
+// since), in the order they were made: all of them, or the last 2048 to
+// 4096 once more were made.
 func (m *TLSTracer) Attached() []TLSAttachment {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -921,7 +931,7 @@ type TLSStats struct {
 // Stats reads the counters.
 func (m *TLSTracer) Stats() (TLSStats, error) {
 	m.mu.Lock()
-	s := TLSStats{Files: len(m.files), Attached: len(m.attached), Processes: len(m.procs), Detached: m.detached, Scans: m.scans}
+	s := TLSStats{Files: len(m.files), Attached: m.nAttach, Processes: len(m.procs), Detached: m.detached, Scans: m.scans}
 	m.mu.Unlock()
 	for _, p := range m.probers {
 		if op, ok := p.(*opensslProber); ok {

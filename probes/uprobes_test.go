@@ -491,6 +491,7 @@ func TestTLSPerProcessProbes(t *testing.T) {
 	}
 	active := func(pids ...int) []TLSAttachment {
 		t.Helper()
+		slices.Sort(pids) // Active's order
 		got := tt.Active()
 		if len(got) != len(pids) {
 			return nil

@@ -316,9 +316,9 @@ func (p *opensslProber) inspect(f *tlsFile) (tlsTarget, error) {
 	}
 	p.t.opts.Logger.Debug("OpenSSL library", "component", "tls", "path", f.Name, "version", desc)
 
-	t := &opensslTarget{p: p}
 	r, w, err := findOpenSSLInternal(f.ELF, v)
 	if err == nil {
+		t := &opensslTarget{p: p}
 		// The internal functions the four wrap: cheaper probe sites.
 		t.fns = []string{r.name, w.name}
 		t.addrs = []uint64{r.off, w.off}
@@ -330,6 +330,12 @@ func (p *opensslProber) inspect(f *tlsFile) (tlsTarget, error) {
 		return t, nil
 	}
 	p.t.opts.Logger.Debug("OpenSSL: probing the API functions", "component", "tls", "path", f.Name, "reason", err.Error())
+	return p.apiTarget(have, base), nil
+}
+
+// apiTarget probes the API functions of have (file offsets by name).
+func (p *opensslProber) apiTarget(have map[string]uint64, base uint64) *opensslTarget {
+	t := &opensslTarget{p: p}
 	for _, fn := range opensslFuncs {
 		if off, ok := have[fn.name]; ok {
 			t.fns = append(t.fns, fn.name)
@@ -337,7 +343,7 @@ func (p *opensslProber) inspect(f *tlsFile) (tlsTarget, error) {
 			t.cookies = append(t.cookies, base|fn.bits)
 		}
 	}
-	return t, nil
+	return t
 }
 
 func (t *opensslTarget) functions() []string { return t.fns }

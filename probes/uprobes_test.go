@@ -260,7 +260,7 @@ func TestTLSRescanFindsNewlyTracedCgroup(t *testing.T) {
 // sslCalls is a running testdata/ssl_calls.c: a process that makes SSL
 // calls through the machine's libssl on command.
 type sslCalls struct {
-	t   *testing.T
+	t   testing.TB
 	cmd *exec.Cmd
 	in  io.WriteCloser
 	out *bufio.Reader
@@ -268,7 +268,7 @@ type sslCalls struct {
 }
 
 // buildSSLCalls compiles testdata/ssl_calls.c against the machine's libssl.
-func buildSSLCalls(t *testing.T) string {
+func buildSSLCalls(t testing.TB) string {
 	t.Helper()
 	clang := testbed.RequireTool(t, "clang-14")
 	if _, err := os.Stat("/usr/include/openssl/ssl.h"); err != nil {
@@ -281,7 +281,7 @@ func buildSSLCalls(t *testing.T) string {
 	return bin
 }
 
-func startSSLCalls(t *testing.T, bin string, cg *testbed.Cgroup) *sslCalls {
+func startSSLCalls(t testing.TB, bin string, cg *testbed.Cgroup) *sslCalls {
 	t.Helper()
 	cmd := exec.Command(bin)
 	in, err := cmd.StdinPipe()

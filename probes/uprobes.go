@@ -156,7 +156,7 @@ type TLSTracer struct {
 	files    map[fileID]*fileState
 	procs    map[int]*procState
 	attached []TLSAttachment // the last maxAttachedKept made
-	nAttach  int              // all made
+	nAttach  int             // all made
 	scans    uint64
 	detached uint64
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -245,6 +246,7 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 	var bpfNS, tracedReqs, spansSeen uint64
 	costs := map[string]progCost{}
 	var cpuTraced time.Duration
+	var srvCPU, cliCPU [2][]float64 // CPU per request of nginx's and wrk's cgroups: untraced, traced
 	for i := 0; i < 7; i++ {
 		on := i%2 == 1
 		var tr *probes.Tracer
@@ -276,6 +278,7 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 		runWrk(time.Second) // warm-up
 		var c0 map[string]progCost
 		cpu0 := procCPU()
+		srv0, cli0 := cgroupCPU(b, p.ServerCG), cgroupCPU(b, p.ClientCG)
 		if on {
 			c0 = readCosts(b, tt.Programs())
 			for name, prog := range tr.Programs() {
@@ -284,6 +287,20 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 			}
 		}
 		n, rate := runWrk(4 * time.Second)
+		srvUS := float64((cgroupCPU(b, p.ServerCG) - srv0).Microseconds()) / float64(n)
+		cliUS := float64((cgroupCPU(b, p.ClientCG) - cli0).Microseconds()) / float64(n)
+		if on {
+			srvCPU[1] = append(srvCPU[1], srvUS)
+			cliCPU[1] = append(cliCPU[1], cliUS)
+		} else {
+			srvCPU[0] = append(srvCPU[0], srvUS)
+			cliCPU[0] = append(cliCPU[0], cliUS)
+		}
+		if on {
+			if act := tt.Active(); len(act) != 2 || act[0].PID == act[1].PID {
+				b.Errorf("TLS probes in %+v, want nginx's master and worker", act)
+			}
+		}
 		if !on {
 			untraced = append(untraced, rate)
 			continue
@@ -314,9 +331,6 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 			b.Fatalf("traced run: %d openssl SERVER spans with status 200 for %d responses", s, n)
 		}
 		spansSeen += uint64(s)
-		if act := tt.Active(); len(act) != 2 || act[0].PID == act[1].PID {
-			b.Errorf("TLS probes in %+v, want nginx's master and worker", act)
-		}
 	}
 	mean := func(x []float64) float64 {
 		var s float64
@@ -336,14 +350,45 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 	b.ReportMetric(rounds[len(rounds)-1], "round-max-%")
 	b.ReportMetric(float64(bpfNS)/float64(tracedReqs), "bpf-ns/req")
 	b.ReportMetric(100*cpuTraced.Seconds()/(12), "reader-cpu-%")
+	b.ReportMetric(1e6*cpuTraced.Seconds()/float64(tracedReqs), "reader-us/req")
+	b.ReportMetric(mean(srvCPU[0]), "nginx-us/req-untraced")
+	b.ReportMetric(mean(srvCPU[1]), "nginx-us/req-traced")
+	b.ReportMetric(mean(cliCPU[0]), "wrk-us/req-untraced")
+	b.ReportMetric(mean(cliCPU[1]), "wrk-us/req-traced")
 	b.ReportMetric(float64(spansSeen)/float64(tracedReqs), "spans/resp")
+	var perProg []string
 	for name, c := range costs {
 		if c.runs > 0 && strings.HasPrefix(name, "ssl_") {
 			b.ReportMetric(float64(c.ns)/float64(c.runs), "ns/run-"+name)
 			b.ReportMetric(float64(c.runs)/float64(tracedReqs), "runs/req-"+name)
 		}
+		if c.runs > 0 {
+			perProg = append(perProg, fmt.Sprintf("%s %.2f runs × %.0f ns", name, float64(c.runs)/float64(tracedReqs), float64(c.ns)/float64(c.runs)))
+		}
 	}
+	slices.Sort(perProg)
+	b.Logf("BPF per request: %s", strings.Join(perProg, "; "))
 	b.Logf("untraced %.0f, traced %.0f req/s; rounds %.1f%%", untraced, traced, rounds)
+}
+
+// cgroupCPU is the CPU time the cgroup's processes used so far (their
+// BPF programs and uprobe traps included).
+func cgroupCPU(b *testing.B, cg *testbed.Cgroup) time.Duration {
+	raw, err := os.ReadFile(filepath.Join(cg.Dir(), "cpu.stat"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
+			us, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return time.Duration(us) * time.Microsecond
+		}
+	}
+	b.Fatalf("no usage_usec in %s/cpu.stat", cg.Dir())
+	return 0
 }
 
 // procCPU is the process's user+system CPU time so far.

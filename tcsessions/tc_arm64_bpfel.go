@@ -30,6 +30,9 @@ const (
 	tcConnFlagCONN_FROM_SYNACK    tcConnFlag = 64
 	tcConnFlagCONN_FROM_MIDSTREAM tcConnFlag = 128
 	tcConnFlagCONN_ROLES_GUESSED  tcConnFlag = 256
+	tcConnFlagCONN_CLIENT_INGRESS tcConnFlag = 512
+	tcConnFlagCONN_SEQ0           tcConnFlag = 1024
+	tcConnFlagCONN_HTTP           tcConnFlag = 2048
 )
 
 type tcConnTuple struct {
@@ -78,6 +81,8 @@ type tcExchangeEvent struct {
 	Tuple       tcConnTuple
 	Index       uint32
 	ConnFlags   uint32
+	ReqSeq0     uint32
+	Pad2        uint32
 	FirstTs     uint64
 	SynTs       uint64
 	SynackTs    uint64
@@ -112,17 +117,22 @@ const (
 )
 
 type tcPayloadEvent struct {
-	_       structs.HostLayout
-	Kind    uint8
-	Dir     uint8
-	Cap     uint16
-	Index   uint32
-	Tuple   tcConnTuple
-	FirstTs uint64
-	Ts      uint64
-	Len     uint32
-	Seq     uint32
-	Data    [4096]uint8
+	_            structs.HostLayout
+	Kind         uint8
+	Dir          uint8
+	Cap          uint16
+	Index        uint32
+	Tuple        tcConnTuple
+	FirstTs      uint64
+	Ts           uint64
+	Len          uint32
+	Seq          uint32
+	Mark         uint16
+	Pad0         uint16
+	Pad1         uint32
+	At           tcDirCounters
+	PeerNewBytes uint64
+	Data         [4096]uint8
 }
 
 type tcPayloadScratch struct {
@@ -156,6 +166,9 @@ type tcSession struct {
 	Proto       uint16
 	ClientIsLo  uint8
 	Pad         uint8
+	ReqSeq0     uint32
+	Marks       [2]uint32
+	Pad1        uint32
 }
 
 type tcTcDir uint32
@@ -193,6 +206,7 @@ const (
 	tcTcStatIndexTC_STAT_SESSION_CLOSED  tcTcStatIndex = 7
 	tcTcStatIndexTC_STAT_SESSION_FULL    tcTcStatIndex = 8
 	tcTcStatIndexTC_STAT_STATE_RACE      tcTcStatIndex = 9
+	tcTcStatIndexTC_STAT_MARK_LIMIT      tcTcStatIndex = 10
 	tcTcStatIndexTC_STAT_MAX             tcTcStatIndex = 16
 )
 

@@ -564,3 +564,16 @@ func (t *Tracer) update(u netlink.LinkUpdate) {
 		}
 	}
 }
+
+// WorkloadOf returns the workload an address belongs to (SetWorkload, or
+// the address of a pod veth's peer), "" when none.
+func (t *Tracer) WorkloadOf(ip netip.Addr) string { return t.wl.ownerOf(ip) }
+
+// workloadAt names the workload of an exchange's end inside an interface:
+// the workload of its address, else, on a pod veth, the veth's.
+func (t *Tracer) workloadAt(ifindex int, addr netip.Addr) string {
+	if w := t.wl.ownerOf(addr); w != "" {
+		return w
+	}
+	return ""
+}

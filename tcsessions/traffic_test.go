@@ -218,8 +218,8 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 			t.Errorf("sessions created %d closed %d, want 4 and 4", st.SessionsCreated, st.SessionsClosed)
 		}
 		c.close(t) // the Assembler is the reader's until then
-		if as := c.asm.Stats(); as.Parsed != 10 || as.Orphans != 0 || as.BadEvents != 0 || c.asm.Pending() != 0 {
-			t.Errorf("assembler %+v pending %d", as, c.asm.Pending())
+		if as := c.asm.Stats(); as.Parsed != 10 || as.Orphans != 0 || as.BadEvents != 0 || as.Pipelined != 0 || c.asm.Conns() != 0 {
+			t.Errorf("assembler %+v conns %d", as, c.asm.Conns())
 		}
 	})
 }

@@ -150,3 +150,10 @@ func without(list []netip.Addr, x netip.Addr) []netip.Addr {
 	}
 	return out
 }
+
+// owner returns the workload an address belongs to ("" when none).
+func (w *workloads) ownerOf(ip netip.Addr) string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.owner[ip.Unmap()]
+}

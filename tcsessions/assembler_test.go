@@ -253,7 +253,7 @@ func TestAssemblerPipelined(t *testing.T) {
 	req := &stream{t: t, tu: tu, dir: dirRequest, seq: 1001}
 	resp := &stream{t: t, tu: tu, dir: dirResponse, seq: 5001}
 	req.ack()
-	req.ack() // SYN, ACK
+	req.ack()  // SYN, ACK
 	resp.ack() // SYN-ACK
 	r1, r2, r3 := "GET /a HTTP/1.1\r\nHost: x\r\n\r\n", "GET /b HTTP/1.1\r\nHost: x\r\n\r\n", "GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
 	s1 := "HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n"

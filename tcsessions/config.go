@@ -51,6 +51,8 @@ const (
 	DefaultStateDir = "/run/clovisor"
 	// DefaultIdleFlush is Config.IdleFlush's default.
 	DefaultIdleFlush = 5 * time.Second
+	// DefaultWorkloadRefresh is Config.WorkloadRefresh's default.
+	DefaultWorkloadRefresh = 2 * time.Second
 )
 
 // MaxPayloadBytes is the largest payload prefix per exchange direction.
@@ -120,6 +122,12 @@ type Config struct {
 	// no new payload came for this long, without waiting for the next
 	// request or the close (default DefaultIdleFlush; negative: never).
 	IdleFlush time.Duration `json:"idleFlush" yaml:"idleFlush"`
+	// WorkloadRefresh is how often the workloads at the other end of the
+	// pod veths and their addresses are read again (see peers.go; they
+	// are also read when a pod veth is attached). Default
+	// DefaultWorkloadRefresh; negative: no workloads but those given with
+	// SetWorkload.
+	WorkloadRefresh time.Duration `json:"workloadRefresh" yaml:"workloadRefresh"`
 
 	// Logger receives attach and clean-up decisions (default
 	// slog.Default()).
@@ -249,6 +257,9 @@ func (c *Config) normalize() error {
 	}
 	if c.IdleFlush == 0 {
 		c.IdleFlush = DefaultIdleFlush
+	}
+	if c.WorkloadRefresh == 0 {
+		c.WorkloadRefresh = DefaultWorkloadRefresh
 	}
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir

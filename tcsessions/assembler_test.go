@@ -95,7 +95,7 @@ func TestAssemblerHTTP(t *testing.T) {
 	respLen := uint64(len(resp) + 100000)
 	ev := ExchangeEvent{
 		End: uint8(EndNextRequest), Phase: uint8(PhaseResponse), Proto: 1, Tuple: tu, Index: 3,
-		ConnFlags: ConnFromSYN, FirstTs: 5, SynTs: 5, SynackTs: 7,
+		ConnFlags: ConnFromSYN | ConnSeq0 | ConnClientIngress, ReqSeq0: 1000, FirstTs: 5, SynTs: 5, SynackTs: 7,
 		ReqFirstTs: 10, ReqLastTs: 11, RespFirstTs: 20, RespLastTs: 90, EndTs: 100,
 		Flags: [2]uint32{0x18, 0x18},
 	}
@@ -120,7 +120,8 @@ func TestAssemblerHTTP(t *testing.T) {
 		t.Errorf("times %d %d %d %d", tx.ReqStart, tx.ReqEnd, tx.RespStart, tx.RespEnd)
 	}
 	s := x.Session()
-	if s.Point != spans.PointNodeNIC || s.Kind != 0 || s.Tx != tx || s.Wire.Interface != "eth0" ||
+	// On a node NIC the client's packets come in: the node serves.
+	if s.Point != spans.PointNodeNIC || s.Kind != spans.Server || s.Index != 3 || s.ConnTag != 1<<32|1000 || s.Tx != tx || s.Wire.Interface != "eth0" ||
 		s.Wire.Response.RetransBytes != 1448 || s.Wire.HandshakeRTT != 2 || s.Wire.End != "next_request" || s.Wire.SeenFrom != "syn" {
 		t.Errorf("session %+v wire %+v", s, s.Wire)
 	}

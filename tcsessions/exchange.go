@@ -190,19 +190,24 @@ func (x *Exchange) transaction() *protocols.Transaction {
 
 // Session returns the exchange as a span's session: Point pod_veth or
 // node_nic, the L3/L4 facts in Wire, the L7 transaction when the payload
-// was recognised.
+// was recognised. Its Kind is the side the end behind the interface plays
+// (see ClientInside); when the connection was seen from its SYN or SYN-ACK
+// it carries the first request byte's sequence number (ConnTag) and its
+// index, as the socket sessions of the same exchange do, so that its span
+// joins their trace (see the spans package); else Index is -1.
 func (x *Exchange) Session() *spans.Session {
 	point := spans.PointPodVeth
 	if x.Role == RoleNode {
 		point = spans.PointNodeNIC
 	}
-	return &spans.Session{
+	s := &spans.Session{
 		Point:     point,
+		Kind:      spans.Server,
 		Client:    x.Client,
 		Server:    x.Server,
 		Transport: "tcp",
 		ConnID:    x.ConnStart,
-		Index:     x.Index,
+		Index:     -1,
 		Tx:        x.transaction(),
 		Wire: &spans.Wire{
 			Interface:    x.Interface,
@@ -212,9 +217,22 @@ func (x *Exchange) Session() *spans.Session {
 			End:          x.End.String(),
 			SeenFrom:     x.seenFrom(),
 			RolesGuessed: x.RolesGuessed(),
+			Workload:     x.Workload,
 		},
 	}
+	if x.ClientInside() {
+		s.Kind = spans.Client
+	}
+	if x.ConnFlags&ConnSeq0 != 0 {
+		s.Index = x.Index
+		s.ConnTag = ConnTag(x.ReqSeq0)
+	}
+	return s
 }
+
+// ConnTag is spans.Session.ConnTag for a connection whose client's first
+// byte has TCP sequence number seq (the socket tracer's form).
+func ConnTag(seq uint32) uint64 { return 1<<32 | uint64(seq) }
 
 func wireDir(d Direction) spans.WireDirection {
 	return spans.WireDirection{

@@ -184,6 +184,15 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 				if s.Point != spans.PointPodVeth || s.Wire.Interface != veth || s.Tx != x.Tx || s.Index != i {
 					t.Errorf("%s #%d: session %+v", veth, i, s)
 				}
+				// The pod behind the veth and the side it plays; the
+				// first request byte, as both ends' sockets see it.
+				wantKind, wantWorkload := spans.Server, srv.NS.Name
+				if veth == cli.HostVeth {
+					wantKind, wantWorkload = spans.Client, cli.NS.Name
+				}
+				if s.Kind != wantKind || s.Wire.Workload != wantWorkload || s.ConnTag != ConnTag(xs[0].ReqSeq0) || xs[0].ReqSeq0 == 0 {
+					t.Errorf("%s #%d: kind %v workload %q conn tag %#x", veth, i, s.Kind, s.Wire.Workload, s.ConnTag)
+				}
 			}
 			x6 := c.wait(t, 1, 10*time.Second, and(onIface(veth), toServer(srv6)))[0]
 			if x6.Request.NewBytes != uint64(res6[0].request) || x6.Response.NewBytes != uint64(res6[0].header+res6[0].download) ||
@@ -198,7 +207,7 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 			ra, rb := a[i].Request, b[i].Request
 			pa, pb := a[i].Response, b[i].Response
 			ra.RetransPackets, rb.RetransPackets, pa.RetransPackets, pb.RetransPackets = 0, 0, 0, 0
-			if ra != rb || pa != pb {
+			if ra != rb || pa != pb || a[i].ReqSeq0 != b[i].ReqSeq0 {
 				t.Errorf("#%d: client veth %+v/%+v, server veth %+v/%+v", i, ra, pa, rb, pb)
 			}
 		}

@@ -285,7 +285,8 @@ struct workload_counters {
 };
 
 /* Settings fixed at load time by user space. */
-volatile const __u32 payload_cap = 1024; /* payload prefix per exchange direction */
+volatile const __u32 payload_cap = 1024;     /* payload prefix of the request direction */
+volatile const __u32 payload_cap_resp = 512; /* payload prefix of the response direction */
 volatile const __u8 track_all = 0;       /* track connections no table matches */
 /* Events are written without waking the reader, which polls; only a ring
  * filled beyond this many bytes wakes it at once. */
@@ -621,13 +622,13 @@ struct pkt_counts {
 	__u64 bytes, packets, payload, advance, old;
 };
 
-/* capture sends the first payload_cap bytes of the packet's new payload (at
- * off, len bytes long) to user space, with the exchange's counts in this
+/* capture sends the first dcap bytes of the packet's new payload (at off,
+ * len bytes long) to user space, with the exchange's counts in this
  * direction before the packet (the packet's own, c, are already added) and
  * the other direction's progress. */
 static __always_inline void capture(struct __sk_buff *skb, struct session *s, const struct flow_key *k,
 				    __u8 dir, __u32 index, __u16 mark, __u32 off, __u32 len, __u32 seq,
-				    const struct pkt_counts *c, __u64 now)
+				    const struct pkt_counts *c, __u32 dcap, __u64 now)
 {
 	__u32 zero = 0;
 	struct payload_scratch *sc = bpf_map_lookup_elem(&tc_scratch, &zero);
@@ -652,7 +653,7 @@ static __always_inline void capture(struct __sk_buff *skb, struct session *s, co
 	e->at.new_bytes = s->total[d].new_bytes - s->base[d].new_bytes - c->advance;
 	e->at.retrans_packets = s->total[d].retrans_packets - s->base[d].retrans_packets - (c->old > 0);
 	e->peer_new_bytes = s->total[d ^ 1].new_bytes - s->base[d ^ 1].new_bytes;
-	__u32 want = len < payload_cap ? len : payload_cap;
+	__u32 want = len < dcap ? len : dcap;
 	if (want > MAX_PREFIX)
 		want = MAX_PREFIX;
 	if (want > 0) {
@@ -913,6 +914,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			fresh = 0; /* nothing new: a concurrent packet carried it */
 	}
 	__u32 poff = p->l4_off + thlen + old; /* the new payload */
+	__u32 dcap = dir == TC_DIR_RESPONSE ? payload_cap_resp : payload_cap;
 
 	/* The exchange: new request payload after response payload starts
 	 * the next one; the first new payload of each direction is captured
@@ -968,7 +970,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		}
 		if (!done)
 			tc_count(TC_STAT_STATE_RACE);
-		if (payload_cap) {
+		if (dcap) {
 			if (cap && dir == TC_DIR_REQUEST && !(s->conn_flags & CONN_HTTP) &&
 			    http_start(skb, poff, fresh, dir))
 				__sync_fetch_and_or(&s->conn_flags, CONN_HTTP);
@@ -997,9 +999,9 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	if ((s->flags[d1] & tflags) != tflags)
 		__sync_fetch_and_or(&s->flags[d1], tflags);
 
-	if (cap && payload_cap) {
+	if (cap && dcap) {
 		struct pkt_counts pc = {wire_bytes, segs, payload, advance, old};
-		capture(skb, s, &k, dir, index, mark, poff, fresh, seq + old, &pc, now);
+		capture(skb, s, &k, dir, index, mark, poff, fresh, seq + old, &pc, dcap, now);
 	}
 
 	if (tflags & TCP_RST) {

@@ -141,7 +141,7 @@ type Assembler struct {
 	stats AssemblerStats
 	hdr   PayloadEvent  // decode buffer of payload headers
 	rec   ExchangeEvent // decode buffer of records
-	txBuf []*protocols.Transaction
+	marks []markRec     // cut's buffer
 }
 
 // NewAssembler returns an Assembler.
@@ -432,7 +432,8 @@ func (a *Assembler) record(e *ExchangeEvent, out []*Exchange) []*Exchange {
 func (a *Assembler) cut(ds *dirState, e *ExchangeEvent, d int) {
 	total := e.Dir[d]
 	flags := e.Flags[d]
-	var marks []markRec
+	marks := a.marks[:0]
+	defer func() { a.marks = marks[:0] }()
 	keep := ds.marks[:0]
 	for _, m := range ds.marks {
 		switch {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/clovisor/clovisor/protocols"
 	"github.com/clovisor/clovisor/protocols/http1"
@@ -209,20 +210,35 @@ type stream struct {
 }
 
 // packet adds one packet of n new payload bytes (data its captured start)
-// and returns its payload event when captured (mark >= 0), else nil.
+// and returns its payload event when captured, else nil.
 func (s *stream) packet(data string, n int, captured bool, peerNew uint64, ts uint64) []byte {
 	var raw []byte
 	if captured {
-		raw = encodePayload(s.t, PayloadEvent{Dir: s.dir, Tuple: s.tu, FirstTs: 1, Ts: ts, Len: uint32(n), Seq: s.seq,
-			Index: s.index, Mark: s.mark, At: s.at, PeerNewBytes: peerNew}, data)
-		s.mark++
+		raw = s.packetB(nil, data, n, peerNew, ts)
+		return raw
 	}
+	s.advance(n)
+	return raw
+}
+
+// packetB appends the payload event of a captured packet to dst (as the
+// kernel writes it) and adds the packet.
+func (s *stream) packetB(dst []byte, data string, n int, peerNew uint64, ts uint64) []byte {
+	e := PayloadEvent{Kind: eventPayload, Dir: s.dir, Tuple: s.tu, FirstTs: 1, Ts: ts, Len: uint32(n), Seq: s.seq,
+		Index: s.index, Mark: s.mark, At: s.at, PeerNewBytes: peerNew, Cap: uint16(len(data))}
+	dst = append(dst, unsafe.Slice((*byte)(unsafe.Pointer(&e)), payloadHeaderSize)...)
+	dst = append(dst, data...)
+	s.mark++
+	s.advance(n)
+	return dst
+}
+
+func (s *stream) advance(n int) {
 	s.seq += uint32(n)
 	s.at.Bytes += 40 + uint64(n)
 	s.at.Packets++
 	s.at.PayloadBytes += uint64(n)
 	s.at.NewBytes += uint64(n)
-	return raw
 }
 
 // ack adds a packet without payload.

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -803,7 +804,8 @@ func TestUntracedInterface(t *testing.T) {
 }
 
 // TestPayloadCap: the prefix is cut at PayloadBytes (the length says how
-// long the payload was); PayloadBytes -1 sends none.
+// long the payload was), the response's at ResponsePayloadBytes (512 by
+// default); PayloadBytes -1 sends none.
 func TestPayloadCap(t *testing.T) {
 	cfg := httpPorts
 	cfg.PayloadBytes = 16
@@ -817,6 +819,21 @@ func TestPayloadCap(t *testing.T) {
 		t.Fatalf("payloads %d", len(pl))
 	}
 	checkPayload(t, pl[0], c, 0, dirRequest, string(req.payload[:16]), uint32(len(req.payload)))
+
+	// By default the response's prefix is shorter than the request's.
+	h = newHarness(t, httpPorts, ifaceSessions)
+	d := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	h.handshake(d)
+	long := "GET /" + strings.Repeat("p", 595) + "\r\n"
+	req = d.fromClient(fPSH|fACK, long)
+	resp := d.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n"+strings.Repeat("h", 600))
+	h.segs(req, resp)
+	_, pl = h.events()
+	if len(pl) != 2 {
+		t.Fatalf("payloads %d", len(pl))
+	}
+	checkPayload(t, pl[0], d, 0, dirRequest, long, uint32(len(long)))
+	checkPayload(t, pl[1], d, 0, dirResponse, string(resp.payload[:DefaultResponsePayloadBytes]), uint32(len(resp.payload)))
 
 	cfg.PayloadBytes = -1
 	h = newHarness(t, cfg, ifaceSessions)

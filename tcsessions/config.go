@@ -39,8 +39,12 @@ const (
 // Defaults of Config.
 const (
 	DefaultPayloadBytes = 1024
-	DefaultRingBytes    = 4 << 20
-	DefaultMaxSessions  = 32768
+	// DefaultResponsePayloadBytes is the default response prefix: an
+	// HTTP parser needs the status line and the headers; the body's
+	// bytes are stepped over.
+	DefaultResponsePayloadBytes = 512
+	DefaultRingBytes            = 4 << 20
+	DefaultMaxSessions          = 32768
 	// DefaultFilterPriority is the priority of the cls_bpf filters: 1, so
 	// that they run before the filters of most tools (a tool whose filter
 	// returns a verdict hides the packet from filters after it). When the
@@ -94,6 +98,11 @@ type Config struct {
 	// each exchange sent to user space (default DefaultPayloadBytes, at
 	// most MaxPayloadBytes; -1 for none).
 	PayloadBytes int `json:"payloadBytes" yaml:"payloadBytes"`
+	// ResponsePayloadBytes is the prefix of the response direction's
+	// payloads (default the smaller of DefaultResponsePayloadBytes and
+	// PayloadBytes, at most MaxPayloadBytes; -1 for none). With
+	// PayloadBytes the request direction's.
+	ResponsePayloadBytes int `json:"responsePayloadBytes" yaml:"responsePayloadBytes"`
 	// RingBytes is the ring buffer's size, a power of two multiple of the
 	// page size (default DefaultRingBytes).
 	RingBytes int `json:"ringBytes" yaml:"ringBytes"`
@@ -239,6 +248,14 @@ func (c *Config) normalize() error {
 		c.PayloadBytes = 0
 	case c.PayloadBytes < 0 || c.PayloadBytes > MaxPayloadBytes:
 		return fmt.Errorf("payload prefix %d bytes: must be between 0 and %d (-1 for none)", c.PayloadBytes, MaxPayloadBytes)
+	}
+	switch {
+	case c.ResponsePayloadBytes == 0:
+		c.ResponsePayloadBytes = min(DefaultResponsePayloadBytes, c.PayloadBytes)
+	case c.ResponsePayloadBytes == -1:
+		c.ResponsePayloadBytes = 0
+	case c.ResponsePayloadBytes < 0 || c.ResponsePayloadBytes > MaxPayloadBytes:
+		return fmt.Errorf("response payload prefix %d bytes: must be between 0 and %d (-1 for none)", c.ResponsePayloadBytes, MaxPayloadBytes)
 	}
 	if c.RingBytes == 0 {
 		c.RingBytes = DefaultRingBytes

@@ -112,9 +112,10 @@ func loadObjects(cfg *Config) (*objects, error) {
 		return nil, err
 	}
 	set := map[string]any{
-		"payload_cap":  uint32(cfg.PayloadBytes),
-		"track_all":    boolByte(cfg.TrackAll),
-		"wakeup_bytes": uint64(cfg.RingBytes / 8),
+		"payload_cap":      uint32(cfg.PayloadBytes),
+		"payload_cap_resp": uint32(cfg.ResponsePayloadBytes),
+		"track_all":        boolByte(cfg.TrackAll),
+		"wakeup_bytes":     uint64(cfg.RingBytes / 8),
 	}
 	for name, v := range set {
 		vs, ok := spec.Variables[name]

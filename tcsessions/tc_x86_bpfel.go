@@ -236,6 +236,7 @@ const (
 	tcProgClvTcEgress        = "clv_tc_egress"
 	tcProgClvTcIngress       = "clv_tc_ingress"
 	tcVarPayloadCap          = "payload_cap"
+	tcVarPayloadCapResp      = "payload_cap_resp"
 	tcVarTrackAll            = "track_all"
 	tcVarUnusedConnFlag      = "unused_conn_flag"
 	tcVarUnusedExchangeEnd   = "unused_exchange_end"
@@ -317,6 +318,7 @@ type tcMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcVariableSpecs struct {
 	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	PayloadCapResp      *ebpf.VariableSpec `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.VariableSpec `ebpf:"track_all"`
 	UnusedConnFlag      *ebpf.VariableSpec `ebpf:"unused_conn_flag"`
 	UnusedExchangeEnd   *ebpf.VariableSpec `ebpf:"unused_exchange_end"`
@@ -384,6 +386,7 @@ func (m *tcMaps) Close() error {
 // It can be passed to loadTcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcVariables struct {
 	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	PayloadCapResp      *ebpf.Variable `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.Variable `ebpf:"track_all"`
 	UnusedConnFlag      *ebpf.Variable `ebpf:"unused_conn_flag"`
 	UnusedExchangeEnd   *ebpf.Variable `ebpf:"unused_exchange_end"`

@@ -27,7 +27,9 @@ func (t *Tracer) Run(ctx context.Context, analyzers *protocols.Registry, sink fu
 func (t *Tracer) RunAssembler(ctx context.Context, a *Assembler, sink func(*Exchange)) error {
 	lastFlush := time.Now()
 	var out []*Exchange
+	var handled, lastHandled uint64
 	return ring.Read(ctx, t.objs.TcEvents, func(raw []byte) {
+		handled++
 		var err error
 		out, err = a.Handle(raw, out[:0])
 		if err != nil {
@@ -38,6 +40,13 @@ func (t *Tracer) RunAssembler(ctx context.Context, a *Assembler, sink func(*Exch
 			out[i] = nil
 		}
 	}, func() {
+		// Runs between every two records, and at every poll: while
+		// records come, read the clock only every 64th time.
+		if handled != lastHandled && handled%64 != 0 {
+			lastHandled = handled
+			return
+		}
+		lastHandled = handled
 		idle := t.cfg.IdleFlush
 		if idle <= 0 || time.Since(lastFlush) < min(idle/2, time.Second) {
 			return

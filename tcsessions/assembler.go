@@ -107,6 +107,42 @@ type dirState struct {
 	// ResponsePrefix).
 	first []byte
 	last  uint64 // the last captured packet's time
+	// recent are the last captured packets' times and positions: a
+	// transaction's message starts where the packet of its start time
+	// did, or later (see anchor).
+	recent [8]struct {
+		ts   uint64
+		seq  uint32
+		kidx uint32
+	}
+	rn int
+}
+
+// kidxAt returns the wire exchange of the captured packet of time ts.
+func (ds *dirState) kidxAt(ts uint64) (uint32, bool) {
+	for i := range ds.recent {
+		if r := &ds.recent[i]; r.ts == ts && ts != 0 {
+			return r.kidx, true
+		}
+	}
+	return 0, false
+}
+
+// anchor returns where a message that began in a packet at time ts
+// starts: msg (where the last message ended) unless the packet of ts began
+// after it (the parser found its place again after bytes it could not
+// read: lost events, garbage).
+func (ds *dirState) anchor(ts uint64) uint32 {
+	for i := range ds.recent {
+		r := &ds.recent[i]
+		if r.ts == ts && ts != 0 {
+			if !ds.msgOK || int32(r.seq-ds.msg) > 0 {
+				return r.seq
+			}
+			break
+		}
+	}
+	return ds.msg
 }
 
 // conn is an Assembler's state of one connection.
@@ -118,10 +154,14 @@ type conn struct {
 	d            [2]dirState
 	// txs are transactions complete on the wire, waiting for their
 	// record (which brings their counts).
-	txs     []*protocols.Transaction
-	next    int   // the Index of the next report
-	lastK   int64 // the last wire exchange recorded, -1 none
-	idleRec bool  // the last record had no transaction
+	txs   []*protocols.Transaction
+	next  int   // the Index of the next report
+	lastK int64 // the last wire exchange recorded, -1 none
+	// lastTxK is the wire exchange the last report began in (-1 none):
+	// wire exchanges between it and the next report's, lost with all
+	// their events, still count in the numbering.
+	lastTxK int64
+	idleRec bool // the last record had no transaction
 	// An intrusive list, most recently active first.
 	prev, nextC *conn
 	swept       bool // not seen in the last sessions-table sweep
@@ -203,7 +243,7 @@ func (a *Assembler) lookup(k connKey) *conn {
 		a.stats.Evicted++
 		a.forget(a.tail)
 	}
-	c = &conn{key: k, lastK: -1}
+	c = &conn{key: k, lastK: -1, lastTxK: -1}
 	a.conns[k] = c
 	a.pushFront(c)
 	return c
@@ -286,6 +326,9 @@ func (a *Assembler) payload(e *PayloadEvent, data []byte) {
 	a.gap(c, d, e.Seq, e.Ts)
 	ds.marks = append(ds.marks, markRec{index: e.Index, n: e.Mark, seq: e.Seq, ts: e.Ts, at: e.At})
 	ds.last = e.Ts
+	r := &ds.recent[ds.rn%len(ds.recent)]
+	r.ts, r.seq, r.kidx = e.Ts, e.Seq, e.Index
+	ds.rn++
 
 	if c.parser == nil && !c.unrecognised && a.cfg.Analyzers != nil && len(data) > 0 {
 		if an, ok := a.cfg.Analyzers.Detect(protocols.Direction(d), data); ok {
@@ -337,11 +380,6 @@ func (a *Assembler) record(e *ExchangeEvent, out []*Exchange) []*Exchange {
 		}
 		return out
 	}
-	if c.lastK < 0 {
-		c.next = int(e.Index)
-	} else if lost := int64(e.Index) - c.lastK - 1; lost > 0 {
-		c.next += int(lost) // keep the numbering of the wire
-	}
 
 	// The rest of each direction's bytes, then its pieces.
 	lastTS := [2]uint64{e.ReqLastTs, e.RespLastTs}
@@ -364,13 +402,20 @@ func (a *Assembler) record(e *ExchangeEvent, out []*Exchange) []*Exchange {
 
 	n0 := len(out)
 	if c.parser == nil {
-		out = append(out, a.l4(c, e, e.Dir, [2]uint32{e.Flags[0], e.Flags[1]}))
+		out = append(out, a.l4(c, e, e.Index, e.Dir, [2]uint32{e.Flags[0], e.Flags[1]}))
 		for d := range 2 {
 			c.d[d].pieces = c.d[d].pieces[:0]
 		}
 	} else {
 		txs := c.txs
 		for i, tx := range txs {
+			// Counts of messages no transaction came of (their
+			// events lost, or not understood) go before it, with
+			// their L3/L4 facts.
+			if y := a.stale(c, e, tx); y != nil {
+				out = append(out, y)
+				a.stats.Unparsed++
+			}
 			x := a.fromPieces(c, e, tx)
 			if len(txs) == 1 && x.single(e.Index) {
 				// One transaction from this exchange alone: the
@@ -407,14 +452,18 @@ func (a *Assembler) record(e *ExchangeEvent, out []*Exchange) []*Exchange {
 			// them with their L3/L4 facts.
 			var dir [2]tcDirCounters
 			var flags [2]uint32
+			k := e.Index
 			for d := range 2 {
-				for _, p := range c.d[d].pieces {
+				for i, p := range c.d[d].pieces {
 					addCounters(&dir[d], &p.c)
 					flags[d] |= p.flags
+					if i == 0 {
+						k = min(k, p.kidx)
+					}
 				}
 				c.d[d].pieces = c.d[d].pieces[:0]
 			}
-			out = append(out, a.l4(c, e, dir, flags))
+			out = append(out, a.l4(c, e, k, dir, flags))
 			a.stats.Unparsed++
 		}
 		c.idleRec = len(out) == n0
@@ -521,8 +570,16 @@ func addPieces(dst *Direction, ps []piece) {
 	}
 }
 
-// base returns an Exchange with the facts of the connection and record.
-func (a *Assembler) base(c *conn, e *ExchangeEvent) *Exchange {
+// base returns an Exchange with the facts of the connection and record,
+// for a transaction that began in wire exchange k.
+func (a *Assembler) base(c *conn, e *ExchangeEvent, k uint32) *Exchange {
+	switch {
+	case c.lastTxK < 0:
+		c.next = int(k) // the connection's first report: the wire's numbering
+	case int64(k) > c.lastTxK+1:
+		c.next += int(int64(k) - c.lastTxK - 1) // wire exchanges lost whole
+	}
+	c.lastTxK = max(c.lastTxK, int64(k))
 	x := &Exchange{
 		Ifindex:   int(e.Tuple.Ifindex),
 		Client:    netip.AddrPortFrom(fromAddr16(e.Tuple.ClientAddr), e.Tuple.ClientPort),
@@ -556,8 +613,8 @@ func (a *Assembler) base(c *conn, e *ExchangeEvent) *Exchange {
 }
 
 // l4 reports a wire exchange with its L3/L4 facts only.
-func (a *Assembler) l4(c *conn, e *ExchangeEvent, dir [2]tcDirCounters, flags [2]uint32) *Exchange {
-	x := a.base(c, e)
+func (a *Assembler) l4(c *conn, e *ExchangeEvent, k uint32, dir [2]tcDirCounters, flags [2]uint32) *Exchange {
+	x := a.base(c, e, k)
 	x.ReqFirst, x.ReqLast, x.RespFirst, x.RespLast = e.ReqFirstTs, e.ReqLastTs, e.RespFirstTs, e.RespLastTs
 	x.Request, x.Response = dirOf(dir[0], flags[0]), dirOf(dir[1], flags[1])
 	if p := c.d[0].first; len(p) > 0 {
@@ -569,10 +626,63 @@ func (a *Assembler) l4(c *conn, e *ExchangeEvent, dir [2]tcDirCounters, flags [2
 	return x
 }
 
+// stale reports, as one exchange with L3/L4 facts, the pieces queued from
+// wire exchanges before the one tx's request began in (their events were
+// lost, or the parser could not read them), nil when there are none. It
+// also moves the message positions to where tx's messages begin when the
+// parser found its place again after bytes it could not read.
+func (a *Assembler) stale(c *conn, e *ExchangeEvent, tx *protocols.Transaction) *Exchange {
+	for d, ts := range [2]uint64{tx.ReqStart, tx.RespStart} {
+		if ds := &c.d[d]; ds.msgOK && ts != 0 {
+			ds.msg = ds.anchor(ts)
+		}
+	}
+	k0, ok := c.d[0].kidxAt(tx.ReqStart)
+	if !ok {
+		return nil
+	}
+	var take [2]int
+	for d := range 2 {
+		ds := &c.d[d]
+		for take[d] < len(ds.pieces) && int32(ds.pieces[take[d]].kidx-k0) < 0 {
+			take[d]++
+		}
+	}
+	if take[0]+take[1] == 0 {
+		return nil
+	}
+	var dir [2]tcDirCounters
+	var flags [2]uint32
+	k := e.Index
+	for d := range 2 {
+		ds := &c.d[d]
+		for i, p := range ds.pieces[:take[d]] {
+			addCounters(&dir[d], &p.c)
+			flags[d] |= p.flags
+			if i == 0 {
+				k = min(k, p.kidx)
+			}
+		}
+		ds.pieces = append(ds.pieces[:0], ds.pieces[take[d]:]...)
+	}
+	x := a.l4(c, e, k, dir, flags)
+	x.RequestPrefix, x.ResponsePrefix = nil, nil
+	return x
+}
+
 // fromPieces reports a transaction with the pieces its messages began
 // (and those without new bytes before them).
 func (a *Assembler) fromPieces(c *conn, e *ExchangeEvent, tx *protocols.Transaction) *Exchange {
-	x := a.base(c, e)
+	k, ok := c.d[0].kidxAt(tx.ReqStart)
+	if !ok {
+		// Not among the last captured packets: no wire exchange lost
+		// since the last report, as far as can be told.
+		k = e.Index
+		if c.lastTxK >= 0 {
+			k = uint32(c.lastTxK)
+		}
+	}
+	x := a.base(c, e, k)
 	x.Tx = tx
 	x.ReqFirst, x.ReqLast, x.RespFirst, x.RespLast = tx.ReqStart, tx.ReqEnd, tx.RespStart, tx.RespEnd
 	if tx.NoResponse {

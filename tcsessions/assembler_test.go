@@ -414,3 +414,80 @@ func TestAssemblerSpanning(t *testing.T) {
 		t.Errorf("second: %s", two)
 	}
 }
+
+// TestAssemblerLostEvents: events lost when the ring buffer is full leave
+// the rest of the connection exact. A wire exchange whose request prefix
+// was lost is reported with its L3/L4 facts (its counts not taken by the
+// next transaction); a wire exchange lost whole (record and prefixes) still
+// counts in the numbering; one whose record alone was lost gives its
+// transaction (without counts) before the next one's.
+func TestAssemblerLostEvents(t *testing.T) {
+	a := newTestAssembler(0)
+	tu := testTuple("10.0.0.1:40000", "10.0.0.2:80", 3)
+	req := &stream{t: t, tu: tu, dir: dirRequest, seq: 1001}
+	resp := &stream{t: t, tu: tu, dir: dirResponse, seq: 5001}
+	type step struct {
+		path                          string
+		reqLost, respLost, recordLost bool
+	}
+	steps := []step{
+		{path: "/0"},
+		{path: "/1", reqLost: true}, // reported with its L3/L4 facts before /2
+		{path: "/2"},
+		{path: "/3", reqLost: true, respLost: true, recordLost: true}, // gone whole
+		{path: "/4"},                   // numbered on
+		{path: "/5", recordLost: true}, // its transaction comes with /6's record
+		{path: "/6"},
+	}
+	var got []*Exchange
+	var counts [][2]tcDirCounters
+	for i, st := range steps {
+		r := "GET " + st.path + " HTTP/1.1\r\n\r\n"
+		s := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+		ts := uint64(100 * (i + 1))
+		if raw := req.packet(r, len(r), true, 0, ts); !st.reqLost {
+			handle1(t, a, raw)
+		}
+		if raw := resp.packet(s, len(s), true, uint64(len(r)), ts+1); !st.respLost {
+			handle1(t, a, raw)
+		}
+		ev := ExchangeEvent{End: uint8(EndNextRequest), Phase: uint8(PhaseResponse), Proto: 1, Tuple: tu, FirstTs: 1, Index: uint32(i),
+			ReqFirstTs: ts, ReqLastTs: ts, RespFirstTs: ts + 1, RespLastTs: ts + 1, EndTs: ts + 2}
+		ev.Dir = [2]tcDirCounters{req.counters(), resp.counters()}
+		counts = append(counts, ev.Dir)
+		if !st.recordLost {
+			xs, err := a.Handle(encodeExchange(t, ev), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, xs...)
+		}
+		req.next()
+		resp.next()
+	}
+	// #0 /0, #1 L4 (exchange 1), #2 /2, #4 /4, #5 /5 (no counts), #6 /6.
+	want := []struct {
+		index int
+		path  string
+		dir   [2]tcDirCounters
+	}{
+		{0, "/0", counts[0]}, {1, "", counts[1]}, {2, "/2", counts[2]}, {4, "/4", counts[4]},
+		{5, "/5", [2]tcDirCounters{}}, {6, "/6", counts[6]},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d exchanges, want %d:\n%s", len(got), len(want), describe(got))
+	}
+	for i, w := range want {
+		x := got[i]
+		path := ""
+		if x.Tx != nil {
+			path = pathOf(x)
+		}
+		if x.Index != w.index || path != w.path || x.Request != dirOf(w.dir[0], 0) || x.Response != dirOf(w.dir[1], 0) {
+			t.Errorf("#%d: %s, want index %d path %q counts %+v", i, x, w.index, w.path, w.dir)
+		}
+	}
+	if st := a.Stats(); st.Unparsed != 1 || st.Parsed != 5 {
+		t.Errorf("stats %+v", st)
+	}
+}

@@ -332,11 +332,12 @@ func loadErr(what string, err error) error {
 }
 
 // LoadedPrograms lists the BPF programs loaded in the kernel (by anyone)
-// that carry the names of Clovisor's socket programs, by id. Clovisor's
+// that carry the names of Clovisor's socket and TLS uprobe programs, by id. Clovisor's
 // own links are not pinned, so after its process ends none should remain.
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
 	names := map[string]bool{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry,
+		loadTlsOpenSSL, loadTlsProcWatch} {
 		spec, err := load()
 		if err != nil {
 			return nil, err

@@ -36,6 +36,9 @@ var coreSocketTests = []string{
 	"TestCurlNginx", "TestCurlNginx/ipv4", "TestCurlNginx/ipv6",
 	"TestGoKeepAlive", "TestUntracedCgroupIgnored", "TestPortFilter",
 	"TestServerClosesWithoutResponse", "TestKernelEvents",
+	// OpenSSL uprobes: classic uprobes and the system calls' I/O fallback
+	// before 6.3/6.6, uprobe_multi and sock_*_length after.
+	"TestOpenSSLKernelEvents",
 }
 
 // guestPrograms are the host programs the core tests run in the guest:

@@ -65,6 +65,7 @@ type options struct {
 	wirePods     listFlag
 	wireNodes    listFlag
 	wireAttach   string
+	tls, tlsSet  bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -97,9 +98,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.wirePods, "wire-interfaces", "pod interfaces for wire tracing: names, patterns, @veth (default: @veth, the host side of every veth)")
 	fs.Var(&o.wireNodes, "wire-node-interfaces", "node NICs for wire tracing: names, patterns, @default-route (default: @default-route)")
 	fs.StringVar(&o.wireAttach, "wire-attach", "", "how to attach the tc programs: auto, tcx or clsact (default auto)")
+	tlsFlags(fs, o)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
+	fs.Visit(func(f *flag.Flag) { o.tlsSet = o.tlsSet || f.Name == "tls" })
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
@@ -199,6 +202,16 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	tlsTr, err := startTLS(ctx, o, fileCfg, tr, log)
+	if err != nil {
+		if wire != nil {
+			wire.Close()
+		}
+		tr.Close()
+		_ = exp.Shutdown(context.Background())
+		return err
+	}
+
 	tk := sockets.NewTracker(sockets.Config{
 		Analyzers:   analyzers,
 		Sink:        exp.Export,
@@ -247,11 +260,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	log.Info("user-space counters", "component", "sockets", "events", st.Events, "bad_events", st.BadEvents,
 		"sessions", st.Sessions, "conns_evicted", st.ConnsEvicted, "conns_expired", st.ConnsExpired,
 		"unrecognized_conns", st.Unrecognized, "gap_bytes", st.GapBytes, "reordered", st.Reordered,
-		"garbage_bytes", st.GarbageBytes)
+		"garbage_bytes", st.GarbageBytes, "tls_conns", st.TLSConns, "plaintext_events", st.PlaintextEvents,
+		"duplicate_plaintext", st.DuplicatePlaintext)
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	errs := []error{runErr}
+	errs := []error{runErr, stopTLS(tlsTr, log)}
 	if err := tr.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("detaching: %w", err))
 	}

@@ -162,12 +162,14 @@
 //
 // # Cost
 //
-// Measured on the build machine (Linux 6.18, 2 vCPUs) with
-// BenchmarkProgram (BPF_PROG_TEST_RUN, warm) and BenchmarkWireCost (BPF
-// statistics on real traffic between two pods): about 9 ns per packet on an
-// interface that is not traced, about 90-110 ns for packets of traced and
-// untraced connections on a traced interface, and 230-270 ns per program
-// run on real traffic (cache misses and cross-CPU atomics included): about
-// 2 µs of BPF time per keep-alive HTTP exchange seen on two veths, about
-// 22 ns per wire packet of a 38 Gbit/s iperf3 stream (GSO).
+// Measured on the build machine (Linux 6.18, 2 vCPUs, shared; see
+// docs/benchmarks.md): about 9 ns per packet on an interface that is not
+// traced, 60-150 ns per packet in BenchmarkProgram (BPF_PROG_TEST_RUN,
+// warm), 250-370 ns per program run on real traffic (cache misses and
+// cross-CPU atomics included). A keep-alive HTTP exchange between two
+// traced pods runs the programs 8 times (request, response and ACKs on two
+// veths): 2.4-3.0 µs of BPF time, and 5-7 µs of the reader's CPU for its two
+// records and four prefixes (BenchmarkAssembler: 1.5-1.9 µs per exchange
+// for decoding, parsing and reporting alone). A bulk TCP stream costs
+// 9-19 µs of BPF time per MB.
 package tcsessions

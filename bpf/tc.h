@@ -238,9 +238,9 @@ struct payload_event {
 	__u64 ts;
 	__u32 len;  /* the packet's new payload bytes */
 	__u32 seq;  /* the TCP sequence number of the first new byte */
-	__u16 mark; /* 0: the exchange's first new payload in this direction; n > 0: the
-		     * n-th later packet that begins a message */
-	__u16 _pad0;
+	__u16 mark;  /* 0: the exchange's first new payload in this direction; n > 0: the
+		      * n-th later packet that begins a message */
+	__u16 proto; /* the connection's protocol id (the table's) */
 	__u32 _pad1;
 	struct dir_counters at; /* this direction's counts in the exchange before this packet */
 	__u64 peer_new_bytes;   /* the other direction's new bytes in the exchange so far */
@@ -645,7 +645,7 @@ static __always_inline void capture(struct __sk_buff *skb, struct session *s, co
 	e->len = len;
 	e->seq = seq;
 	e->mark = mark;
-	e->_pad0 = 0;
+	e->proto = s->proto;
 	e->_pad1 = 0;
 	e->at.bytes = s->total[d].bytes - s->base[d].bytes - c->bytes;
 	e->at.packets = s->total[d].packets - s->base[d].packets - c->packets;

@@ -331,7 +331,13 @@ func (a *Assembler) payload(e *PayloadEvent, data []byte) {
 	ds.rn++
 
 	if c.parser == nil && !c.unrecognised && a.cfg.Analyzers != nil && len(data) > 0 {
-		if an, ok := a.cfg.Analyzers.Detect(protocols.Direction(d), data); ok {
+		// The table's protocol (e.g. from a Service port name) decides
+		// when an analyzer has that name; payload detection otherwise.
+		an, ok := a.cfg.Analyzers.Lookup(ProtocolName(e.Proto))
+		if !ok {
+			an, ok = a.cfg.Analyzers.Detect(protocols.Direction(d), data)
+		}
+		if ok {
 			c.parser = an.NewParser()
 		} else if d == int(dirRequest) {
 			c.tries++

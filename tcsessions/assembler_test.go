@@ -491,3 +491,31 @@ func TestAssemblerLostEvents(t *testing.T) {
 		t.Errorf("stats %+v", st)
 	}
 }
+
+// TestAssemblerProtocolHint: the table's protocol (a Service port named
+// http-...) picks the analyzer before payload detection: a request payload
+// detection does not take for HTTP is parsed as HTTP on a port the table
+// calls http, and not elsewhere.
+func TestAssemblerProtocolHint(t *testing.T) {
+	for _, proto := range []uint16{0, 1} {
+		a := newTestAssembler(0)
+		tu := testTuple("10.0.0.1:40000", "10.0.0.2:1900", 3)
+		req := &stream{t: t, tu: tu, dir: dirRequest, seq: 1}
+		resp := &stream{t: t, tu: tu, dir: dirResponse, seq: 1}
+		r, s := "M-SEARCH * HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+		for _, raw := range [][]byte{req.packet(r, len(r), true, 0, 10), resp.packet(s, len(s), true, uint64(len(r)), 11)} {
+			raw[unsafe.Offsetof(PayloadEvent{}.Proto)] = byte(proto)
+			handle1(t, a, raw)
+		}
+		ev := ExchangeEvent{End: uint8(EndFIN), Phase: uint8(PhaseResponse), Proto: proto, Tuple: tu, FirstTs: 1,
+			ReqFirstTs: 10, ReqLastTs: 10, RespFirstTs: 11, RespLastTs: 11, EndTs: 12}
+		ev.Dir = [2]tcDirCounters{req.counters(), resp.counters()}
+		x := handle1(t, a, encodeExchange(t, ev))
+		if proto == 0 && x.Tx != nil {
+			t.Errorf("tcp port: parsed %+v", x.Tx)
+		}
+		if proto == 1 && (x.Tx == nil || attrOf(x, "http.request.method_original").AsString() != "M-SEARCH" || x.Tx.StatusCode != 200) {
+			t.Errorf("http port: %s", x)
+		}
+	}
+}

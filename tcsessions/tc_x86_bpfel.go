@@ -128,7 +128,7 @@ type tcPayloadEvent struct {
 	Len          uint32
 	Seq          uint32
 	Mark         uint16
-	Pad0         uint16
+	Proto        uint16
 	Pad1         uint32
 	At           tcDirCounters
 	PeerNewBytes uint64

@@ -66,7 +66,7 @@ func (s *syncBuffer) String() string {
 }
 
 // startAgent runs the agent binary and waits until it has attached.
-func startAgent(t *testing.T, env []string, args ...string) *agent {
+func startAgent(t testing.TB, env []string, args ...string) *agent {
 	t.Helper()
 	// Wire tracing is off unless a test asks for it: other test packages
 	// make host-side veths meanwhile, and their traffic would show here.
@@ -102,7 +102,7 @@ func startAgent(t *testing.T, env []string, args ...string) *agent {
 }
 
 // stop sends SIGTERM and waits for a clean exit.
-func (a *agent) stop(t *testing.T) {
+func (a *agent) stop(t testing.TB) {
 	t.Helper()
 	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package tcsessions
 
 import (
+	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -58,8 +59,14 @@ func containerPod(t *testing.T, node *testbed.Node, n int) (id, veth string, ip 
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("unshare", "--net", "sleep", "600")
+	// The shell says when unshare has made the namespace (it runs in it),
+	// then becomes the container's process, with the same PID.
+	cmd := exec.Command("unshare", "--net", "sh", "-c", "echo ready; exec sleep 600")
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(d.Fd())}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	err = cmd.Start()
 	d.Close()
 	if err != nil {
@@ -72,18 +79,11 @@ func containerPod(t *testing.T, node *testbed.Node, n int) (id, veth string, ip 
 			t.Errorf("removing %s: %v", leaf, err)
 		}
 	})
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("unshare: %q %v", line, err)
+	}
 	pid := strconv.Itoa(cmd.Process.Pid)
 	nsPath := "/proc/" + pid + "/ns/net"
-	// Wait for unshare to have made the namespace.
-	self, _ := os.Readlink("/proc/self/ns/net")
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if l, err := os.Readlink(nsPath); err == nil && l != self {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("unshare made no network namespace")
-		}
-	}
 	in := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command("nsenter", append([]string{"--net=" + nsPath, "ip"}, args...)...).CombinedOutput(); err != nil {

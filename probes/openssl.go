@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -379,7 +378,7 @@ func (p *opensslProber) attachMulti(exe *link.Executable, pid int, fns []string,
 			}
 			ret.Close()
 		}
-		if errors.Is(err, os.ErrNotExist) {
+		if pid != 0 && processGone(err) {
 			return nil, err // the process is gone
 		}
 		// Kernels before 6.6 may load the uprobe_multi programs and refuse

@@ -515,6 +515,13 @@ func execMappings(procRoot string, pid int) ([]mapping, error) {
 	return out, sc.Err()
 }
 
+// processGone reports the errors of attaching to a process that ended
+// (uprobe_multi: ESRCH, which cilium/ebpf reports as os.ErrNotExist;
+// perf event uprobes: ESRCH).
+func processGone(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
+}
+
 // gone reports errors that only mean the process (or file) went away.
 func gone(err error) bool {
 	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) || errors.Is(err, syscall.EACCES)
@@ -650,7 +657,7 @@ func (m *TLSTracer) attachTargets(st *fileState, exe *link.Executable, pid int, 
 		}
 		ls, err := ft.target.attach(exe, target)
 		if err != nil {
-			if m.perProcess && errors.Is(err, os.ErrNotExist) {
+			if m.perProcess && processGone(err) {
 				ended = true // the process ended
 				continue
 			}

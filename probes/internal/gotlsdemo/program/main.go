@@ -5,11 +5,10 @@
 // stripped), so it must build with Go 1.21 and use only the standard
 // library. HTTP/2 is off on both ends (the tracer parses HTTP/1.x).
 //
-//	main server LISTEN CERT KEY        serve HTTPS until killed
+//	main server LISTEN CERT KEY        serve HTTPS until killed ("listening on" first)
 //	main client CA BASEURL             the scripted requests, one line each
 //	main download CA URL COUNT         GET URL COUNT times, sha256 of each
 //	main bench CA URL COUNT            COUNT GETs, then ns per request
-//	main none                          (no TLS at all: exits)
 package main
 
 import (
@@ -19,6 +18,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -99,11 +99,15 @@ func serve(addr, cert, key string) error {
 		}
 	})
 	srv := &http.Server{
-		Addr:         addr,
 		Handler:      mux,
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
-	return srv.ListenAndServeTLS(cert, key)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Println("listening on", ln.Addr())
+	return srv.ServeTLS(ln, cert, key)
 }
 
 func client(caFile string) *http.Client {

@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * Go crypto/tls: the plaintext of (*tls.Conn).Write and (*tls.Conn).Read
+ * in Go programs (Go 1.21 and later), from uprobes that probes/gotls.go
+ * places on each function's entry and on each of its RET instructions
+ * (found by disassembling the function): a uretprobe would replace the
+ * return address on the goroutine's stack, which Go's stack copying and
+ * unwinding do not expect.
+ *
+ * Go's register ABI (ABIInternal, Go 1.17+ on amd64, 1.18+ on arm64):
+ *   amd64: arguments in RAX, RBX, RCX, RDI, ...; results in RAX, RBX, ...;
+ *          the current goroutine (g) in R14
+ *   arm64: arguments and results in R0, R1, ...; g in R28
+ * (*Conn).Write(b []byte) (int, error): receiver c = arg 1, b.ptr = arg 2,
+ * b.len = arg 3; n = result 1. Read has the same shape.
+ *
+ * The entry saves (c, b.ptr) keyed by the goroutine (the pointer to its g
+ * and the process: a goroutine may move between threads during the call);
+ * each RET finds them and, when n > 0, sends n bytes from b.ptr: the
+ * plaintext written, or read into the buffer.
+ *
+ * The socket: c's net.Conn field is an interface {itab, data}; if its
+ * dynamic type is *net.TCPConn (the type hash in the itab says so), data
+ * points to a net.TCPConn{conn{fd *netFD}} and netFD.pfd.Sysfd is the
+ * descriptor, which fd_sock resolves in the current task (the goroutine
+ * runs in the process that owns the descriptor). The offsets and the type
+ * hash depend on the Go release: they come in the uprobe's cookie (see
+ * COOKIE_*), packed by user space from its table of layouts.
+ */
+#include "tls.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#if defined(__TARGET_ARCH_x86)
+#define GO_ARG1(r) ((r)->ax)
+#define GO_ARG2(r) ((r)->bx)
+#define GO_RESULT1(r) ((r)->ax)
+#define GO_G(r) ((r)->r14)
+#elif defined(__TARGET_ARCH_arm64)
+#define GO_ARG1(r) (((struct user_pt_regs *)(r))->regs[0])
+#define GO_ARG2(r) (((struct user_pt_regs *)(r))->regs[1])
+#define GO_RESULT1(r) (((struct user_pt_regs *)(r))->regs[0])
+#define GO_G(r) (((struct user_pt_regs *)(r))->regs[28])
+#endif
+
+/* The uprobe's cookie: the layout of the binary's Go release.
+ *   bits  0-31  type hash of *net.TCPConn
+ *   bits 32-43  offset of tls.Conn.vers
+ *   bits 44-51  offset of netFD.pfd.Sysfd
+ *   bits 52-57  offset of the *netFD in net.TCPConn, in 8-byte words
+ *   bits 58-63  offset of tls.Conn.conn, in 8-byte words */
+#define COOKIE_TCPCONN_HASH(c) ((__u32)(c))
+#define COOKIE_VERS_OFF(c) (((c) >> 32) & 0xfff)
+#define COOKIE_SYSFD_OFF(c) (((c) >> 44) & 0xff)
+#define COOKIE_NETFD_OFF(c) ((((c) >> 52) & 0x3f) * 8)
+#define COOKIE_CONN_OFF(c) ((((c) >> 58) & 0x3f) * 8)
+
+/* Offset of the type hash in an itab (runtime.itab, internal/abi.ITab):
+ * the same in every supported release (user space checks). */
+#define ITAB_HASH_OFF 16
+
+enum go_op {
+	GO_WRITE = 1,
+	GO_READ = 2,
+};
+
+struct go_call_key {
+	__u64 g; /* the goroutine's g */
+	__u32 tgid;
+	__u32 op; /* enum go_op */
+};
+
+struct go_call {
+	__u64 conn; /* *tls.Conn */
+	__u64 buf;  /* b's data */
+};
+
+/* Calls in flight, from entry to return. LRU: a call that never returns
+ * (the goroutine panicked, the process died) ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_call_key);
+	__type(value, struct go_call);
+} go_tls_calls SEC(".maps");
+
+static __always_inline int go_enter(struct pt_regs *ctx, __u32 op)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+	if (tgid == self_tgid)
+		return 0;
+	if (filter_cgroups) {
+		__u64 cgid = bpf_get_current_cgroup_id();
+		if (!bpf_map_lookup_elem(&traced_cgroups, &cgid))
+			return 0;
+	}
+	struct go_call_key k = {.g = GO_G(ctx), .tgid = tgid, .op = op};
+	struct go_call c = {.conn = GO_ARG1(ctx), .buf = GO_ARG2(ctx)};
+	bpf_map_update_elem(&go_tls_calls, &k, &c, BPF_ANY);
+	return 0;
+}
+
+/* go_conn_sock returns the TCP socket under a *tls.Conn, or NULL when its
+ * net.Conn is not a *net.TCPConn. */
+static __always_inline struct sock *go_conn_sock(__u64 conn, __u64 cookie)
+{
+	struct {
+		__u64 itab;
+		__u64 data;
+	} iface;
+	if (bpf_probe_read_user(&iface, sizeof(iface), (void *)(conn + COOKIE_CONN_OFF(cookie))) || !iface.itab ||
+	    !iface.data)
+		return NULL;
+	__u32 hash;
+	if (bpf_probe_read_user(&hash, sizeof(hash), (void *)(iface.itab + ITAB_HASH_OFF)) ||
+	    hash != COOKIE_TCPCONN_HASH(cookie))
+		return NULL;
+	__u64 netfd;
+	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(iface.data + COOKIE_NETFD_OFF(cookie))) || !netfd)
+		return NULL;
+	__s64 fd;
+	if (bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + COOKIE_SYSFD_OFF(cookie))))
+		return NULL;
+	return fd_sock(fd);
+}
+
+static __always_inline int go_return(struct pt_regs *ctx, __u32 op, __u8 dir)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct go_call_key k = {.g = GO_G(ctx), .tgid = pid_tgid >> 32, .op = op};
+	struct go_call *p = bpf_map_lookup_elem(&go_tls_calls, &k);
+	if (!p)
+		return 0;
+	struct go_call c = *p;
+	bpf_map_delete_elem(&go_tls_calls, &k);
+
+	__s64 n = (__s64)GO_RESULT1(ctx);
+	if (n <= 0)
+		return 0;
+	if (n > 0x7fffffff)
+		n = 0x7fffffff;
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	struct sock *sk = go_conn_sock(c.conn, cookie);
+	if (!sk)
+		return 0;
+	__u16 vers = 0;
+	bpf_probe_read_user(&vers, sizeof(vers), (void *)(c.conn + COOKIE_VERS_OFF(cookie)));
+	emit_plain(sk, dir, SOURCE_GO_TLS, (const void *)c.buf, (__u32)n, vers);
+	return 0;
+}
+
+SEC("uprobe")
+int gotls_wr_enter(struct pt_regs *ctx)
+{
+	return go_enter(ctx, GO_WRITE);
+}
+
+SEC("uprobe")
+int gotls_wr_ret(struct pt_regs *ctx)
+{
+	return go_return(ctx, GO_WRITE, DIR_SEND);
+}
+
+SEC("uprobe")
+int gotls_rd_enter(struct pt_regs *ctx)
+{
+	return go_enter(ctx, GO_READ);
+}
+
+SEC("uprobe")
+int gotls_rd_ret(struct pt_regs *ctx)
+{
+	return go_return(ctx, GO_READ, DIR_RECV);
+}

@@ -1,0 +1,152 @@
+package probes
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/clovisor/clovisor/probes/internal/gobin"
+)
+
+// Go crypto/tls (bpf/tls_go.c): uprobes on the entry and on every RET
+// instruction of crypto/tls.(*Conn).Write and (*Conn).Read in Go programs,
+// found through the Go symbol table (also in stripped binaries). Each
+// binary's struct layout (by its Go release) travels in the uprobes'
+// cookies.
+
+func init() {
+	tlsProberFactories = append(tlsProberFactories, newGoTLSProber)
+}
+
+// The functions probed, as the Go symbol table names them.
+const (
+	goConnWrite = "crypto/tls.(*Conn).Write"
+	goConnRead  = "crypto/tls.(*Conn).Read"
+)
+
+// goTLSObjects are the parts of the tlsGo object the prober loads.
+type goTLSObjects struct {
+	tlsGoPrograms
+	Calls *ebpf.Map `ebpf:"go_tls_calls"`
+}
+
+func (o *goTLSObjects) Close() error {
+	return errors.Join(o.tlsGoPrograms.Close(), o.Calls.Close())
+}
+
+type goTLSProber struct {
+	objs goTLSObjects
+}
+
+func newGoTLSProber(t *Tracer) (tlsProber, error) {
+	spec, err := loadTlsGo()
+	if err != nil {
+		return nil, err
+	}
+	p := &goTLSProber{}
+	if err := t.loadTLSObjects(spec, &p.objs); err != nil {
+		return nil, loadErr("the Go crypto/tls uprobes", err)
+	}
+	return p, nil
+}
+
+func (p *goTLSProber) name() string { return "go_tls" }
+
+func (p *goTLSProber) Close() error { return p.objs.Close() }
+
+// goTLSProbe is a program for one function: at its entry, at its RETs.
+type goTLSProbe struct {
+	fn          string
+	enter, exit *ebpf.Program
+}
+
+// attach places the uprobes in f if it is a Go program with crypto/tls.
+func (p *goTLSProber) attach(f *tlsFile) ([]link.Link, error) {
+	funcs, cookie, err := analyzeGoTLS(f)
+	if err != nil {
+		return nil, err
+	}
+	var links []link.Link
+	fail := func(err error) ([]link.Link, error) {
+		for _, l := range links {
+			l.Close()
+		}
+		return nil, fmt.Errorf("%s: %w", f.Path, err)
+	}
+	for _, pr := range []goTLSProbe{
+		{goConnWrite, p.objs.GotlsWrEnter, p.objs.GotlsWrRet},
+		{goConnRead, p.objs.GotlsRdEnter, p.objs.GotlsRdRet},
+	} {
+		fn := funcs[pr.fn]
+		if fn == nil {
+			continue
+		}
+		l, err := f.Exe.Uprobe(pr.fn, pr.enter, &link.UprobeOptions{Address: fn.EntryOffset, Cookie: cookie})
+		if err != nil {
+			return fail(fmt.Errorf("uprobe at the entry of %s (file offset %#x): %w", pr.fn, fn.EntryOffset, err))
+		}
+		links = append(links, l)
+		for _, ret := range fn.Returns {
+			l, err := f.Exe.Uprobe(pr.fn, pr.exit, &link.UprobeOptions{Address: ret, Cookie: cookie})
+			if err != nil {
+				return fail(fmt.Errorf("uprobe at a RET of %s (file offset %#x): %w", pr.fn, ret, err))
+			}
+			links = append(links, l)
+		}
+	}
+	return links, nil
+}
+
+// analyzeGoTLS finds (*Conn).Write and Read in f and packs the layout of
+// its Go release into a uprobe cookie (bpf/tls_go.c, COOKIE_*). Files
+// that are not Go programs, or Go programs without crypto/tls, are
+// errNotMine.
+func analyzeGoTLS(f *tlsFile) (map[string]*gobin.Func, uint64, error) {
+	b, err := gobin.Open(f.ELF)
+	if errors.Is(err, gobin.ErrNotGo) {
+		return nil, 0, errNotMine
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", f.Path, err)
+	}
+	funcs, err := b.Funcs(goConnWrite, goConnRead)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+	}
+	if len(funcs) == 0 {
+		has, err := b.HasPackage("crypto/tls")
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+		}
+		if !has {
+			return nil, 0, errNotMine
+		}
+		return nil, 0, fmt.Errorf("%s: built by %s: has crypto/tls, but neither %s nor %s in its symbol table (inlined or unused)",
+			f.Path, b.GoVersion, goConnWrite, goConnRead)
+	}
+	if b.Arch != runtime.GOARCH {
+		return nil, 0, fmt.Errorf("%s: a Go program for %s on a %s machine", f.Path, b.Arch, runtime.GOARCH)
+	}
+	l, err := gobin.TLSLayoutFor(b.GoVersion)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", f.Path, err)
+	}
+	cookie, err := goTLSCookie(l)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+	}
+	return funcs, cookie, nil
+}
+
+// goTLSCookie packs a layout as bpf/tls_go.c reads it.
+func goTLSCookie(l gobin.TLSLayout) (uint64, error) {
+	const itabHashOff = 16 // ITAB_HASH_OFF
+	if l.ITabHash != itabHashOff || l.ConnVers >= 1<<12 || l.NetFDSysfd >= 1<<8 ||
+		l.TCPConnFD%8 != 0 || l.TCPConnFD/8 >= 1<<6 || l.ConnConn%8 != 0 || l.ConnConn/8 >= 1<<6 {
+		return 0, fmt.Errorf("struct layout %+v does not fit the uprobes' cookie", l)
+	}
+	return uint64(l.TCPConnHash) | l.ConnVers<<32 | l.NetFDSysfd<<44 | (l.TCPConnFD/8)<<52 | (l.ConnConn/8)<<58, nil
+}

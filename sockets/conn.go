@@ -4,6 +4,7 @@ import (
 	"net/netip"
 
 	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/protocols/tlsrec"
 	"github.com/clovisor/clovisor/spans"
 )
 
@@ -20,6 +21,18 @@ type conn struct {
 
 	// streams[0] is what the socket sent, streams[1] what it received.
 	streams [2]stream
+
+	// plainSrc is the source of the plaintext the analyzer reads (a
+	// probes.Source* value): SourceSocket until a TLS library's or kernel
+	// TLS's plaintext arrives; from then on the socket's own bytes (TLS
+	// records) feed no analyzer.
+	plainSrc uint8
+	// tls: the socket's own bytes are TLS records; hello collects what the
+	// handshake said in the clear, tlsVersion what a TLS source reported.
+	tls        bool
+	hello      tlsrec.Hello
+	tlsVersion uint16
+	tlsInfo    *spans.TLSInfo // as last given to a session (immutable)
 
 	protocol     string
 	parser       protocols.Parser

@@ -11,8 +11,11 @@ import (
 	"strconv"
 	"time"
 
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+
 	"github.com/clovisor/clovisor/probes"
 	"github.com/clovisor/clovisor/protocols"
+	"github.com/clovisor/clovisor/protocols/tlsrec"
 	"github.com/clovisor/clovisor/spans"
 )
 
@@ -47,6 +50,14 @@ type Stats struct {
 	Reordered     uint64 // data events that arrived behind their stream position
 	GarbageBytes  int64  // bytes analyzers could not parse
 	ParserResyncs int64
+	// TLSConns counts connections whose socket bytes were TLS records.
+	TLSConns uint64
+	// PlaintextEvents counts data events from a TLS library or kernel TLS;
+	// DuplicatePlaintext those dropped because another source already
+	// gave the connection's plaintext (for example OpenSSL on a kTLS
+	// socket: both see the same bytes).
+	PlaintextEvents    uint64
+	DuplicatePlaintext uint64
 }
 
 // Tracker holds the connection table. It is not safe for concurrent use:
@@ -204,6 +215,11 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 		c.cgroup = ev.CgroupId
 	}
 
+	if ev.Source != probes.SourceSocket {
+		t.handlePlain(c, ev, payload)
+		return
+	}
+
 	// Keep each direction in step with the kernel's stream position.
 	st := &c.streams[0]
 	if ev.Dir == probes.DirRecv {
@@ -228,12 +244,34 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 	st.started = true
 	st.next = ev.Seq + ev.Len
 
+	if c.tls || c.plainSrc != probes.SourceSocket {
+		// Ciphertext: only the handshake's clear facts are read; the
+		// plaintext comes from a TLS source.
+		if c.tls && (!c.hello.ClientHello || !c.hello.ServerHello) {
+			t.readHello(c, ev.Dir, payload)
+		}
+		return
+	}
 	if c.unrecognized {
 		return
 	}
-	if c.parser == nil && !t.detect(c, ev.Dir, payload) {
-		return
+	if c.parser == nil {
+		if tlsrec.IsRecord(payload) {
+			c.tls = true
+			t.stats.TLSConns++
+			t.readHello(c, ev.Dir, payload)
+			return
+		}
+		if !t.detect(c, ev.Dir, payload) {
+			return
+		}
 	}
+	t.feed(c, ev, payload, gap)
+}
+
+// feed gives the analyzer one call's bytes (after gap bytes that were not
+// seen) and emits the transactions it completes.
+func (t *Tracker) feed(c *conn, ev *probes.DataEvent, payload []byte, gap int) {
 	dir := t.direction(c, ev.Dir)
 	txs := t.txs[:0]
 	if gap > 0 {
@@ -243,6 +281,101 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 	txs = c.parser.Feed(protocols.Chunk{Dir: dir, Data: payload, Len: int(ev.Len), TS: ev.Ts}, txs)
 	t.txs = txs
 	t.emit(c, txs)
+}
+
+// handlePlain takes plaintext from a TLS library or kernel TLS. Such
+// events carry no TCP sequence numbers: they arrive in the order the
+// process made its calls, and nothing is missing between them unless the
+// kernel counted a lost event.
+func (t *Tracker) handlePlain(c *conn, ev *probes.DataEvent, payload []byte) {
+	t.stats.PlaintextEvents++
+	if c.plainSrc == probes.SourceSocket {
+		c.plainSrc = ev.Source
+		if c.parser != nil {
+			// The analyzer read the socket's bytes as plaintext: they
+			// were not (a protocol that starts in the clear and turns
+			// to TLS). Start over on the real plaintext.
+			c.parser = nil
+			c.protocol = ""
+		}
+		c.tries, c.unrecognized = 0, false
+	} else if ev.Source != c.plainSrc {
+		t.stats.DuplicatePlaintext++
+		return
+	}
+	if ev.TlsVersion != 0 {
+		c.tlsVersion = ev.TlsVersion
+	}
+	if c.unrecognized {
+		return
+	}
+	if c.parser == nil && !t.detect(c, ev.Dir, payload) {
+		return
+	}
+	t.feed(c, ev, payload, 0)
+}
+
+// readHello reads the clear part of a TLS handshake from the socket's
+// bytes. A hello from the side in the client's role fixes the role of a
+// connection that predates the agent.
+func (t *Tracker) readHello(c *conn, kdir uint8, payload []byte) {
+	before := c.hello
+	if !c.hello.Read(payload) {
+		return
+	}
+	if c.role == probes.RoleUnknown {
+		switch {
+		case c.hello.ClientHello && !before.ClientHello:
+			c.role = roleOf(kdir, true)
+		case c.hello.ServerHello && !before.ServerHello:
+			c.role = roleOf(kdir, false)
+		}
+	}
+}
+
+// tlsOf returns the connection's TLS facts for a session (nil: not TLS).
+func (t *Tracker) tlsOf(c *conn) *spans.TLSInfo {
+	if !c.tls && c.plainSrc == probes.SourceSocket {
+		return nil
+	}
+	v := c.hello.Version
+	if c.tlsVersion != 0 {
+		v = c.tlsVersion
+	}
+	info := spans.TLSInfo{
+		Version:    tlsrec.VersionName(v),
+		Cipher:     tlsrec.CipherName(c.hello.CipherSuite),
+		ServerName: c.hello.ServerName,
+	}
+	if c.tlsInfo == nil || *c.tlsInfo != info {
+		c.tlsInfo = &info
+	}
+	return c.tlsInfo
+}
+
+// httpsScheme: an analyzer reading TLS plaintext took the scheme for
+// "http"; on a TLS connection it is "https".
+func httpsScheme(tx *protocols.Transaction) {
+	for i := range tx.Attrs {
+		if tx.Attrs[i].Key == semconv.URLSchemeKey && tx.Attrs[i].Value.AsString() == "http" {
+			tx.Attrs[i] = semconv.URLSchemeKey.String("https")
+		}
+	}
+}
+
+// sourceNames are the values of clovisor.payload.source.
+var sourceNames = [...]string{
+	probes.SourceSocket:  "socket",
+	probes.SourceOpenSSL: "openssl",
+	probes.SourceGoTLS:   "go_tls",
+	probes.SourceKTLS:    "ktls",
+}
+
+func sourceName(src uint8) string {
+	if int(src) < len(sourceNames) {
+		return sourceNames[src]
+	}
+	return "unknown"
 }
 
 // detectTries is how many payload-bearing calls may pass before a
@@ -314,6 +447,12 @@ func (t *Tracker) emit(c *conn, txs []*protocols.Transaction) {
 			ConnTag:   c.tag,
 			Index:     -1,
 			Tx:        tx,
+
+			PayloadSource: sourceName(c.plainSrc),
+			TLS:           t.tlsOf(c),
+		}
+		if s.TLS != nil {
+			httpsScheme(tx)
 		}
 		if c.fromStart {
 			s.Index = c.index

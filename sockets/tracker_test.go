@@ -147,7 +147,7 @@ func TestLostEventsBecomeGaps(t *testing.T) {
 func TestGarbageIsCountedNotExported(t *testing.T) {
 	tk, s := newTestTracker(Config{})
 	tk.Handle(connRecord(probes.EventConnOpen, probes.RoleClient, 3, 1, cliAddr, srvAddr))
-	junk := []byte("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03random-tls-hello")
+	junk := []byte("\x00\x01\x00\x01\xfc\x03\x03random-binary-junk")
 	for i := 0; i < 6; i++ {
 		tk.Handle(dataRecord(probes.DirSend, 3, uint64(2+i), uint32(i*len(junk)), len(junk), junk, cliAddr, srvAddr))
 	}

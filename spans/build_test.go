@@ -88,6 +88,21 @@ func refAttrList(s *Session, errType string, summary bool) []attribute.KeyValue 
 		AttrPoint.String(string(s.Point)),
 		AttrCgroupID.Int64(int64(s.CgroupID)),
 	)
+	if s.PayloadSource != "" {
+		a = append(a, AttrPayloadSource.String(s.PayloadSource))
+	}
+	if s.TLS != nil {
+		a = append(a, semconv.TLSProtocolNameKey.String("tls"))
+		if s.TLS.Version != "" {
+			a = append(a, semconv.TLSProtocolVersionKey.String(s.TLS.Version))
+		}
+		if s.TLS.Cipher != "" {
+			a = append(a, semconv.TLSCipherKey.String(s.TLS.Cipher))
+		}
+		if s.TLS.ServerName != "" {
+			a = append(a, AttrTLSServerName.String(s.TLS.ServerName))
+		}
+	}
 	if s.CgroupPath != "" {
 		a = append(a, AttrCgroupPath.String(s.CgroupPath))
 	}
@@ -136,6 +151,20 @@ func TestBuildMatchesSDK(t *testing.T) {
 		{"server", func(s *Session) { s.Kind = Server; s.Tx.Truncated = true }, false, true},
 		{"server failed", func(s *Session) { s.Kind = Server; s.Tx.ErrorType, s.Tx.ServerFault = "503", true }, true, true},
 		{"client 404", func(s *Session) { s.Tx.ErrorType = "404" }, false, true},
+		{"tls via openssl", func(s *Session) {
+			s.PayloadSource = "openssl"
+			s.TLS = &TLSInfo{Version: "1.3", Cipher: "TLS_AES_128_GCM_SHA256", ServerName: "svc.example"}
+		}, true, true},
+		{"tls version unknown", func(s *Session) {
+			s.Kind = Server
+			s.PayloadSource = "ktls"
+			s.TLS = &TLSInfo{}
+		}, false, true},
+		{"analyzer sets tls key", func(s *Session) {
+			s.PayloadSource = "go_tls"
+			s.TLS = &TLSInfo{Version: "1.2"}
+			s.Tx.Attrs = append(s.Tx.Attrs, attribute.String("tls.protocol.version", "9"))
+		}, false, false},
 		{"analyzer error.type", func(s *Session) {
 			s.Tx.ErrorType = "404"
 			s.Tx.Attrs = append(s.Tx.Attrs, attribute.String("error.type", "custom"))

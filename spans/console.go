@@ -21,7 +21,9 @@ import (
 //
 // the start time (its Location, ms), the process's executable name and pid,
 // client -> server, the transaction summary (clovisor.summary, else the span
-// name), the duration and the span kind, followed by " !truncated" when
+// name), the duration and the span kind, then " tls1.3" on TLS connections
+// (the version when known) and " via=openssl" when the plaintext came from
+// elsewhere than the socket's own buffers (clovisor.payload.source), followed by " !truncated" when
 // clovisor.truncated is set and " !error=<error.type>" when the status is
 // Error. Control characters and invalid UTF-8 from captured data are
 // escaped, so that traffic cannot drive the terminal.
@@ -77,6 +79,8 @@ func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []
 		peerPort, localPort   int64 = -1, -1
 		srvPort, cliPort      int64 = -1, -1
 		truncated             bool
+		source, tlsVersion    string
+		isTLS                 bool
 	)
 	for _, kv := range s.Attributes() {
 		switch kv.Key {
@@ -94,6 +98,12 @@ func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []
 			errType = kv.Value.Emit()
 		case AttrTruncated:
 			truncated = kv.Value.AsBool()
+		case AttrPayloadSource:
+			source = kv.Value.Emit()
+		case semconv.TLSProtocolNameKey:
+			isTLS = true
+		case semconv.TLSProtocolVersionKey:
+			tlsVersion = kv.Value.Emit()
 		case semconv.NetworkPeerAddressKey:
 			peerAddr = kv.Value.Emit()
 		case semconv.NetworkPeerPortKey:
@@ -153,6 +163,14 @@ func appendConsoleLine(b []byte, s sdktrace.ReadOnlySpan, loc *time.Location) []
 	b = appendDuration(b, s.EndTime().Sub(s.StartTime()))
 	b = append(b, ' ')
 	b = append(b, kindName(s.SpanKind())...)
+	if isTLS {
+		b = append(b, " tls"...)
+		b = appendSafe(b, tlsVersion)
+	}
+	if source != "" && source != "socket" {
+		b = append(b, " via="...)
+		b = appendSafe(b, source)
+	}
 	if truncated {
 		b = append(b, " !truncated"...)
 	}

@@ -65,6 +65,15 @@ func TestConsoleLines(t *testing.T) {
 	w.Tx.Summary = "GET /index.html 200"
 	e.Export(w)
 
+	s = serverSession()
+	s.PayloadSource = "openssl"
+	s.TLS = &TLSInfo{Version: "1.3", Cipher: "TLS_AES_128_GCM_SHA256"}
+	e.Export(s)
+	s = clientSession()
+	s.PayloadSource = "ktls"
+	s.TLS = &TLSInfo{}
+	e.Export(s)
+
 	if err := e.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -74,11 +83,13 @@ func TestConsoleLines(t *testing.T) {
 		"11:41:07.123 nginx[99] 10.201.0.1:43210 -> 10.201.0.2:8080 GET /index.html 503 1.234ms SERVER !truncated !error=503\n" +
 		"11:41:07.123 curl[1234] [fd00::1]:43210 -> 10.201.0.2:8080 GET /\\x1b[31mred\\u2028 404 850ns CLIENT !error=404\n" +
 		"11:41:07.123 curl-wrapper[1234] 10.201.0.1:43210 -> 10.201.0.2:8080 POST 2.500s CLIENT\n" +
-		"11:41:07.123 pod_veth@cali12345 10.201.20.11:43210 -> 10.201.20.12:8080 GET /index.html 200 1.234ms INTERNAL\n"
+		"11:41:07.123 pod_veth@cali12345 10.201.20.11:43210 -> 10.201.20.12:8080 GET /index.html 200 1.234ms INTERNAL\n" +
+		"11:41:07.123 nginx[99] 10.201.0.1:43210 -> 10.201.0.2:8080 GET /index.html 200 1.234ms SERVER tls1.3 via=openssl\n" +
+		"11:41:07.123 curl[1234] 10.201.0.1:43210 -> 10.201.0.2:8080 GET /index.html 200 1.234ms CLIENT tls via=ktls\n"
 	if got := buf.String(); got != want {
 		t.Errorf("console output:\n%s\nwant:\n%s", got, want)
 	}
-	if st := e.Stats(); st.Exported != 6 || st.Dropped != 0 {
+	if st := e.Stats(); st.Exported != 8 || st.Dropped != 0 {
 		t.Errorf("stats = %+v", st)
 	}
 }

@@ -68,10 +68,29 @@ type Session struct {
 
 	Tx *protocols.Transaction
 
+	// PayloadSource, for socket sessions, is where the plaintext the
+	// analyzer read came from: "socket" (the socket calls' own buffers),
+	// "openssl", "go_tls" (uprobes on a TLS library) or "ktls" (a socket
+	// with kernel TLS). Empty for wire sessions.
+	PayloadSource string
+	// TLS describes the connection's TLS, nil when it was not TLS (as far
+	// as was seen). It is not modified once a Session holds it.
+	TLS *TLSInfo
+
 	// Wire, set for sessions seen on the wire (Point PointPodVeth or
 	// PointNodeNIC), holds the L3/L4 facts of the exchange; see wire.go
 	// for the attributes it adds. Such sessions have no Process and no
 	// cgroup: their spans carry neither process.* nor clovisor.cgroup.*
 	// attributes. nil for socket-level sessions.
 	Wire *Wire
+}
+
+// TLSInfo is what is known of a connection's TLS.
+type TLSInfo struct {
+	// Version is "1.2", "1.3", ... ("" when not known).
+	Version string
+	// Cipher is the cipher suite's IANA name ("" when not known).
+	Cipher string
+	// ServerName is the server name the client asked for (SNI).
+	ServerName string
 }

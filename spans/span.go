@@ -24,6 +24,11 @@ const (
 	AttrCgroupPath = attribute.Key("clovisor.cgroup.path")
 	// AttrTruncated is true when part of the transaction was not captured.
 	AttrTruncated = attribute.Key("clovisor.truncated")
+	// AttrPayloadSource is where a socket span's plaintext came from
+	// (Session.PayloadSource).
+	AttrPayloadSource = attribute.Key("clovisor.payload.source")
+	// AttrTLSServerName is the server name (SNI) a TLS client asked for.
+	AttrTLSServerName = attribute.Key("clovisor.tls.server_name")
 	// AttrSummary carries Transaction.Summary to the console exporter; it
 	// is only set in console mode.
 	AttrSummary = attribute.Key("clovisor.summary")
@@ -178,7 +183,9 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 			semconv.NetworkPeerAddressKey, semconv.NetworkPeerPortKey,
 			semconv.NetworkLocalAddressKey, semconv.NetworkLocalPortKey,
 			semconv.ProcessPIDKey, semconv.ProcessExecutableNameKey,
-			AttrPoint, AttrCgroupID, AttrCgroupPath, AttrTruncated, AttrSummary:
+			AttrPoint, AttrCgroupID, AttrCgroupPath, AttrTruncated, AttrSummary,
+			AttrPayloadSource, AttrTLSServerName, semconv.TLSProtocolNameKey,
+			semconv.TLSProtocolVersionKey, semconv.TLSCipherKey:
 			// Also added below: the SDK's deduplication decides.
 			simple = false
 		case "":
@@ -222,6 +229,10 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 		if s.Kind == Server {
 			n += b2i(!hasClientAddr) + b2i(!hasClientPort)
 		}
+	}
+	n += b2i(s.Wire == nil && s.PayloadSource != "")
+	if s.TLS != nil {
+		n += 1 + b2i(s.TLS.Version != "") + b2i(s.TLS.Cipher != "") + b2i(s.TLS.ServerName != "")
 	}
 	n += b2i(s.CgroupPath != "") + b2i(tx.Truncated) + b2i(errType != "" && !hasErrType) + b2i(summary && tx.Summary != "")
 
@@ -290,6 +301,21 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 			AttrPoint.String(string(s.Point)),
 			AttrCgroupID.Int64(int64(s.CgroupID)),
 		)
+		if s.PayloadSource != "" {
+			a = append(a, AttrPayloadSource.String(s.PayloadSource))
+		}
+	}
+	if s.TLS != nil {
+		a = append(a, semconv.TLSProtocolNameKey.String("tls"))
+		if s.TLS.Version != "" {
+			a = append(a, semconv.TLSProtocolVersionKey.String(s.TLS.Version))
+		}
+		if s.TLS.Cipher != "" {
+			a = append(a, semconv.TLSCipherKey.String(s.TLS.Cipher))
+		}
+		if s.TLS.ServerName != "" {
+			a = append(a, AttrTLSServerName.String(s.TLS.ServerName))
+		}
 	}
 	if s.CgroupPath != "" {
 		a = append(a, AttrCgroupPath.String(s.CgroupPath))

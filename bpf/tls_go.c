@@ -16,7 +16,14 @@
  * (*Conn).Write(b []byte) (int, error): receiver c = arg 1, b.ptr = arg 2,
  * b.len = arg 3; n = result 1. Read has the same shape.
  *
- * The entry saves (c, b.ptr) keyed by the goroutine (the pointer to its g
+ * Write sends its plaintext at its entry, once the connection's handshake
+ * is complete: at that moment the bytes are not yet on the wire, so the
+ * event comes before anything the peer does in answer (the peer's next
+ * request, read by another goroutine, could otherwise be reported before
+ * the response that was written first). Its byte count is then len(b),
+ * which Write sends in full unless the connection fails. A Write that
+ * makes the handshake itself, and every Read, are reported at their RET:
+ * the entry saves (c, b.ptr) keyed by the goroutine (the pointer to its g
  * and the process: a goroutine may move between threads during the call);
  * each RET finds them and, when n > 0, sends n bytes from b.ptr: the
  * plaintext written, or read into the buffer.
@@ -36,11 +43,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #if defined(__TARGET_ARCH_x86)
 #define GO_ARG1(r) ((r)->ax)
 #define GO_ARG2(r) ((r)->bx)
+#define GO_ARG3(r) ((r)->cx)
 #define GO_RESULT1(r) ((r)->ax)
 #define GO_G(r) ((r)->r14)
 #elif defined(__TARGET_ARCH_arm64)
 #define GO_ARG1(r) (((struct user_pt_regs *)(r))->regs[0])
 #define GO_ARG2(r) (((struct user_pt_regs *)(r))->regs[1])
+#define GO_ARG3(r) (((struct user_pt_regs *)(r))->regs[2])
 #define GO_RESULT1(r) (((struct user_pt_regs *)(r))->regs[0])
 #define GO_G(r) (((struct user_pt_regs *)(r))->regs[28])
 #endif
@@ -48,18 +57,19 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* The uprobe's cookie: the layout of the binary's Go release.
  *   bits  0-31  type hash of *net.TCPConn
  *   bits 32-43  offset of tls.Conn.vers
- *   bits 44-51  offset of netFD.pfd.Sysfd
- *   bits 52-57  offset of the *netFD in net.TCPConn, in 8-byte words
- *   bits 58-63  offset of tls.Conn.conn, in 8-byte words */
+ *   bits 44-55  offset of tls.Conn.isHandshakeComplete
+ *   bits 56-63  offset of netFD.pfd.Sysfd */
 #define COOKIE_TCPCONN_HASH(c) ((__u32)(c))
 #define COOKIE_VERS_OFF(c) (((c) >> 32) & 0xfff)
-#define COOKIE_SYSFD_OFF(c) (((c) >> 44) & 0xff)
-#define COOKIE_NETFD_OFF(c) ((((c) >> 52) & 0x3f) * 8)
-#define COOKIE_CONN_OFF(c) ((((c) >> 58) & 0x3f) * 8)
+#define COOKIE_HSDONE_OFF(c) (((c) >> 44) & 0xfff)
+#define COOKIE_SYSFD_OFF(c) (((c) >> 56) & 0xff)
 
-/* Offset of the type hash in an itab (runtime.itab, internal/abi.ITab):
- * the same in every supported release (user space checks). */
+/* Offsets the same in every supported release (user space checks):
+ * tls.Conn.conn, the type hash in an itab (runtime.itab,
+ * internal/abi.ITab), and the *netFD in a net.TCPConn. */
+#define CONN_CONN_OFF 0
 #define ITAB_HASH_OFF 16
+#define TCPCONN_NETFD_OFF 0
 
 enum go_op {
 	GO_WRITE = 1,
@@ -86,23 +96,6 @@ struct {
 	__type(value, struct go_call);
 } go_tls_calls SEC(".maps");
 
-static __always_inline int go_enter(struct pt_regs *ctx, __u32 op)
-{
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32;
-	if (tgid == self_tgid)
-		return 0;
-	if (filter_cgroups) {
-		__u64 cgid = bpf_get_current_cgroup_id();
-		if (!bpf_map_lookup_elem(&traced_cgroups, &cgid))
-			return 0;
-	}
-	struct go_call_key k = {.g = GO_G(ctx), .tgid = tgid, .op = op};
-	struct go_call c = {.conn = GO_ARG1(ctx), .buf = GO_ARG2(ctx)};
-	bpf_map_update_elem(&go_tls_calls, &k, &c, BPF_ANY);
-	return 0;
-}
-
 /* go_conn_sock returns the TCP socket under a *tls.Conn, or NULL when its
  * net.Conn is not a *net.TCPConn. */
 static __always_inline struct sock *go_conn_sock(__u64 conn, __u64 cookie)
@@ -111,20 +104,55 @@ static __always_inline struct sock *go_conn_sock(__u64 conn, __u64 cookie)
 		__u64 itab;
 		__u64 data;
 	} iface;
-	if (bpf_probe_read_user(&iface, sizeof(iface), (void *)(conn + COOKIE_CONN_OFF(cookie))) || !iface.itab ||
-	    !iface.data)
+	if (bpf_probe_read_user(&iface, sizeof(iface), (void *)(conn + CONN_CONN_OFF)) || !iface.itab || !iface.data)
 		return NULL;
 	__u32 hash;
 	if (bpf_probe_read_user(&hash, sizeof(hash), (void *)(iface.itab + ITAB_HASH_OFF)) ||
 	    hash != COOKIE_TCPCONN_HASH(cookie))
 		return NULL;
 	__u64 netfd;
-	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(iface.data + COOKIE_NETFD_OFF(cookie))) || !netfd)
+	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(iface.data + TCPCONN_NETFD_OFF)) || !netfd)
 		return NULL;
 	__s64 fd;
 	if (bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + COOKIE_SYSFD_OFF(cookie))))
 		return NULL;
 	return fd_sock(fd);
+}
+
+/* go_emit reports n bytes of plaintext at buf on conn's socket. */
+static __always_inline void go_emit(__u64 conn, __u64 buf, __s64 n, __u64 cookie, __u8 dir)
+{
+	if (n <= 0)
+		return;
+	if (n > 0x7fffffff)
+		n = 0x7fffffff;
+	struct sock *sk = go_conn_sock(conn, cookie);
+	if (!sk)
+		return;
+	__u16 vers = 0;
+	bpf_probe_read_user(&vers, sizeof(vers), (void *)(conn + COOKIE_VERS_OFF(cookie)));
+	emit_plain(sk, dir, SOURCE_GO_TLS, (const void *)buf, (__u32)n, vers);
+}
+
+/* go_traced applies the process and cgroup filters at a function's entry
+ * (emit_plain applies them all again, with the port filter). */
+static __always_inline int go_traced(__u32 tgid)
+{
+	if (tgid == self_tgid)
+		return 0;
+	if (filter_cgroups) {
+		__u64 cgid = bpf_get_current_cgroup_id();
+		if (!bpf_map_lookup_elem(&traced_cgroups, &cgid))
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline void go_save(struct pt_regs *ctx, __u32 tgid, __u32 op)
+{
+	struct go_call_key k = {.g = GO_G(ctx), .tgid = tgid, .op = op};
+	struct go_call c = {.conn = GO_ARG1(ctx), .buf = GO_ARG2(ctx)};
+	bpf_map_update_elem(&go_tls_calls, &k, &c, BPF_ANY);
 }
 
 static __always_inline int go_return(struct pt_regs *ctx, __u32 op, __u8 dir)
@@ -136,26 +164,29 @@ static __always_inline int go_return(struct pt_regs *ctx, __u32 op, __u8 dir)
 		return 0;
 	struct go_call c = *p;
 	bpf_map_delete_elem(&go_tls_calls, &k);
-
-	__s64 n = (__s64)GO_RESULT1(ctx);
-	if (n <= 0)
-		return 0;
-	if (n > 0x7fffffff)
-		n = 0x7fffffff;
-	__u64 cookie = bpf_get_attach_cookie(ctx);
-	struct sock *sk = go_conn_sock(c.conn, cookie);
-	if (!sk)
-		return 0;
-	__u16 vers = 0;
-	bpf_probe_read_user(&vers, sizeof(vers), (void *)(c.conn + COOKIE_VERS_OFF(cookie)));
-	emit_plain(sk, dir, SOURCE_GO_TLS, (const void *)c.buf, (__u32)n, vers);
+	go_emit(c.conn, c.buf, (__s64)GO_RESULT1(ctx), bpf_get_attach_cookie(ctx), dir);
 	return 0;
 }
 
 SEC("uprobe")
 int gotls_wr_enter(struct pt_regs *ctx)
 {
-	return go_enter(ctx, GO_WRITE);
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!go_traced(tgid))
+		return 0;
+	__u64 conn = GO_ARG1(ctx), cookie = bpf_get_attach_cookie(ctx);
+	__u32 done = 0;
+	bpf_probe_read_user(&done, sizeof(done), (void *)(conn + COOKIE_HSDONE_OFF(cookie)));
+	if (!done) {
+		go_save(ctx, tgid, GO_WRITE);
+		return 0;
+	}
+	/* A call saved earlier whose RET never came (the goroutine panicked
+	 * out of Write) must not be taken for this one at its RET. */
+	struct go_call_key k = {.g = GO_G(ctx), .tgid = tgid, .op = GO_WRITE};
+	bpf_map_delete_elem(&go_tls_calls, &k);
+	go_emit(conn, GO_ARG2(ctx), (__s64)GO_ARG3(ctx), cookie, DIR_SEND);
+	return 0;
 }
 
 SEC("uprobe")
@@ -167,7 +198,10 @@ int gotls_wr_ret(struct pt_regs *ctx)
 SEC("uprobe")
 int gotls_rd_enter(struct pt_regs *ctx)
 {
-	return go_enter(ctx, GO_READ);
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (go_traced(tgid))
+		go_save(ctx, tgid, GO_READ);
+	return 0;
 }
 
 SEC("uprobe")

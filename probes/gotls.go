@@ -141,12 +141,13 @@ func analyzeGoTLS(f *tlsFile) (map[string]*gobin.Func, uint64, error) {
 	return funcs, cookie, nil
 }
 
-// goTLSCookie packs a layout as bpf/tls_go.c reads it.
+// goTLSCookie packs a layout as bpf/tls_go.c reads it (COOKIE_*; the
+// offsets it has as constants must be the layout's).
 func goTLSCookie(l gobin.TLSLayout) (uint64, error) {
-	const itabHashOff = 16 // ITAB_HASH_OFF
-	if l.ITabHash != itabHashOff || l.ConnVers >= 1<<12 || l.NetFDSysfd >= 1<<8 ||
-		l.TCPConnFD%8 != 0 || l.TCPConnFD/8 >= 1<<6 || l.ConnConn%8 != 0 || l.ConnConn/8 >= 1<<6 {
+	const connConnOff, itabHashOff, tcpConnNetFDOff = 0, 16, 0 // CONN_CONN_OFF, ITAB_HASH_OFF, TCPCONN_NETFD_OFF
+	if l.ConnConn != connConnOff || l.ITabHash != itabHashOff || l.TCPConnFD != tcpConnNetFDOff ||
+		l.ConnVers >= 1<<12 || l.ConnHandshakeDone >= 1<<12 || l.NetFDSysfd >= 1<<8 {
 		return 0, fmt.Errorf("struct layout %+v does not fit the uprobes' cookie", l)
 	}
-	return uint64(l.TCPConnHash) | l.ConnVers<<32 | l.NetFDSysfd<<44 | (l.TCPConnFD/8)<<52 | (l.ConnConn/8)<<58, nil
+	return uint64(l.TCPConnHash) | l.ConnVers<<32 | l.ConnHandshakeDone<<44 | l.NetFDSysfd<<56, nil
 }

@@ -9,11 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -29,105 +27,6 @@ import (
 	"github.com/clovisor/clovisor/internal/testbed"
 	"github.com/clovisor/clovisor/probes/internal/gotlsdemo"
 )
-
-// Test addresses, only inside the tests' own network namespaces.
-var (
-	goTLSClientAddr = netip.MustParsePrefix("10.201.44.1/24")
-	goTLSServerAddr = netip.MustParsePrefix("10.201.44.2/24")
-)
-
-const goTLSPort = 8443
-
-// goTLSPair is a client and a server "pod" (network namespace + cgroup)
-// and a certificate for the server.
-type goTLSPair struct {
-	clientNS, serverNS *testbed.Netns
-	clientCG, serverCG *testbed.Cgroup
-	cert, key          string
-}
-
-func newGoTLSPair(t *testing.T) *goTLSPair {
-	t.Helper()
-	testbed.RequireRoot(t)
-	p := &goTLSPair{
-		clientNS: testbed.NewNetns(t, "gotls-cli"), serverNS: testbed.NewNetns(t, "gotls-srv"),
-		clientCG: testbed.NewCgroup(t, "gotls-cli"), serverCG: testbed.NewCgroup(t, "gotls-srv"),
-	}
-	testbed.VethPair(t, p.clientNS, p.serverNS, goTLSClientAddr, goTLSServerAddr)
-	p.cert, p.key = gotlsdemo.WriteCert(t, t.TempDir(), net.IP(goTLSServerAddr.Addr().AsSlice()))
-	return p
-}
-
-func (p *goTLSPair) url(path string) string {
-	return fmt.Sprintf("https://%s%s", netip.AddrPortFrom(goTLSServerAddr.Addr(), goTLSPort), path)
-}
-
-// startServer runs the demo server in the server pod until the test ends
-// and returns its process.
-func (p *goTLSPair) startServer(t *testing.T, bin string) *exec.Cmd {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := p.serverNS.Command(ctx, bin, "server", netip.AddrPortFrom(goTLSServerAddr.Addr(), goTLSPort).String(), p.cert, p.key)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := p.serverCG.Start(cmd); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	t.Cleanup(func() {
-		cancel()
-		<-exited
-	})
-	first := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		if sc.Scan() {
-			first <- sc.Text()
-		}
-		close(first)
-		io.Copy(io.Discard, out)
-		cmd.Wait()
-		close(exited)
-	}()
-	select {
-	case line := <-first:
-		if !strings.HasPrefix(line, "listening on ") {
-			t.Fatalf("server: %q", line)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("server did not start listening in 10 s")
-	}
-	return cmd
-}
-
-// client runs the demo program in the client pod with args (after the
-// mode, the CA file is inserted) and returns a command to start.
-func (p *goTLSPair) client(ctx context.Context, bin, mode string, args ...string) *exec.Cmd {
-	cmd := p.clientNS.Command(ctx, bin, append([]string{mode, p.cert}, args...)...)
-	cmd.Stderr = os.Stderr
-	return cmd
-}
-
-// runClient runs the client to its end and returns its output and pid.
-func (p *goTLSPair) runClient(t *testing.T, bin, mode string, args ...string) (string, uint32) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := p.client(ctx, bin, mode, args...)
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	if err := p.clientCG.Start(cmd); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("client %s: %v\n%s", mode, err, out.String())
-	}
-	return out.String(), uint32(cmd.Process.Pid)
-}
 
 // record is one ring-buffer record, decoded.
 type record struct {
@@ -289,6 +188,7 @@ type connRecs struct {
 	open, close  *ConnEvent
 	plain, sock  [3][]*record // by direction (DirSend, DirRecv)
 	plainStreams [3][]byte
+	plainOrder   []*record // both directions, in the ring's order
 }
 
 func byCookie(recs []record) map[uint64]*connRecs {
@@ -310,6 +210,7 @@ func byCookie(recs []record) map[uint64]*connRecs {
 			c := get(r.data.Cookie)
 			c.plain[r.data.Dir] = append(c.plain[r.data.Dir], r)
 			c.plainStreams[r.data.Dir] = append(c.plainStreams[r.data.Dir], r.payload...)
+			c.plainOrder = append(c.plainOrder, r)
 		case r.data.Source == SourceSocket:
 			c := get(r.data.Cookie)
 			c.sock[r.data.Dir] = append(c.sock[r.data.Dir], r)
@@ -342,10 +243,10 @@ func TestGoTLSEvents(t *testing.T) {
 	for _, v := range goTLSVariants {
 		t.Run(v.String(), func(t *testing.T) {
 			bin := gotlsdemo.Build(t, gotlsdemo.DemoSource(), v)
-			p := newGoTLSPair(t)
-			srv := p.startServer(t, bin)
-			g := traceGoTLS(t, bin, Options{PayloadBytes: MaxPayload}, p.clientCG.ID(), p.serverCG.ID())
-			out, clientPID := p.runClient(t, bin, "client", p.url(""))
+			p := gotlsdemo.NewPair(t)
+			srv := p.StartServer(t, bin)
+			g := traceGoTLS(t, bin, Options{PayloadBytes: MaxPayload}, p.ClientCG.ID(), p.ServerCG.ID())
+			out, clientPID := p.RunClient(t, bin, "client", p.URL(""))
 			if want := "GET /hello 200 1231\nPOST /echo 200 3000\nGET /nope 404 19\nGET /hello 200 1231\n"; out != want {
 				t.Fatalf("client printed\n%s\nwant\n%s", out, want)
 			}
@@ -368,7 +269,7 @@ func TestGoTLSEvents(t *testing.T) {
 	}
 }
 
-func checkGoTLSConns(t *testing.T, conns map[uint64]*connRecs, clientPID, serverPID uint32, p *goTLSPair) {
+func checkGoTLSConns(t *testing.T, conns map[uint64]*connRecs, clientPID, serverPID uint32, p *gotlsdemo.Pair) {
 	t.Helper()
 	var client, server *connRecs
 	for cookie, c := range conns {
@@ -401,15 +302,15 @@ func checkGoTLSConns(t *testing.T, conns map[uint64]*connRecs, clientPID, server
 		cgroup uint64
 		local  netip.Addr
 	}{
-		{"client", client, clientPID, p.clientCG.ID(), goTLSClientAddr.Addr()},
-		{"server", server, serverPID, p.serverCG.ID(), goTLSServerAddr.Addr()},
+		{"client", client, clientPID, p.ClientCG.ID(), gotlsdemo.ClientAddr.Addr()},
+		{"server", server, serverPID, p.ServerCG.ID(), gotlsdemo.ServerAddr.Addr()},
 	} {
 		o := end.c.open
 		if o.Tgid != end.pid || o.CgroupId != end.cgroup || string(bytes.TrimRight(o.Comm[:], "\x00")) != "prog" {
 			t.Errorf("%s open: tgid %d cgroup %d comm %q, want %d in %d", end.name, o.Tgid, o.CgroupId, o.Comm, end.pid, end.cgroup)
 		}
 		if netip.AddrFrom4([4]byte(o.Tuple.Saddr[:4])) != end.local || o.Tuple.Family != 2 ||
-			(end.name == "client" && o.Tuple.Dport != goTLSPort) || (end.name == "server" && o.Tuple.Sport != goTLSPort) {
+			(end.name == "client" && o.Tuple.Dport != gotlsdemo.Port) || (end.name == "server" && o.Tuple.Sport != gotlsdemo.Port) {
 			t.Errorf("%s open: tuple %+v", end.name, o.Tuple)
 		}
 		for dir := DirSend; dir <= DirRecv; dir++ {
@@ -465,7 +366,9 @@ func checkGoTLSConns(t *testing.T, conns map[uint64]*connRecs, clientPID, server
 		{"GET /nope HTTP/1.1", "", "HTTP/1.1 404 Not Found", "404 page not found\n"},
 		{"GET /hello HTTP/1.1", "", "HTTP/1.1 200 OK", helloBody},
 	}
-	reqs, resps := bufio.NewReader(bytes.NewReader(requests)), bufio.NewReader(bytes.NewReader(responses))
+	reqCount, respCount := &countReader{r: bytes.NewReader(requests)}, &countReader{r: bytes.NewReader(responses)}
+	reqs, resps := bufio.NewReader(reqCount), bufio.NewReader(respCount)
+	var reqEnds, respEnds []uint64 // stream offsets where each message ends
 	for i, w := range wants {
 		if line, err := reqs.Peek(len(w.line) + 2); err != nil || string(line) != w.line+"\r\n" {
 			t.Fatalf("request %d starts %q (%v), want %q", i, line, err, w.line)
@@ -488,6 +391,38 @@ func checkGoTLSConns(t *testing.T, conns map[uint64]*connRecs, clientPID, server
 		body, err = io.ReadAll(resp.Body)
 		if err != nil || string(body) != w.resp {
 			t.Errorf("response %d: body of %d bytes (%v), want %d", i, len(body), err, len(w.resp))
+		}
+		reqEnds = append(reqEnds, reqCount.n-uint64(reqs.Buffered()))
+		respEnds = append(respEnds, respCount.n-uint64(resps.Buffered()))
+	}
+	// At each end the events come in the order of cause and effect: a
+	// response starts after its request is complete, the next request
+	// after the response (the tracker pairs them in this order).
+	for _, end := range []struct {
+		name       string
+		c          *connRecs
+		reqDir     uint8
+		reqs, resp []uint64
+	}{{"client", client, DirSend, reqEnds, respEnds}, {"server", server, DirRecv, reqEnds, respEnds}} {
+		var reqSeen, respSeen uint64
+		for _, r := range end.c.plainOrder {
+			if r.data.Dir == end.reqDir {
+				// A request's first byte: the previous response is done.
+				if k := slices.Index(end.reqs, reqSeen); reqSeen > 0 && k >= 0 && respSeen < end.resp[k] {
+					t.Errorf("%s: request %d began after %d response bytes, response %d ends at %d", end.name, k+1, respSeen, k, end.resp[k])
+				}
+				reqSeen += uint64(r.data.Len)
+				continue
+			}
+			// A response's first byte: its request is complete.
+			k := 0
+			if respSeen > 0 {
+				k = slices.Index(end.resp, respSeen) + 1
+			}
+			if k >= 0 && (respSeen == 0 || k > 0) && k < len(end.reqs) && reqSeen < end.reqs[k] {
+				t.Errorf("%s: response %d began after %d request bytes, request %d ends at %d", end.name, k, reqSeen, k, end.reqs[k])
+			}
+			respSeen += uint64(r.data.Len)
 		}
 	}
 	if reqs.Buffered() != 0 || resps.Buffered() != 0 {
@@ -540,20 +475,20 @@ func TestGoTLSNotMine(t *testing.T) {
 // running throughout. While traced, both ends' plaintext byte counts agree.
 func TestGoTLSProgramUnchanged(t *testing.T) {
 	bin := gotlsdemo.Build(t, gotlsdemo.DemoSource(), gotlsdemo.Variant{Stripped: true})
-	p := newGoTLSPair(t)
-	srv := p.startServer(t, bin)
+	p := gotlsdemo.NewPair(t)
+	srv := p.StartServer(t, bin)
 	const size, count = 4 << 20, 6
 	h := sha256.Sum256(bigBody(size))
 	want := strings.Repeat(fmt.Sprintf("200 %d %x\n", size, h), count)
-	url := p.url(fmt.Sprintf("/big?n=%d", size))
+	url := p.URL(fmt.Sprintf("/big?n=%d", size))
 
-	untraced, _ := p.runClient(t, bin, "download", url, fmt.Sprint(count))
+	untraced, _ := p.RunClient(t, bin, "download", url, fmt.Sprint(count))
 	if untraced != want {
 		t.Fatalf("untraced download:\n%s\nwant\n%s", untraced, want)
 	}
 
-	g := traceGoTLS(t, bin, Options{PayloadBytes: 64}, p.clientCG.ID(), p.serverCG.ID())
-	traced, _ := p.runClient(t, bin, "download", url, fmt.Sprint(count))
+	g := traceGoTLS(t, bin, Options{PayloadBytes: 64}, p.ClientCG.ID(), p.ServerCG.ID())
+	traced, _ := p.RunClient(t, bin, "download", url, fmt.Sprint(count))
 	if traced != untraced {
 		t.Errorf("traced download:\n%s\nuntraced:\n%s", traced, untraced)
 	}
@@ -561,7 +496,7 @@ func TestGoTLSProgramUnchanged(t *testing.T) {
 		var n uint64
 		for _, c := range byCookie(recs) {
 			for _, r := range c.plain[DirRecv] {
-				if r.data.CgroupId == p.clientCG.ID() {
+				if r.data.CgroupId == p.ClientCG.ID() {
 					n += uint64(r.data.Len)
 				}
 			}
@@ -571,12 +506,12 @@ func TestGoTLSProgramUnchanged(t *testing.T) {
 	var got [2]uint64 // server sent, client received
 	for _, c := range byCookie(recs) {
 		for _, r := range c.plain[DirSend] {
-			if r.data.CgroupId == p.serverCG.ID() {
+			if r.data.CgroupId == p.ServerCG.ID() {
 				got[0] += uint64(r.data.Len)
 			}
 		}
 		for _, r := range c.plain[DirRecv] {
-			if r.data.CgroupId == p.clientCG.ID() {
+			if r.data.CgroupId == p.ClientCG.ID() {
 				got[1] += uint64(r.data.Len)
 			}
 		}
@@ -591,15 +526,15 @@ func TestGoTLSProgramUnchanged(t *testing.T) {
 	g.close(t)
 
 	// Closed while the client is in the middle of its downloads.
-	g = traceGoTLS(t, bin, Options{PayloadBytes: 64}, p.clientCG.ID(), p.serverCG.ID())
+	g = traceGoTLS(t, bin, Options{PayloadBytes: 64}, p.ClientCG.ID(), p.ServerCG.ID())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := p.client(ctx, bin, "download", url, fmt.Sprint(count))
+	cmd := p.Client(ctx, bin, "download", url, fmt.Sprint(count))
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.clientCG.Start(cmd); err != nil {
+	if err := p.ClientCG.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
@@ -633,7 +568,7 @@ func TestGoTLSProgramUnchanged(t *testing.T) {
 	if err := srv.Process.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("server: %v", err)
 	}
-	if again, _ := p.runClient(t, bin, "client", p.url("")); !strings.HasPrefix(again, "GET /hello 200 1231\n") {
+	if again, _ := p.RunClient(t, bin, "client", p.URL("")); !strings.HasPrefix(again, "GET /hello 200 1231\n") {
 		t.Errorf("server after the tracer closed: %q", again)
 	}
 }
@@ -649,4 +584,16 @@ func bigBody(n int) []byte {
 		b[i] = byte(x)
 	}
 	return b
+}
+
+// countReader counts the bytes read through it.
+type countReader struct {
+	r io.Reader
+	n uint64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += uint64(n)
+	return n, err
 }

@@ -241,6 +241,7 @@ func TestTLSLayoutMatchesDWARF(t *testing.T) {
 			}{
 				{[]string{"crypto/tls.Conn.conn"}, 16, l.ConnConn},
 				{[]string{"crypto/tls.Conn.vers"}, 2, l.ConnVers},
+				{[]string{"crypto/tls.Conn.isHandshakeComplete"}, 4, l.ConnHandshakeDone},
 				{[]string{itab}, 4, l.ITabHash},
 				{[]string{"net.TCPConn.conn", "net.conn.fd"}, 8, l.TCPConnFD},
 				{[]string{"net.netFD.pfd", "internal/poll.FD.Sysfd"}, 8, l.NetFDSysfd},

@@ -18,8 +18,10 @@ import (
 //	netFD{pfd poll.FD{fdmu fdMutex; Sysfd int}}
 type TLSLayout struct {
 	// ConnConn is the offset of tls.Conn.conn, ConnVers of tls.Conn.vers
-	// (uint16: the negotiated protocol version, 0x0303 or 0x0304).
-	ConnConn, ConnVers uint64
+	// (uint16: the negotiated protocol version, 0x0303 or 0x0304),
+	// ConnHandshakeDone of tls.Conn.isHandshakeComplete (an atomic.Bool:
+	// a uint32, not 0 once the handshake has succeeded).
+	ConnConn, ConnVers, ConnHandshakeDone uint64
 	// ITabHash is the offset of the type hash in an itab (runtime.itab's
 	// hash, internal/abi.ITab's Hash since Go 1.22).
 	ITabHash uint64
@@ -51,7 +53,7 @@ var tlsLayouts = []struct {
 
 // tlsLayout121 is the layout from Go 1.21 (which added tls.Conn.quic)
 // to at least Go 1.26.
-var tlsLayout121 = TLSLayout{ConnConn: 0, ConnVers: 72, ITabHash: 16, TCPConnFD: 0, NetFDSysfd: 16}
+var tlsLayout121 = TLSLayout{ConnConn: 0, ConnVers: 72, ConnHandshakeDone: 40, ITabHash: 16, TCPConnFD: 0, NetFDSysfd: 16}
 
 // TLSLayoutFor returns the layout of crypto/tls and net in binaries built
 // by Go release goVersion (e.g. "go1.22.12").

@@ -597,3 +597,43 @@ func (c *countReader) Read(p []byte) (int, error) {
 	c.n += uint64(n)
 	return n, err
 }
+
+// TestGoTLSWriteWithHandshake: a client that writes on a new tls.Conn
+// without a handshake first (crypto/tls does the handshake inside that
+// Write): the request is reported at the Write's return, complete and
+// with the TLS version, and the answer read after it.
+func TestGoTLSWriteWithHandshake(t *testing.T) {
+	bin := gotlsdemo.Build(t, gotlsdemo.DemoSource(), gotlsdemo.Variant{Stripped: true})
+	p := gotlsdemo.NewPair(t)
+	p.StartServer(t, bin)
+	g := traceGoTLS(t, bin, Options{PayloadBytes: MaxPayload}, p.ClientCG.ID(), p.ServerCG.ID())
+	req := "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+	out, clientPID := p.RunClient(t, bin, "raw", netip.AddrPortFrom(gotlsdemo.ServerAddr.Addr(), gotlsdemo.Port).String(), req)
+	recs := g.waitFor(t, "the client's plaintext", func(recs []record) bool {
+		for _, c := range byCookie(recs) {
+			if c.open != nil && c.open.Tgid == clientPID && c.close != nil {
+				return true
+			}
+		}
+		return false
+	})
+	for _, c := range byCookie(recs) {
+		if c.open == nil || c.open.Tgid != clientPID {
+			continue
+		}
+		if len(c.plainOrder) == 0 || c.plainOrder[0].data.Dir != DirSend || string(c.plainStreams[DirSend]) != req {
+			t.Fatalf("client sent %q", c.plainStreams[DirSend])
+		}
+		for _, r := range c.plainOrder {
+			if r.data.TlsVersion != 0x0304 {
+				t.Errorf("event of %d bytes: TLS version %#x", r.data.Len, r.data.TlsVersion)
+			}
+		}
+		resp := string(c.plainStreams[DirRecv])
+		if fmt.Sprint(len(resp)) != strings.TrimSpace(out) || !strings.HasPrefix(resp, "HTTP/1.1 200 OK\r\n") || !strings.HasSuffix(resp, "\r\n\r\n"+helloBody) {
+			t.Errorf("client received %d bytes (it says %s): %q", len(resp), out, resp)
+		}
+		return
+	}
+	t.Fatal("no events of the client's connection")
+}

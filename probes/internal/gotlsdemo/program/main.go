@@ -9,6 +9,9 @@
 //	main client CA BASEURL             the scripted requests, one line each
 //	main download CA URL COUNT         GET URL COUNT times, sha256 of each
 //	main bench CA URL COUNT            COUNT GETs, then ns per request
+//	main raw CA ADDR REQUEST           REQUEST written on a new TLS
+//	                                   connection without an explicit
+//	                                   handshake; prints the answer's size
 package main
 
 import (
@@ -38,6 +41,8 @@ func main() {
 	case "download":
 		n, _ := strconv.Atoi(os.Args[4])
 		fail(download(client(os.Args[2]), os.Args[3], n))
+	case "raw":
+		fail(raw(os.Args[2], os.Args[3], os.Args[4]))
 	case "bench":
 		n, _ := strconv.Atoi(os.Args[4])
 		fail(bench(client(os.Args[2]), os.Args[3], n))
@@ -194,5 +199,33 @@ func bench(c *http.Client, url string, count int) error {
 		}
 	}
 	fmt.Println(time.Since(start).Nanoseconds() / int64(count))
+	return nil
+}
+
+// raw writes request on a TLS connection whose handshake happens inside
+// that first Write, reads the answer until the server closes, and prints
+// its length.
+func raw(caFile, addr, request string) error {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	host, _, _ := net.SplitHostPort(addr)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	tc := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: host})
+	defer tc.Close()
+	if _, err := tc.Write([]byte(request)); err != nil {
+		return err
+	}
+	answer, err := io.ReadAll(tc)
+	if err != nil {
+		return err
+	}
+	fmt.Println(len(answer))
 	return nil
 }

@@ -135,10 +135,22 @@ func goEnv(v Variant) []string {
 		"GOARCH="+arch, "GOOS=linux", "CGO_ENABLED="+cgo)
 }
 
+// EnvPrebuilt names a folder of binaries built beforehand, where Build
+// takes <folder>/<name>/<variant>/prog instead of building (a VM guest has
+// no Go toolchain); see GuestFiles.
+const EnvPrebuilt = "CLOVISOR_GOTLS_PREBUILT"
+
 // Build returns the path of source (a main package, one file) built as
 // v, building it unless the cache has it.
 func Build(t testing.TB, source string, v Variant) string {
 	t.Helper()
+	if dir := os.Getenv(EnvPrebuilt); dir != "" {
+		bin := filepath.Join(dir, sourceName(source), v.String(), "prog")
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("gotlsdemo: %s=%s has no %s build: %v", EnvPrebuilt, dir, v, err)
+		}
+		return bin
+	}
 	gv := goVersion(t, v.Go)
 	args := []string{"build", "-o", "prog"}
 	ldflags := ""
@@ -253,4 +265,24 @@ func WriteCert(t testing.TB, dir string, ips ...net.IP) (certFile, keyFile strin
 		t.Fatal(err)
 	}
 	return certFile, keyFile
+}
+
+// sourceName names the programs in prebuilt folders.
+func sourceName(source string) string {
+	if source == NoTLSSource {
+		return "notls"
+	}
+	return "demo"
+}
+
+// GuestFiles builds the demo program as each variant and returns the files
+// for a VM guest (guest path -> host path) under the guest folder dir,
+// which EnvPrebuilt should name in the guest.
+func GuestFiles(t testing.TB, dir string, variants ...Variant) map[string]string {
+	t.Helper()
+	files := map[string]string{}
+	for _, v := range variants {
+		files[filepath.Join(dir, "demo", v.String(), "prog")] = Build(t, demoSource, v)
+	}
+	return files
 }

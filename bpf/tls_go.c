@@ -4,10 +4,13 @@
 /*
  * Go crypto/tls: the plaintext of (*tls.Conn).Write and (*tls.Conn).Read
  * in Go programs (Go 1.21 and later), from uprobes that probes/gotls.go
- * places on each function's entry and on each of its RET instructions
+ * places at each function's start and on each of its RET instructions
  * (found by disassembling the function): a uretprobe would replace the
  * return address on the goroutine's stack, which Go's stack copying and
- * unwinding do not expect.
+ * unwinding do not expect. The "entry" probes sit on the first
+ * instruction after the function's stack check, which runs once per call
+ * (the entry runs again after runtime.morestack grew the stack), with the
+ * arguments still in their registers.
  *
  * Go's register ABI (ABIInternal, Go 1.17+ on amd64, 1.18+ on arm64):
  *   amd64: arguments in RAX, RBX, RCX, RDI, ...; results in RAX, RBX, ...;

@@ -11,8 +11,9 @@ import (
 	"github.com/clovisor/clovisor/probes/internal/gobin"
 )
 
-// Go crypto/tls (bpf/tls_go.c): uprobes on the entry and on every RET
-// instruction of crypto/tls.(*Conn).Write and (*Conn).Read in Go programs,
+// Go crypto/tls (bpf/tls_go.c): uprobes at the start (after the stack
+// check) and on every RET instruction of crypto/tls.(*Conn).Write and
+// (*Conn).Read in Go programs,
 // found through the Go symbol table (also in stripped binaries). Each
 // binary's struct layout (by its Go release) travels in the uprobes'
 // cookies.
@@ -84,9 +85,14 @@ func (p *goTLSProber) attach(f *tlsFile) ([]link.Link, error) {
 		if fn == nil {
 			continue
 		}
-		l, err := f.Exe.Uprobe(pr.fn, pr.enter, &link.UprobeOptions{Address: fn.EntryOffset, Cookie: cookie})
+		// "Entry" probes go after the stack check: the entry itself runs
+		// again when the stack had to grow, and a Write reported at its
+		// entry would be reported twice. (On amd64 the instruction there,
+		// PUSHQ BP, is also one the kernel emulates instead of stepping
+		// it out of line: one trap per call instead of two.)
+		l, err := f.Exe.Uprobe(pr.fn, pr.enter, &link.UprobeOptions{Address: fn.BodyOffset, Cookie: cookie})
 		if err != nil {
-			return fail(fmt.Errorf("uprobe at the entry of %s (file offset %#x): %w", pr.fn, fn.EntryOffset, err))
+			return fail(fmt.Errorf("uprobe at the start of %s (file offset %#x): %w", pr.fn, fn.BodyOffset, err))
 		}
 		links = append(links, l)
 		for _, ret := range fn.Returns {

@@ -59,6 +59,11 @@ type Func struct {
 	Entry, End uint64
 	// EntryOffset is Entry as an offset in the file (uprobe addresses).
 	EntryOffset uint64
+	// BodyOffset is the file offset of the first instruction after the
+	// function's stack check: it runs once per call (the entry runs again
+	// after the stack grew), with the arguments still in their registers.
+	// EntryOffset when the function has no stack check.
+	BodyOffset uint64
 	// Returns are the file offsets of the function's RET instructions.
 	Returns []uint64
 }
@@ -460,7 +465,10 @@ func (b *Binary) function(name string, entry, end uint64) (*Func, error) {
 		return nil, fmt.Errorf("%s at %#x: no RET instruction found", name, entry)
 	}
 	fileOff := entry - p.Vaddr + p.Off
-	fn := &Func{Name: name, Entry: entry, End: end, EntryOffset: fileOff}
+	fn := &Func{Name: name, Entry: entry, End: end, EntryOffset: fileOff, BodyOffset: fileOff}
+	if body, ok := findBody(b.Arch, code); ok {
+		fn.BodyOffset += uint64(body)
+	}
 	for _, r := range rets {
 		fn.Returns = append(fn.Returns, fileOff+r)
 	}

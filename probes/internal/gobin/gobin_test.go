@@ -85,7 +85,7 @@ func TestFuncsMatchSymbolTableAndObjdump(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			objdump := objdumpRets(t, path)
+			objdump := objdumpFuncs(t, path)
 			for name, fn := range funcs {
 				i := slices.IndexFunc(syms, func(s elf.Symbol) bool { return s.Name == name })
 				if i < 0 {
@@ -101,8 +101,12 @@ func TestFuncsMatchSymbolTableAndObjdump(t *testing.T) {
 				for _, r := range fn.Returns {
 					rets = append(rets, r-fn.EntryOffset+fn.Entry)
 				}
-				if want := objdump[name]; len(want) == 0 || !slices.Equal(rets, want) {
-					t.Errorf("%s: RETs at %#x, objdump lists %#x", name, rets, want)
+				want := objdump[name]
+				if want == nil || len(want.rets) == 0 || !slices.Equal(rets, want.rets) {
+					t.Fatalf("%s: RETs at %#x, objdump lists %+v", name, rets, want)
+				}
+				if body := fn.BodyOffset - fn.EntryOffset + fn.Entry; body != want.body || body == fn.Entry {
+					t.Errorf("%s: body at %#x, objdump shows the stack check's branch before %#x", name, body, want.body)
 				}
 				t.Logf("%s: entry %#x (file %#x), %d RETs", name, fn.Entry, fn.EntryOffset, len(fn.Returns))
 			}
@@ -145,7 +149,7 @@ func TestStrippedSameAsUnstripped(t *testing.T) {
 				if p == nil || s == nil {
 					t.Fatalf("%s: plain %v, stripped %v", name, p, s)
 				}
-				if s.End-s.Entry != p.End-p.Entry || !slices.Equal(relative(s), relative(p)) {
+				if s.End-s.Entry != p.End-p.Entry || !slices.Equal(relative(s), relative(p)) || s.BodyOffset-s.EntryOffset != p.BodyOffset-p.EntryOffset {
 					t.Errorf("%s: stripped %d bytes, RETs at %v; plain %d bytes, RETs at %v",
 						name, s.End-s.Entry, relative(s), p.End-p.Entry, relative(p))
 				}
@@ -173,31 +177,52 @@ func vaddrToOffset(t *testing.T, f *elf.File, addr uint64) uint64 {
 	return 0
 }
 
-var objdumpLine = regexp.MustCompile(`^TEXT (\S+)\(SB\)|^\s+\S+:\d+\s+0x([0-9a-f]+)\s+[0-9a-f]+\s+RET\b`)
+var (
+	objdumpText = regexp.MustCompile(`^TEXT (\S+)\(SB\)`)
+	objdumpInst = regexp.MustCompile(`^\s+\S+:\d+\s+0x([0-9a-f]+)\s+[0-9a-f]+\s+(\S+)`)
+)
 
-// objdumpRets lists the RET instructions of (*Conn).Write, Read and
-// main.main as `go tool objdump` (the Go toolchain's disassembler) shows
-// them, by function.
-func objdumpRets(t *testing.T, path string) map[string][]uint64 {
+// objdumpFunc is what `go tool objdump` (the Go toolchain's disassembler)
+// shows of a function: its RET instructions, and the instruction after
+// the stack check's branch to morestack (the first JBE or BLS).
+type objdumpFunc struct {
+	rets []uint64
+	body uint64
+}
+
+// objdumpFuncs disassembles (*Conn).Write, Read and main.main.
+func objdumpFuncs(t *testing.T, path string) map[string]*objdumpFunc {
 	t.Helper()
 	out, err := exec.Command("go", "tool", "objdump", "-s", `^(crypto/tls\.\(\*Conn\)\.(Write|Read)|main\.main)$`, path).Output()
 	if err != nil {
 		t.Fatalf("go tool objdump: %v", err)
 	}
-	rets := map[string][]uint64{}
-	var fn string
+	funcs := map[string]*objdumpFunc{}
+	var fn *objdumpFunc
+	afterCheck := false
 	for _, line := range strings.Split(string(out), "\n") {
-		m := objdumpLine.FindStringSubmatch(line)
-		switch {
-		case m == nil:
-		case m[1] != "":
-			fn = m[1]
-		default:
-			a, _ := strconv.ParseUint(m[2], 16, 64)
-			rets[fn] = append(rets[fn], a)
+		if m := objdumpText.FindStringSubmatch(line); m != nil {
+			fn = &objdumpFunc{}
+			funcs[m[1]] = fn
+			afterCheck = false
+			continue
+		}
+		m := objdumpInst.FindStringSubmatch(line)
+		if m == nil || fn == nil {
+			continue
+		}
+		a, _ := strconv.ParseUint(m[1], 16, 64)
+		if afterCheck {
+			fn.body, afterCheck = a, false
+		}
+		switch m[2] {
+		case "RET":
+			fn.rets = append(fn.rets, a)
+		case "JBE", "BLS":
+			afterCheck = fn.body == 0
 		}
 	}
-	return rets
+	return funcs
 }
 
 // TestTLSLayoutMatchesDWARF checks the layout table against the DWARF of
@@ -527,4 +552,34 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	os.Exit(m.Run())
+}
+
+// BenchmarkAnalyze is the cost of analysing one executable file that the
+// uprobe manager offers: a Go program with crypto/tls (the stripped demo,
+// Open and Funcs: version, symbol table, code of (*Conn).Write and Read),
+// and an ELF file of another language (Open only: the section headers).
+// The file is parsed by debug/elf once per iteration, as the manager
+// does.
+func BenchmarkAnalyze(b *testing.B) {
+	for _, c := range []struct{ name, path string }{
+		{"go-demo", gotlsdemo.Build(b, gotlsdemo.DemoSource(), gotlsdemo.Variant{Stripped: true})},
+		{"not-go-bash", "/usr/bin/bash"},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				f, err := elf.Open(c.path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				bin, err := Open(f)
+				if err == nil {
+					_, err = bin.Funcs(connWrite, connRead)
+				}
+				if err != nil && !errors.Is(err, ErrNotGo) {
+					b.Fatal(err)
+				}
+				f.Close()
+			}
+		})
+	}
 }

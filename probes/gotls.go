@@ -6,6 +6,7 @@ import (
 	"runtime"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/clovisor/clovisor/probes/internal/gobin"
@@ -40,14 +41,28 @@ func (o *goTLSObjects) Close() error {
 
 type goTLSProber struct {
 	objs goTLSObjects
+	// multi: the programs attach through uprobe_multi links (Linux 6.6+),
+	// one link per program and file for all its places; else one uprobe
+	// (perf event) per place. Detaching a uprobe waits for the kernel's
+	// grace period (~0.1 s each here): 17 of them take 2 s, one
+	// uprobe_multi link one wait.
+	multi bool
 }
+
+// goTLSPrograms are the prober's programs (names in bpf/tls_go.c).
+var goTLSPrograms = []string{"gotls_wr_enter", "gotls_wr_ret", "gotls_rd_enter", "gotls_rd_ret"}
 
 func newGoTLSProber(t *Tracer) (tlsProber, error) {
 	spec, err := loadTlsGo()
 	if err != nil {
 		return nil, err
 	}
-	p := &goTLSProber{}
+	p := &goTLSProber{multi: features.HaveBPFLinkUprobeMulti() == nil}
+	if p.multi {
+		for _, name := range goTLSPrograms {
+			spec.Programs[name].AttachType = ebpf.AttachTraceUprobeMulti
+		}
+	}
 	if err := t.loadTLSObjects(spec, &p.objs); err != nil {
 		return nil, loadErr("the Go crypto/tls uprobes", err)
 	}
@@ -90,18 +105,41 @@ func (p *goTLSProber) attach(f *tlsFile) ([]link.Link, error) {
 		// entry would be reported twice. (On amd64 the instruction there,
 		// PUSHQ BP, is also one the kernel emulates instead of stepping
 		// it out of line: one trap per call instead of two.)
-		l, err := f.Exe.Uprobe(pr.fn, pr.enter, &link.UprobeOptions{Address: fn.BodyOffset, Cookie: cookie})
+		for _, at := range []struct {
+			what  string
+			prog  *ebpf.Program
+			addrs []uint64
+		}{{"the start", pr.enter, []uint64{fn.BodyOffset}}, {"the RETs", pr.exit, fn.Returns}} {
+			ls, err := p.uprobes(f.Exe, pr.fn, at.prog, at.addrs, cookie)
+			links = append(links, ls...)
+			if err != nil {
+				return fail(fmt.Errorf("uprobes at %s of %s (file offsets %#x): %w", at.what, pr.fn, at.addrs, err))
+			}
+		}
+	}
+	return links, nil
+}
+
+// uprobes attaches prog at the file offsets addrs of exe, with cookie.
+func (p *goTLSProber) uprobes(exe *link.Executable, fn string, prog *ebpf.Program, addrs []uint64, cookie uint64) ([]link.Link, error) {
+	if p.multi {
+		cookies := make([]uint64, len(addrs))
+		for i := range cookies {
+			cookies[i] = cookie
+		}
+		l, err := exe.UprobeMulti(nil, prog, &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies})
 		if err != nil {
-			return fail(fmt.Errorf("uprobe at the start of %s (file offset %#x): %w", pr.fn, fn.BodyOffset, err))
+			return nil, err
+		}
+		return []link.Link{l}, nil
+	}
+	var links []link.Link
+	for _, a := range addrs {
+		l, err := exe.Uprobe(fn, prog, &link.UprobeOptions{Address: a, Cookie: cookie})
+		if err != nil {
+			return links, err
 		}
 		links = append(links, l)
-		for _, ret := range fn.Returns {
-			l, err := f.Exe.Uprobe(pr.fn, pr.exit, &link.UprobeOptions{Address: ret, Cookie: cookie})
-			if err != nil {
-				return fail(fmt.Errorf("uprobe at a RET of %s (file offset %#x): %w", pr.fn, ret, err))
-			}
-			links = append(links, l)
-		}
 	}
 	return links, nil
 }

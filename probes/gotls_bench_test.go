@@ -3,7 +3,9 @@ package probes
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/ring"
@@ -19,32 +22,29 @@ import (
 )
 
 // BenchmarkGoTLSUprobeCost measures what the crypto/tls uprobes cost a
-// traced Go program: b.N keep-alive HTTPS GETs of /hello (a 1231-byte
-// body) from the Go client to the Go server (two pods), the client timing
-// them. The socket tracer runs in every case; the cases differ in the
-// uprobes and in whether the pods' cgroups are traced:
+// traced Go program: keep-alive HTTPS GETs of /hello (a 1231-byte body)
+// from the Go client to the Go server (two pods), the client timing them.
+// The socket tracer runs throughout; the uprobes are attached to the
+// binary (both ends) in every other round of b.N/rounds requests, so that
+// the machine's load, which drifts on a shared VM, weighs on both alike.
+// Two cases:
 //
-//	socket-only      pods traced, no uprobes
-//	socket+gotls     pods traced, uprobes on both ends' (*Conn).Write/Read
-//	none-traced      another cgroup traced, no uprobes
-//	gotls-filtered   another cgroup traced, uprobes (they fire and return early)
+//	pods-traced    the pods' cgroups are traced: the uprobes send events
+//	pods-untraced  another cgroup is traced: the uprobes fire and return
+//	               at the cgroup filter
 //
-// It reports the client's mean time per request (wall) and the CPU time
-// of client and server per request (their threads' run time, which
-// includes the uprobes' traps). With uprobes it also reports the BPF run time per program run and the
-// runs per request (BPF_ENABLE_STATS), and the uprobe hits per request.
+// Reported (medians over the rounds): the client's mean time per request
+// without and with the uprobes ("client-ns/req", "+gotls-client-ns/req"),
+// the same for the CPU time of client and server together ("cpu-ns/req":
+// their threads' run time, which includes the uprobes' traps), the
+// median of the rounds' differences per uprobe hit ("ns/hit", "cpu-ns/hit"),
+// and from the BPF statistics the hits per request and the BPF run time
+// per program run.
 func BenchmarkGoTLSUprobeCost(b *testing.B) {
 	bin := gotlsdemo.Build(b, gotlsdemo.DemoSource(), gotlsdemo.Variant{Stripped: true})
-	for _, c := range []struct {
-		name           string
-		podsTraced, up bool
-	}{
-		{"socket-only", true, false},
-		{"socket+gotls", true, true},
-		{"none-traced", false, false},
-		{"gotls-filtered", false, true},
-	} {
-		b.Run(c.name, func(b *testing.B) {
+	const rounds = 6
+	for _, podsTraced := range []bool{true, false} {
+		b.Run(map[bool]string{true: "pods-traced", false: "pods-untraced"}[podsTraced], func(b *testing.B) {
 			p := gotlsdemo.NewPair(b)
 			srv := p.StartServer(b, bin)
 			stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
@@ -58,7 +58,7 @@ func BenchmarkGoTLSUprobeCost(b *testing.B) {
 			}
 			defer tr.Close()
 			cgroups := []uint64{p.ClientCG.ID(), p.ServerCG.ID()}
-			if !c.podsTraced {
+			if !podsTraced {
 				cgroups = []uint64{testbed.NewCgroup(b, "other").ID()}
 			}
 			for _, id := range cgroups {
@@ -66,78 +66,85 @@ func BenchmarkGoTLSUprobeCost(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			var progs map[string]*ebpf.Program
-			if c.up {
-				pr, err := newGoTLSProber(tr)
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer pr.Close()
-				links, err := pr.attach(openTLSFile(b, bin))
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer func() {
-					for _, l := range links {
-						l.Close()
-					}
-				}()
-				o := pr.(*goTLSProber).objs
-				progs = map[string]*ebpf.Program{"wr_enter": o.GotlsWrEnter, "wr_ret": o.GotlsWrRet,
-					"rd_enter": o.GotlsRdEnter, "rd_ret": o.GotlsRdRet}
+			pr, err := newGoTLSProber(tr)
+			if err != nil {
+				b.Fatal(err)
 			}
+			defer pr.Close()
+			o := pr.(*goTLSProber).objs
+			progs := map[string]*ebpf.Program{"wr_enter": o.GotlsWrEnter, "wr_ret": o.GotlsWrRet,
+				"rd_enter": o.GotlsRdEnter, "rd_ret": o.GotlsRdRet}
+			file := openTLSFile(b, bin)
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- ring.Read(ctx, tr.Events, func([]byte) {}, nil) }()
-			// Warm up the connection path, then measure.
-			p.RunClient(b, bin, "bench", p.URL("/hello"), "50")
-			before := runStats(b, progs)
-			srvCPU := taskCPU(b, srv.Process.Pid)
-			b.ResetTimer()
-			var stdout strings.Builder
-			cmd := p.Client(context.Background(), bin, "bench", p.URL("/hello"), strconv.Itoa(b.N))
-			cmd.Stdout = &stdout
-			if err := p.ClientCG.Start(cmd); err != nil {
-				b.Fatal(err)
+
+			// One round: n requests, the client's ns per request and the
+			// CPU time of both ends per request.
+			round := func(n int) (wall, cpu float64) {
+				srvCPU := taskCPU(b, srv.Process.Pid)
+				var stdout strings.Builder
+				cmd := p.Client(context.Background(), bin, "bench", p.URL("/hello"), strconv.Itoa(n))
+				cmd.Stdout = &stdout
+				if err := p.ClientCG.Start(cmd); err != nil {
+					b.Fatal(err)
+				}
+				if err := cmd.Wait(); err != nil {
+					b.Fatal(err)
+				}
+				srvCPU = taskCPU(b, srv.Process.Pid) - srvCPU
+				wall, err := strconv.ParseFloat(strings.TrimSpace(stdout.String()), 64)
+				if err != nil {
+					b.Fatalf("client printed %q", stdout.String())
+				}
+				cpu = float64((cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime() + srvCPU).Nanoseconds()) / float64(n)
+				return wall, cpu
 			}
-			if err := cmd.Wait(); err != nil {
-				b.Fatal(err)
+			round(50) // warm up the server
+			n := max(b.N/rounds, 1)
+			var off, on [2][]float64 // wall, cpu
+			var diffs [2][]float64
+			var runs, runTime [4]uint64
+			names := slices.Sorted(maps.Keys(progs))
+			b.ResetTimer()
+			for r := 0; r < rounds; r++ {
+				w0, c0 := round(n)
+				links, err := pr.attach(file)
+				if err != nil {
+					b.Fatal(err)
+				}
+				before := runStats(b, progs, names)
+				w1, c1 := round(n)
+				after := runStats(b, progs, names)
+				closeLinks(links)
+				for i := range names {
+					runs[i] += after[i].RunCount - before[i].RunCount
+					runTime[i] += uint64((after[i].Runtime - before[i].Runtime).Nanoseconds())
+				}
+				off[0], off[1] = append(off[0], w0), append(off[1], c0)
+				on[0], on[1] = append(on[0], w1), append(on[1], c1)
+				diffs[0], diffs[1] = append(diffs[0], w1-w0), append(diffs[1], c1-c0)
 			}
 			b.StopTimer()
-			srvCPU = taskCPU(b, srv.Process.Pid) - srvCPU
-			cliCPU := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
-			out := stdout.String()
 			cancel()
 			if err := <-done; err != nil {
 				b.Fatal(err)
 			}
-			ns, err := strconv.ParseFloat(strings.TrimSpace(out), 64)
-			if err != nil {
-				b.Fatalf("client printed %q", out)
-			}
-			b.ReportMetric(ns, "client-ns/req")
-			b.ReportMetric(float64((cliCPU+srvCPU).Nanoseconds())/float64(b.N), "cpu-ns/req")
-			if c.up {
-				after := runStats(b, progs)
-				var names []string
-				for n := range progs {
-					names = append(names, n)
+			var hits uint64
+			for i, name := range names {
+				hits += runs[i]
+				if runs[i] > 0 {
+					b.ReportMetric(float64(runTime[i])/float64(runs[i]), "bpf-ns/run-"+name)
 				}
-				sort.Strings(names)
-				var hits uint64
-				var total time.Duration
-				for _, n := range names {
-					rt, cnt := after[n].Runtime-before[n].Runtime, after[n].RunCount-before[n].RunCount
-					hits += cnt
-					total += rt
-					if cnt > 0 {
-						b.ReportMetric(float64(rt.Nanoseconds())/float64(cnt), "ns/run-"+n)
-					}
-					b.ReportMetric(float64(cnt)/float64(b.N), "runs/req-"+n)
-				}
-				b.ReportMetric(float64(hits)/float64(b.N), "uprobe-hits/req")
-				b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "bpf-ns/req")
 			}
+			perReq := float64(hits) / float64(n*rounds)
+			b.ReportMetric(perReq, "hits/req")
+			b.ReportMetric(median(off[0]), "client-ns/req")
+			b.ReportMetric(median(on[0]), "+gotls-client-ns/req")
+			b.ReportMetric(median(off[1]), "cpu-ns/req")
+			b.ReportMetric(median(on[1]), "+gotls-cpu-ns/req")
+			b.ReportMetric(median(diffs[0])/perReq, "ns/hit")
+			b.ReportMetric(median(diffs[1])/perReq, "cpu-ns/hit")
 			if ks, _ := tr.Stats(); ks.DataLost != 0 {
 				b.Errorf("%d data events lost", ks.DataLost)
 			}
@@ -145,14 +152,29 @@ func BenchmarkGoTLSUprobeCost(b *testing.B) {
 	}
 }
 
-func runStats(b *testing.B, progs map[string]*ebpf.Program) map[string]*ebpf.ProgramStats {
-	out := map[string]*ebpf.ProgramStats{}
-	for n, p := range progs {
-		st, err := p.Stats()
+func closeLinks(links []link.Link) {
+	for _, l := range links {
+		l.Close()
+	}
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func runStats(b *testing.B, progs map[string]*ebpf.Program, names []string) []*ebpf.ProgramStats {
+	var out []*ebpf.ProgramStats
+	for _, n := range names {
+		st, err := progs[n].Stats()
 		if err != nil {
 			b.Fatal(fmt.Errorf("%s: %w", n, err))
 		}
-		out[n] = st
+		out = append(out, st)
 	}
 	return out
 }

@@ -109,6 +109,7 @@ func traceGoTLS(t *testing.T, bin string, o Options, cgroups ...uint64) *goTLSTr
 	if err != nil {
 		t.Fatalf("attach %s: %v", bin, err)
 	}
+	t.Logf("go_tls prober: uprobe_multi=%v, %d links", p.(*goTLSProber).multi, len(links))
 	ctx, cancel := context.WithCancel(context.Background())
 	g := &goTLSTrace{tr: tr, prober: p, links: links, stop: cancel, done: make(chan error, 1)}
 	go func() { g.done <- ring.Read(ctx, tr.Events, g.handle, nil) }()

@@ -1,7 +1,9 @@
 package probes
 
 import (
+	"fmt"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,7 +30,13 @@ func TestGoTLSKernels(t *testing.T) {
 	bin := vmtest.BuildTestBinary(t, "github.com/clovisor/clovisor/probes")
 	tests := []string{"TestGoTLSEvents/local-stripped", "TestGoTLSWriteWithHandshake"}
 	pattern := `^(TestGoTLSEvents|TestGoTLSWriteWithHandshake)$/^local-stripped$`
-	for _, series := range []string{"6.1", "6.12"} {
+	// uprobe_multi links came with Linux 6.6: 6.1 takes one uprobe per
+	// place.
+	for _, km := range []struct {
+		series string
+		multi  bool
+	}{{"6.1", false}, {"6.12", true}} {
+		series := km.series
 		t.Run(series, func(t *testing.T) {
 			t.Parallel()
 			k := vmtest.LoadKernel(t, series)
@@ -45,6 +53,9 @@ func TestGoTLSKernels(t *testing.T) {
 				Timeout:  time.Duration(len(runs)) * 120 * time.Second,
 			})
 			for _, r := range results {
+				if want := fmt.Sprintf("uprobe_multi=%v", km.multi); !strings.Contains(r.Output, want) {
+					t.Errorf("%s, %s mode: the prober did not log %s", k, r.Name, want)
+				}
 				for _, name := range tests {
 					if !regexp.MustCompile(`(?m)^\s*--- PASS: ` + regexp.QuoteMeta(name) + ` `).MatchString(r.Output) {
 						t.Errorf("%s, %s mode: %s did not pass", k, r.Name, name)

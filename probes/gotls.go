@@ -53,11 +53,16 @@ type goTLSProber struct {
 var goTLSPrograms = []string{"gotls_wr_enter", "gotls_wr_ret", "gotls_rd_enter", "gotls_rd_ret"}
 
 func newGoTLSProber(t *Tracer) (tlsProber, error) {
+	return newGoTLSProberLinks(t, features.HaveBPFLinkUprobeMulti() == nil)
+}
+
+// newGoTLSProberLinks makes the prober with uprobe_multi links or not.
+func newGoTLSProberLinks(t *Tracer, multi bool) (*goTLSProber, error) {
 	spec, err := loadTlsGo()
 	if err != nil {
 		return nil, err
 	}
-	p := &goTLSProber{multi: features.HaveBPFLinkUprobeMulti() == nil}
+	p := &goTLSProber{multi: multi}
 	if p.multi {
 		for _, name := range goTLSPrograms {
 			spec.Programs[name].AttachType = ebpf.AttachTraceUprobeMulti

@@ -200,3 +200,42 @@ func taskCPU(b *testing.B, pid int) time.Duration {
 	}
 	return sum
 }
+
+// BenchmarkGoTLSAttach is the time to attach the uprobes to one Go binary
+// (17 places in the demo: (*Conn).Write and Read, their starts and RETs)
+// and to detach them, with uprobe_multi links (Linux 6.6+) and with one
+// perf-event uprobe per place (older kernels). Detaching waits for the
+// kernel's grace periods.
+func BenchmarkGoTLSAttach(b *testing.B) {
+	bin := gotlsdemo.Build(b, gotlsdemo.DemoSource(), gotlsdemo.Variant{Stripped: true})
+	testbed.RequireRoot(b)
+	tr, err := Open(Options{Mode: testMode()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tr.Close()
+	file := openTLSFile(b, bin)
+	for _, multi := range []bool{true, false} {
+		b.Run(map[bool]string{true: "uprobe_multi", false: "perf-event"}[multi], func(b *testing.B) {
+			p, err := newGoTLSProberLinks(tr, multi)
+			if err != nil {
+				b.Skip(err)
+			}
+			defer p.Close()
+			var attach, detach time.Duration
+			for b.Loop() {
+				start := time.Now()
+				links, err := p.attach(file)
+				if err != nil {
+					b.Fatal(err)
+				}
+				attach += time.Since(start)
+				start = time.Now()
+				closeLinks(links)
+				detach += time.Since(start)
+			}
+			b.ReportMetric(float64(attach.Microseconds())/float64(b.N)/1000, "attach-ms")
+			b.ReportMetric(float64(detach.Microseconds())/float64(b.N)/1000, "detach-ms")
+		})
+	}
+}

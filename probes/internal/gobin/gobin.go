@@ -48,7 +48,6 @@ type Binary struct {
 	nameOff   uint64 // funcnametab, in .gopclntab
 	nameEnd   uint64
 	funcOff   uint64 // functab, in .gopclntab
-	names     []byte // funcnametab, read on first use
 }
 
 // Func is one function of a Go binary.
@@ -336,58 +335,92 @@ func (b *Binary) fileOffset(addr uint64) (uint64, error) {
 	return addr - p.Vaddr + p.Off, nil
 }
 
-// readNames reads the function name table once.
-func (b *Binary) readNames() error {
-	if b.names != nil {
-		return nil
+// chunkSize is how much of a table is read at a time: the tables of a
+// large program are tens of MB, which are never held whole.
+const chunkSize = 1 << 20
+
+// scanNames streams the function name table (NUL-terminated names) and
+// returns, for each pattern, the table offset of its first match (-1:
+// none). Patterns are matched as bytes, across chunk boundaries.
+func (b *Binary) scanNames(pats [][]byte) ([]int64, error) {
+	found := make([]int64, len(pats))
+	overlap := 0
+	for i := range found {
+		found[i] = -1
+		overlap = max(overlap, len(pats[i])-1)
 	}
-	names := make([]byte, b.nameEnd-b.nameOff)
-	if _, err := b.pcln.ReadAt(names, int64(b.nameOff)); err != nil {
-		return fmt.Errorf(".gopclntab function names: %w", err)
+	size := int64(b.nameEnd - b.nameOff)
+	chunk := min(int64(chunkSize), size)
+	buf := make([]byte, chunk+int64(overlap))
+	for off := int64(0); off < size; off += chunk {
+		n := min(int64(len(buf)), size-off)
+		if _, err := b.pcln.ReadAt(buf[:n], int64(b.nameOff)+off); err != nil {
+			return nil, fmt.Errorf(".gopclntab function names: %w", err)
+		}
+		left := 0
+		for i, p := range pats {
+			if found[i] < 0 {
+				if j := bytes.Index(buf[:n], p); j >= 0 {
+					found[i] = off + int64(j)
+				} else {
+					left++
+				}
+			}
+		}
+		if left == 0 {
+			break
+		}
 	}
-	b.names = names
-	return nil
+	return found, nil
 }
 
 // nameOffsets returns where each of names starts in the function name
-// table (names are NUL-terminated and stored once each).
-func (b *Binary) nameOffsets(names []string) map[uint32]string {
-	found := map[uint32]string{}
+// table (names are stored once each, after the NUL ending the previous
+// one, or at the start).
+func (b *Binary) nameOffsets(names []string) (map[uint32]string, error) {
+	var pats [][]byte
 	for _, n := range names {
-		for i := 0; ; {
-			j := bytes.Index(b.names[i:], []byte(n+"\x00"))
-			if j < 0 {
-				break
-			}
-			at := i + j
-			if at == 0 || b.names[at-1] == 0 {
-				found[uint32(at)] = n
-				break
-			}
-			i = at + 1
+		pats = append(pats, []byte("\x00"+n+"\x00"))
+	}
+	at, err := b.scanNames(pats)
+	if err != nil {
+		return nil, err
+	}
+	first := make([]byte, 256)
+	k, err := b.pcln.ReadAt(first[:min(int64(len(first)), int64(b.nameEnd-b.nameOff))], int64(b.nameOff))
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf(".gopclntab function names: %w", err)
+	}
+	found := map[uint32]string{}
+	for i, n := range names {
+		switch {
+		case bytes.HasPrefix(first[:k], []byte(n+"\x00")):
+			found[0] = n
+		case at[i] >= 0:
+			found[uint32(at[i]+1)] = n
 		}
 	}
-	return found
+	return found, nil
 }
 
 // HasPackage reports whether the symbol table names a function of the
 // package with this import path (also one inlined into others).
 func (b *Binary) HasPackage(path string) (bool, error) {
-	if err := b.readNames(); err != nil {
+	at, err := b.scanNames([][]byte{[]byte("\x00" + path + ".")})
+	if err != nil {
 		return false, err
 	}
-	pfx := []byte(path + ".")
-	for i := 0; ; {
-		j := bytes.Index(b.names[i:], pfx)
-		if j < 0 {
-			return false, nil
-		}
-		at := i + j
-		if at == 0 || b.names[at-1] == 0 {
-			return true, nil
-		}
-		i = at + 1
+	if at[0] >= 0 {
+		return true, nil
 	}
+	first := make([]byte, len(path)+1)
+	if uint64(len(first)) > b.nameEnd-b.nameOff {
+		return false, nil
+	}
+	if _, err := b.pcln.ReadAt(first, int64(b.nameOff)); err != nil {
+		return false, fmt.Errorf(".gopclntab function names: %w", err)
+	}
+	return string(first) == path+".", nil
 }
 
 // Funcs finds the named functions (as the symbol table names them, e.g.
@@ -395,10 +428,10 @@ func (b *Binary) HasPackage(path string) (bool, error) {
 // not in the binary (never linked in, or always inlined) are missing from
 // the map; an error means the table or the code could not be read.
 func (b *Binary) Funcs(names ...string) (map[string]*Func, error) {
-	if err := b.readNames(); err != nil {
+	want, err := b.nameOffsets(names)
+	if err != nil {
 		return nil, err
 	}
-	want := b.nameOffsets(names)
 	out := map[string]*Func{}
 	if len(want) == 0 {
 		return out, nil
@@ -413,25 +446,32 @@ func (b *Binary) Funcs(names ...string) (map[string]*Func, error) {
 	// functab: nfunc+1 pairs {entryoff, funcoff uint32}, the last one
 	// marking the end of the text; each _func (at functab + funcoff)
 	// starts with {entryOff uint32, nameOff int32}. The _funcs follow
-	// the table, in its order: read both in one piece.
-	region := make([]byte, b.pcln.Size-b.funcOff)
-	if _, err := b.pcln.ReadAt(region, int64(b.funcOff)); err != nil {
+	// the table, in its order: they are read through a window that
+	// moves along.
+	ftab := make([]byte, 8*(b.nfunc+1))
+	if _, err := b.pcln.ReadAt(ftab, int64(b.funcOff)); err != nil {
 		return nil, fmt.Errorf(".gopclntab function table: %w", err)
 	}
+	region := b.pcln.Size - b.funcOff
+	win := &window{s: b.pcln, base: b.funcOff, size: region, buf: make([]byte, 64<<10)}
 	le := binary.LittleEndian
 	for i := 0; i < b.nfunc; i++ {
-		entry, funcoff := le.Uint32(region[8*i:]), le.Uint32(region[8*i+4:])
-		if uint64(funcoff)+8 > uint64(len(region)) {
+		entry, funcoff := le.Uint32(ftab[8*i:]), le.Uint32(ftab[8*i+4:])
+		if uint64(funcoff)+8 > region {
 			return nil, fmt.Errorf(".gopclntab: function %d of %d at %#x, beyond the table", i, b.nfunc, funcoff)
 		}
-		name, ok := want[le.Uint32(region[funcoff+4:])]
+		hdr, err := win.at(uint64(funcoff), 8)
+		if err != nil {
+			return nil, fmt.Errorf(".gopclntab function table: %w", err)
+		}
+		name, ok := want[le.Uint32(hdr[4:])]
 		if !ok {
 			continue
 		}
-		if le.Uint32(region[funcoff:]) != entry {
-			return nil, fmt.Errorf(".gopclntab: %s: entries disagree (%#x, %#x)", name, entry, le.Uint32(region[funcoff:]))
+		if le.Uint32(hdr) != entry {
+			return nil, fmt.Errorf(".gopclntab: %s: entries disagree (%#x, %#x)", name, entry, le.Uint32(hdr))
 		}
-		end := le.Uint32(region[8*(i+1):])
+		end := le.Uint32(ftab[8*(i+1):])
 		if end <= entry || end-entry > maxFuncSize {
 			return nil, fmt.Errorf(".gopclntab: %s: bad extent %#x-%#x", name, entry, end)
 		}
@@ -442,6 +482,30 @@ func (b *Binary) Funcs(names ...string) (map[string]*Func, error) {
 		out[name] = fn
 	}
 	return out, nil
+}
+
+// window reads small pieces of a section region at offsets that mostly
+// grow, a buffer at a time.
+type window struct {
+	s          *elf.Section
+	base, size uint64 // the region in the section
+	buf        []byte
+	start, n   uint64 // what buf holds: region offsets [start, start+n)
+}
+
+// at returns the n bytes at region offset off.
+func (w *window) at(off uint64, n int) ([]byte, error) {
+	if off < w.start || off+uint64(n) > w.start+w.n {
+		w.start = off
+		w.n = min(uint64(len(w.buf)), w.size-off)
+		if w.n < uint64(n) {
+			return nil, io.ErrUnexpectedEOF
+		}
+		if _, err := w.s.ReadAt(w.buf[:w.n], int64(w.base+off)); err != nil {
+			return nil, err
+		}
+	}
+	return w.buf[off-w.start : off-w.start+uint64(n)], nil
 }
 
 // function reads a function's code and finds its RET instructions.

@@ -169,7 +169,7 @@ func Build(t testing.TB, source string, v Variant) string {
 	}
 	args = append(args, "main.go")
 	key := sha256.Sum256([]byte(strings.Join(append([]string{source, gv, v.String()}, args...), "\x00")))
-	dir := filepath.Join(cacheDir(), "gotls-demo", v.String()+"-"+hex.EncodeToString(key[:8]))
+	dir := filepath.Join(CacheDir(), "gotls-demo", v.String()+"-"+hex.EncodeToString(key[:8]))
 	bin := filepath.Join(dir, "prog")
 	if _, err := os.Stat(bin); err == nil {
 		return bin
@@ -215,8 +215,8 @@ func Build(t testing.TB, source string, v Variant) string {
 	return bin
 }
 
-// cacheDir is the test cache folder shared with scripts/.
-func cacheDir() string {
+// CacheDir is the test cache folder shared with scripts/.
+func CacheDir() string {
 	if d := os.Getenv("CLOVISOR_CACHE"); d != "" {
 		return d
 	}

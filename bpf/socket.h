@@ -604,6 +604,133 @@ static __always_inline void data_submit(struct data_event *e, __u32 got)
 		count(STAT_DATA_LOST);
 }
 
+/*
+ * Kernel TLS. A TCP socket with the "tls" ULP (setsockopt(TCP_ULP, "tls"))
+ * and a key for a direction (TLS_TX, TLS_RX: the tls_context's tx_conf,
+ * rx_conf are then not TLS_BASE) moves plaintext through the socket
+ * calls: the TLS layer's own sendmsg/recvmsg (tls_sw_sendmsg,
+ * tls_device_sendmsg, tls_sw_recvmsg, replacing tcp_sendmsg and
+ * tcp_recvmsg in the socket's proto) encrypt and decrypt, and reach TCP
+ * through tcp_sendmsg_locked (do_tcp_sendpages before 6.5) and
+ * tcp_read_sock. Data events of such a direction say SOURCE_KTLS, carry the
+ * plaintext and its byte count, no sequence number (the TCP stream holds
+ * the records, not these bytes) and the context's protocol version.
+ *
+ * The tracepoint modes see kernel TLS in their usual hooks
+ * (sock_send_length/sock_recv_length, the syscall exits) and tell it apart
+ * here (ktls_ctx, ktls_on). The kprobe and fentry modes hook the TLS
+ * layer's functions (define CLOVISOR_KTLS_HOOKS): their tcp_sendmsg and
+ * tcp_recvmsg hooks never see a direction with kernel TLS.
+ */
+#define SOL_TLS 282
+#define TLS_SET_RECORD_TYPE 1
+#define TLS_GET_RECORD_TYPE 2
+#define TLS_RECORD_TYPE_DATA 23
+#define TLS_BASE 0
+#define ULP_NAME_TLS 0x00736c74 /* "tls\0", little-endian */
+
+/* ktls_ctx returns the tls_context of a socket with the "tls" ULP, else
+ * NULL. On every other socket it costs one load (icsk_ulp_ops is NULL
+ * unless a ULP is attached). */
+static __always_inline const void *ktls_ctx(struct tcp_sock *tp)
+{
+	const struct tcp_ulp_ops *ops = KREAD(tp, inet_conn.icsk_ulp_ops);
+	if (!ops)
+		return NULL;
+	__u32 name = 0;
+	if (BPF_CORE_READ_INTO(&name, ops, name) || name != ULP_NAME_TLS)
+		return NULL; /* another ULP (mptcp, espintcp, smc) */
+	return KREAD(tp, inet_conn.icsk_ulp_data);
+}
+
+/* ktls_on reports whether direction dir of the tls_context ctx has a key
+ * (goes through kernel TLS). */
+static __always_inline int ktls_on(const void *ctx, __u8 dir)
+{
+	if (!bpf_core_type_exists(struct tls_context))
+		return 1; /* the kernel's BTF does not describe it: take the ULP's word */
+	const struct tls_context *c = ctx;
+	__u8 conf = dir == DIR_SEND ? BPF_CORE_READ_BITFIELD_PROBED(c, tx_conf) : BPF_CORE_READ_BITFIELD_PROBED(c, rx_conf);
+	return conf != TLS_BASE;
+}
+
+/* ktls_version is the tls_context's protocol version (0x0303, 0x0304), 0
+ * when unknown. */
+static __always_inline __u16 ktls_version(const void *ctx)
+{
+	if (!ctx || !bpf_core_type_exists(struct tls_context))
+		return 0;
+	return BPF_CORE_READ((const struct tls_context *)ctx, prot_info.version);
+}
+
+/* The first control message of a sendmsg/recvmsg call, as far as a TLS
+ * record type goes. */
+struct ktls_cmsg {
+	__u64 len; /* cmsg_len */
+	__s32 level;
+	__s32 type;
+	__u8 record_type;
+};
+#define KTLS_CMSG_LEN 17 /* CMSG_LEN(1) */
+
+/*
+ * ktls_app_data returns 0 when the current call moved a TLS record other
+ * than application data: an alert or a handshake message (a TLS 1.3
+ * NewSessionTicket or KeyUpdate, for example), which only sendmsg and
+ * recvmsg can move, naming the record type in a SOL_TLS control message
+ * (TLS_SET_RECORD_TYPE from the caller; TLS_GET_RECORD_TYPE, which the
+ * kernel writes into the caller's buffer before the call returns). Any
+ * other call moves application data (the kernel fails a read of another
+ * record type with EIO).
+ */
+static __always_inline int ktls_app_data(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	long nr = SYSCALL_NR(regs);
+	if (nr != NR_sendmsg && nr != NR_recvmsg)
+		return 1;
+	struct user_msghdr msg;
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)SYSCALL_ARG2(regs)))
+		return 1;
+	if (!msg.msg_control || msg.msg_controllen < KTLS_CMSG_LEN)
+		return 1;
+	struct ktls_cmsg c;
+	if (bpf_probe_read_user(&c, KTLS_CMSG_LEN, msg.msg_control))
+		return 1;
+	if (c.len < KTLS_CMSG_LEN || c.level != SOL_TLS ||
+	    (c.type != TLS_SET_RECORD_TYPE && c.type != TLS_GET_RECORD_TYPE))
+		return 1;
+	return c.record_type == TLS_RECORD_TYPE_DATA;
+}
+
+/* ktls_submit sends e (filled by data_begin) for len bytes of plaintext
+ * moved by the current call through kernel TLS (context ctx). */
+static __always_inline void ktls_submit(struct data_event *e, const void *ctx, __u32 len)
+{
+	if (!ktls_app_data())
+		return;
+	e->source = SOURCE_KTLS;
+	e->seq = 0;
+	e->len = len;
+	e->tls_version = ktls_version(ctx);
+	__u32 want = len < payload_cap ? len : payload_cap;
+	data_submit(e, copy_payload(e->data, want, 0));
+}
+
+/* emit_ktls reports len bytes of plaintext that the current task's call
+ * moved through the TLS layer of sk (its sendmsg/recvmsg hooks, which only
+ * run for directions with kernel TLS). */
+static __always_inline void emit_ktls(struct sock *sk, __u32 len, __u8 dir)
+{
+	struct data_event *e = data_begin(sk, dir, SOURCE_KTLS);
+	if (!e)
+		return;
+	struct tcp_sock *tp = TCP_SK(sk);
+	if (!tp)
+		return;
+	ktls_submit(e, ktls_ctx(tp), len);
+}
+
 static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, int have_seq, __u32 seq, __u32 off)
 {
 	struct data_event *e = data_begin(sk, dir, SOURCE_SOCKET);
@@ -613,6 +740,13 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 		struct tcp_sock *tp = TCP_SK(sk);
 		if (!tp)
 			return;
+#ifndef CLOVISOR_KTLS_HOOKS
+		const void *ctx = ktls_ctx(tp);
+		if (ctx && ktls_on(ctx, dir)) {
+			ktls_submit(e, ctx, len);
+			return;
+		}
+#endif
 		/* The stream position of the call's first byte: the send
 		 * queue's end or the copied-to-user mark, minus what this call
 		 * moved. */

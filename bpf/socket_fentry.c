@@ -9,10 +9,19 @@
  *   fexit  inet_csk_accept                  the task accepted (its result)
  *   fentry tcp_close                        connection closed
  *   fexit  tcp_sendmsg, tcp_recvmsg         bytes sent / received
+ *   fexit  tls_sw_sendmsg, tls_device_sendmsg, tls_sw_recvmsg
+ *                                           plaintext sent / received on
+ *                                           a socket with kernel TLS
  * An fexit program sees the arguments and the result together, so no
  * state is kept between entry and return.
+ *
+ * The tls_* functions are the tls module's: their programs are loaded
+ * (against the module's BTF) and attached by user space once the module
+ * is loaded (see probes/ktls.go). Kernel TLS never calls tcp_sendmsg or
+ * tcp_recvmsg for a direction with a key.
  */
 #define CLOVISOR_BTF_PTRS
+#define CLOVISOR_KTLS_HOOKS
 #include "socket.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -103,5 +112,41 @@ int BPF_PROG(fx_tcp_recvmsg, struct sock *sk)
 	bpf_get_func_arg(ctx, recvmsg_flags_arg, &flags);
 	if (!(flags & MSG_PEEK))
 		emit_data(sk, ret, DIR_RECV);
+	return 0;
+}
+
+/* Kernel TLS: the TLS layer's sendmsg (software, or a NIC's offload) and
+ * recvmsg, with the plaintext byte count as result. */
+static __always_inline void tls_sent(void *ctx, struct sock *sk)
+{
+	int ret = (int)result(ctx);
+	if (ret > 0 && sock_traceable(sk))
+		emit_ktls(sk, ret, DIR_SEND);
+}
+
+SEC("fexit/tls_sw_sendmsg")
+int BPF_PROG(fx_tls_sw_sendmsg, struct sock *sk)
+{
+	tls_sent(ctx, sk);
+	return 0;
+}
+
+SEC("fexit/tls_device_sendmsg")
+int BPF_PROG(fx_tls_device_sendmsg, struct sock *sk)
+{
+	tls_sent(ctx, sk);
+	return 0;
+}
+
+SEC("fexit/tls_sw_recvmsg")
+int BPF_PROG(fx_tls_sw_recvmsg, struct sock *sk)
+{
+	int ret = (int)result(ctx);
+	if (ret <= 0 || !sock_traceable(sk))
+		return 0;
+	__u64 flags = 0;
+	bpf_get_func_arg(ctx, recvmsg_flags_arg, &flags);
+	if (!(flags & MSG_PEEK))
+		emit_ktls(sk, ret, DIR_RECV);
 	return 0;
 }

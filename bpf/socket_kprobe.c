@@ -10,12 +10,23 @@
  *   tcp_recvmsg                     (entry + return)  a receive call ...
  *   skb_copy_datagram_iter          (entry + return)  ... and each segment
  *                                                     it copied to the user
+ *   tls_sw_sendmsg, tls_device_sendmsg (entry + return)  plaintext sent and
+ *   tls_sw_recvmsg                  (entry + return)  received on a socket
+ *                                                     with kernel TLS
  * Receives are reported per segment copied (skb_copy_datagram_iter within
  * a task's tcp_recvmsg), each with its stream position from the segment
  * (TCP_SKB_CB(skb)->seq + offset) and its payload from where it landed in
  * the syscall's buffer. Kernel memory is read with bpf_probe_read_kernel
  * (CO-RE).
+ *
+ * The tls_* functions are the tls module's: user space attaches them when
+ * the module is loaded (see probes/ktls.go). Kernel TLS never calls
+ * tcp_sendmsg or tcp_recvmsg for a direction with a key, so those hooks
+ * see only the socket's own bytes; skb_copy_datagram_iter, which also
+ * copies decrypted records to the user within tls_sw_recvmsg, reports
+ * only within tcp_recvmsg (the inflight map), never for kernel TLS.
  */
+#define CLOVISOR_KTLS_HOOKS
 #include "socket.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -44,7 +55,17 @@ struct {
 	__type(value, struct call);
 } inflight SEC(".maps");
 
-static __always_inline void enter(struct sock *sk, __u32 peek)
+/* Kernel TLS calls in flight (tls_sw_sendmsg, tls_device_sendmsg,
+ * tls_sw_recvmsg), by task: apart from inflight, so that the segment
+ * copies within tls_sw_recvmsg report nothing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct call);
+} tls_inflight SEC(".maps");
+
+static __always_inline void enter_in(void *calls, struct sock *sk, __u32 peek)
 {
 	if (!sock_traceable(sk))
 		return;
@@ -52,18 +73,28 @@ static __always_inline void enter(struct sock *sk, __u32 peek)
 	if ((id >> 32) == self_tgid)
 		return;
 	struct call c = {.sk = (__u64)sk, .peek = peek};
-	bpf_map_update_elem(&inflight, &id, &c, BPF_ANY);
+	bpf_map_update_elem(calls, &id, &c, BPF_ANY);
+}
+
+static __always_inline int leave_from(void *calls, struct call *out)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(calls, &id);
+	if (!c)
+		return 0;
+	*out = *c;
+	bpf_map_delete_elem(calls, &id);
+	return 1;
+}
+
+static __always_inline void enter(struct sock *sk, __u32 peek)
+{
+	enter_in(&inflight, sk, peek);
 }
 
 static __always_inline int leave(struct call *out)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct call *c = bpf_map_lookup_elem(&inflight, &id);
-	if (!c)
-		return 0;
-	*out = *c;
-	bpf_map_delete_elem(&inflight, &id);
-	return 1;
+	return leave_from(&inflight, out);
 }
 
 /* emit_open reports a connection opened by the current task. */
@@ -145,15 +176,21 @@ int BPF_KRETPROBE(krp_tcp_sendmsg, int ret)
 	return 0;
 }
 
-SEC("kprobe/tcp_recvmsg")
-int BPF_KPROBE(kp_tcp_recvmsg, struct sock *sk)
+/* recv_flags returns the flags argument of tcp_recvmsg or tls_sw_recvmsg
+ * (both lost their nonblock argument in the same Linux 5.19 change). */
+static __always_inline int recv_flags(struct pt_regs *ctx)
 {
 	/* Both loads, then the choice: the verifier forbids a context access
 	 * at a computed offset, which clang would otherwise make of this. */
 	unsigned long p4 = PT_REGS_PARM4(ctx), p5 = PT_REGS_PARM5(ctx);
 	asm volatile("" : "+r"(p4), "+r"(p5));
-	int flags = recvmsg_flags_arg == 3 ? (int)p4 : (int)p5;
-	enter(sk, flags & MSG_PEEK);
+	return recvmsg_flags_arg == 3 ? (int)p4 : (int)p5;
+}
+
+SEC("kprobe/tcp_recvmsg")
+int BPF_KPROBE(kp_tcp_recvmsg, struct sock *sk)
+{
+	enter(sk, recv_flags(ctx) & MSG_PEEK);
 	return 0;
 }
 
@@ -197,5 +234,39 @@ int BPF_KRETPROBE(krp_skb_copy_datagram_iter, int ret)
 	c->seg_len = 0;
 	if (ret == 0)
 		emit_data_at((struct sock *)c->sk, len, DIR_RECV, 1, c->seg_seq, c->seg_seq - c->first_seq);
+	return 0;
+}
+
+/* Kernel TLS: the TLS layer's sendmsg (software, or a NIC's offload: one
+ * program on both) and recvmsg, with the plaintext byte count as result. */
+SEC("kprobe/tls_sw_sendmsg")
+int BPF_KPROBE(kp_tls_sendmsg, struct sock *sk)
+{
+	enter_in(&tls_inflight, sk, 0);
+	return 0;
+}
+
+SEC("kretprobe/tls_sw_sendmsg")
+int BPF_KRETPROBE(krp_tls_sendmsg, int ret)
+{
+	struct call c;
+	if (leave_from(&tls_inflight, &c) && ret > 0)
+		emit_ktls((struct sock *)c.sk, ret, DIR_SEND);
+	return 0;
+}
+
+SEC("kprobe/tls_sw_recvmsg")
+int BPF_KPROBE(kp_tls_recvmsg, struct sock *sk)
+{
+	enter_in(&tls_inflight, sk, recv_flags(ctx) & MSG_PEEK);
+	return 0;
+}
+
+SEC("kretprobe/tls_sw_recvmsg")
+int BPF_KRETPROBE(krp_tls_recvmsg, int ret)
+{
+	struct call c;
+	if (leave_from(&tls_inflight, &c) && !c.peek && ret > 0)
+		emit_ktls((struct sock *)c.sk, ret, DIR_RECV);
 	return 0;
 }

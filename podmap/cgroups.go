@@ -1,5 +1,22 @@
-// Package podmap maps kernel identities (cgroup IDs, later interfaces and
-// pod IPs) to the workloads they belong to.
+// Package podmap maps kernel identities (cgroup IDs, interfaces, pod IPs)
+// to the Kubernetes workloads they belong to.
+//
+//   - cgroups.go: cgroup v2 IDs to paths (any host).
+//   - kubepods.go: the kubepods cgroup hierarchy of either cgroup driver to
+//     pod UIDs and container IDs (the cgroup ID of a container is the inode
+//     of its cgroup v2 directory).
+//   - veth.go: a pod's veth on the node, from a process of the pod.
+//   - kube.go: credentials, node name, and the informers (pods of the node,
+//     Services, EndpointSlices, the agent's own ConfigMap).
+//   - model.go: what to trace (Build): the selected pods, their server
+//     ports and protocols (Istio port names, appProtocol), identities for
+//     spans and peers by address.
+//   - liveconfig.go: the ConfigMap's keys (clovisor_labels,
+//     clovisor_egress_match, exporter, payload size, protocol overrides).
+//   - index.go: the spans.Enricher the span exporter asks.
+//
+// The agent's reconciler (cmd/clovisor/kube.go) applies Build's result to
+// the socket and wire tracers.
 package podmap
 
 import (

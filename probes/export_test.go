@@ -26,7 +26,7 @@ func AttachGoTLS(t *Tracer, path string) (detach func() error, err error) {
 		p.Close()
 		return nil, err
 	}
-	links, err := p.attach(&tlsFile{Path: path, ELF: ef, Exe: exe})
+	links, err := p.attach(&tlsFile{Path: path, Name: path, ELF: ef, Exe: exe})
 	if err != nil {
 		p.Close()
 		return nil, err

@@ -95,7 +95,7 @@ func (p *goTLSProber) attach(f *tlsFile) ([]link.Link, error) {
 		for _, l := range links {
 			l.Close()
 		}
-		return nil, fmt.Errorf("%s: %w", f.Path, err)
+		return nil, fmt.Errorf("%s: %w", f.name(), err)
 	}
 	for _, pr := range []goTLSProbe{
 		{goConnWrite, p.objs.GotlsWrEnter, p.objs.GotlsWrRet},
@@ -159,33 +159,33 @@ func analyzeGoTLS(f *tlsFile) (map[string]*gobin.Func, uint64, error) {
 		return nil, 0, errNotMine
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: %w", f.Path, err)
+		return nil, 0, fmt.Errorf("%s: %w", f.name(), err)
 	}
 	funcs, err := b.Funcs(goConnWrite, goConnRead)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.name(), b.GoVersion, err)
 	}
 	if len(funcs) == 0 {
 		has, err := b.HasPackage("crypto/tls")
 		if err != nil {
-			return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+			return nil, 0, fmt.Errorf("%s: built by %s: %w", f.name(), b.GoVersion, err)
 		}
 		if !has {
 			return nil, 0, errNotMine
 		}
 		return nil, 0, fmt.Errorf("%s: built by %s: has crypto/tls, but neither %s nor %s in its symbol table (inlined or unused)",
-			f.Path, b.GoVersion, goConnWrite, goConnRead)
+			f.name(), b.GoVersion, goConnWrite, goConnRead)
 	}
 	if b.Arch != runtime.GOARCH {
-		return nil, 0, fmt.Errorf("%s: a Go program for %s on a %s machine", f.Path, b.Arch, runtime.GOARCH)
+		return nil, 0, fmt.Errorf("%s: a Go program for %s on a %s machine", f.name(), b.Arch, runtime.GOARCH)
 	}
 	l, err := gobin.TLSLayoutFor(b.GoVersion)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: %w", f.Path, err)
+		return nil, 0, fmt.Errorf("%s: %w", f.name(), err)
 	}
 	cookie, err := goTLSCookie(l)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.Path, b.GoVersion, err)
+		return nil, 0, fmt.Errorf("%s: built by %s: %w", f.name(), b.GoVersion, err)
 	}
 	return funcs, cookie, nil
 }
@@ -199,4 +199,13 @@ func goTLSCookie(l gobin.TLSLayout) (uint64, error) {
 		return 0, fmt.Errorf("struct layout %+v does not fit the uprobes' cookie", l)
 	}
 	return uint64(l.TCPConnHash) | l.ConnVers<<32 | l.ConnHandshakeDone<<44 | l.NetFDSysfd<<56, nil
+}
+
+// name is how errors name the file: its path in the process's mount
+// namespace, or the path it was opened by.
+func (f *tlsFile) name() string {
+	if f.Name != "" {
+		return f.Name
+	}
+	return f.Path
 }

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/ring"
@@ -149,12 +148,6 @@ func BenchmarkGoTLSUprobeCost(b *testing.B) {
 				b.Errorf("%d data events lost", ks.DataLost)
 			}
 		})
-	}
-}
-
-func closeLinks(links []link.Link) {
-	for _, l := range links {
-		l.Close()
 	}
 }
 

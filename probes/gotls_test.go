@@ -69,7 +69,7 @@ func openTLSFile(t testing.TB, path string) *tlsFile {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &tlsFile{Path: path, ELF: ef, Exe: exe}
+	return &tlsFile{Path: path, Name: path, ELF: ef, Exe: exe}
 }
 
 // newGoTLSProberFor opens the tracer and the Go prober (closed when the
@@ -178,7 +178,11 @@ func (g *goTLSTrace) close(t *testing.T) {
 		errs = append(errs, l.Close())
 	}
 	g.stop()
-	errs = append(errs, <-g.done, g.prober.Close(), g.tr.Close())
+	errs = append(errs, <-g.done)
+	if g.prober != nil {
+		errs = append(errs, g.prober.Close())
+	}
+	errs = append(errs, g.tr.Close())
 	if err := errors.Join(errs...); err != nil {
 		t.Errorf("closing: %v", err)
 	}
@@ -637,4 +641,74 @@ func TestGoTLSWriteWithHandshake(t *testing.T) {
 		return
 	}
 	t.Fatal("no events of the client's connection")
+}
+
+// TestGoTLSThroughManager: the agent's way. The Go server runs before TLS
+// tracing starts; StartTLS finds its executable through the process's
+// memory maps and the Go prober attaches to it (once: the client, started
+// later from the same file, needs nothing more); both ends' plaintext
+// arrives as in TestGoTLSEvents. Close detaches.
+func TestGoTLSThroughManager(t *testing.T) {
+	bin := gotlsdemo.Build(t, gotlsdemo.DemoSource(), gotlsdemo.Variant{Go: gotlsdemo.OldGo, Stripped: true})
+	p := gotlsdemo.NewPair(t)
+	srv := p.StartServer(t, bin)
+	tr, err := Open(Options{Mode: testMode(), FilterCgroups: true, PayloadBytes: MaxPayload})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []uint64{p.ClientCG.ID(), p.ServerCG.ID()} {
+		if err := tr.AddCgroup(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &goTLSTrace{tr: tr, stop: cancel, done: make(chan error, 1)}
+	go func() { g.done <- ring.Read(ctx, tr.Events, g.handle, nil) }()
+	t.Cleanup(func() { g.close(t) })
+	tt, err := tr.StartTLS(context.Background(), TLSOptions{Rescan: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tt.Close()
+	var goTLS []TLSAttachment
+	for _, a := range tt.Attached() {
+		if a.Impl == "go_tls" {
+			goTLS = append(goTLS, a)
+		}
+	}
+	if len(goTLS) != 1 || goTLS[0].Path != bin || goTLS[0].PID != srv.Process.Pid || goTLS[0].Probes == 0 {
+		t.Fatalf("go_tls attachments %+v, want one for %s by pid %d", goTLS, bin, srv.Process.Pid)
+	}
+	out, clientPID := p.RunClient(t, bin, "client", p.URL(""))
+	if want := "GET /hello 200 1231\nPOST /echo 200 3000\nGET /nope 404 19\nGET /hello 200 1231\n"; out != want {
+		t.Fatalf("client printed %q", out)
+	}
+	recs := g.waitFor(t, "both ends closed", func(recs []record) bool {
+		closes := 0
+		for _, c := range byCookie(recs) {
+			if c.close != nil && len(c.plain[DirSend]) > 0 {
+				closes++
+			}
+		}
+		return closes == 2
+	})
+	checkGoTLSConns(t, byCookie(recs), clientPID, uint32(srv.Process.Pid), p)
+	if n := countGoTLS(tt.Attached()); n != 1 {
+		t.Errorf("%d go_tls attachments after the client ran, want still 1: %+v", n, tt.Attached())
+	}
+	start := time.Now()
+	if err := tt.Close(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("TLS tracing closed in %v", time.Since(start))
+}
+
+func countGoTLS(as []TLSAttachment) int {
+	n := 0
+	for _, a := range as {
+		if a.Impl == "go_tls" {
+			n++
+		}
+	}
+	return n
 }

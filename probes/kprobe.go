@@ -13,7 +13,8 @@ import (
 
 // kprobeMode hooks tcp_v4_connect, tcp_v6_connect, inet_csk_accept,
 // tcp_close, tcp_sendmsg, tcp_recvmsg and skb_copy_datagram_iter with
-// kprobes and kretprobes.
+// kprobes and kretprobes, and kernel TLS's tls_sw_sendmsg,
+// tls_device_sendmsg and tls_sw_recvmsg when the tls module is loaded.
 type kprobeMode struct{}
 
 func (kprobeMode) name() string { return ModeKprobe }
@@ -29,7 +30,7 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	if err := configure(spec, o); err != nil {
 		return err
 	}
-	if err := setRecvmsgFlagsArg(spec); err != nil {
+	if err := t.setRecvmsgFlagsArg(spec); err != nil {
 		return err
 	}
 	// Stands in for the socket cookie (kprobes may not make cookies): a
@@ -43,7 +44,7 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketKprobeObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("kprobe programs", err)
 	}
 	t.add(&objs)
@@ -85,13 +86,48 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 			t.programs[info.Name] = h.prog
 		}
 	}
+	t.startKTLS(o, func() (k ktlsHooks, err error) {
+		k.progs = map[string]*ebpf.Program{}
+		for _, h := range []struct {
+			fn       string
+			prog     *ebpf.Program
+			ret      *ebpf.Program
+			optional string // what is not seen without it
+		}{
+			{"tls_sw_sendmsg", objs.KpTlsSendmsg, objs.KrpTlsSendmsg, ""},
+			{"tls_sw_recvmsg", objs.KpTlsRecvmsg, objs.KrpTlsRecvmsg, ""},
+			{"tls_device_sendmsg", objs.KpTlsSendmsg, objs.KrpTlsSendmsg, "sends of NIC-offloaded kernel TLS (CONFIG_TLS_DEVICE)"},
+		} {
+			entry, err := link.Kprobe(h.fn, h.prog, nil)
+			if err != nil && h.optional != "" {
+				k.notes = append(k.notes, fmt.Sprintf("%s not hooked, %s not seen: %v", h.fn, h.optional, err))
+				continue
+			}
+			if err != nil {
+				return k, fmt.Errorf("kprobe on %s: %w", h.fn, err)
+			}
+			k.closers = append(k.closers, entry)
+			exit, err := link.Kretprobe(h.fn, h.ret, nil)
+			if err != nil {
+				return k, fmt.Errorf("kretprobe on %s: %w", h.fn, err)
+			}
+			k.closers = append(k.closers, exit)
+			k.hooks = append(k.hooks, "kprobe/"+h.fn, "kretprobe/"+h.fn)
+			for _, p := range []*ebpf.Program{h.prog, h.ret} {
+				if info, _ := p.Info(); info != nil {
+					k.progs[info.Name] = p
+				}
+			}
+		}
+		return k, nil
+	})
 	return nil
 }
 
 // kernelFuncProto returns a kernel function's prototype from the
 // kernel's BTF.
-func kernelFuncProto(name string) (*btf.FuncProto, error) {
-	kspec, err := btf.LoadKernelSpec()
+func (t *Tracer) kernelFuncProto(name string) (*btf.FuncProto, error) {
+	kspec, err := t.btf.Kernel()
 	if err != nil {
 		return nil, fmt.Errorf("%w: kernel BTF: %v", ErrUnsupported, err)
 	}
@@ -107,8 +143,8 @@ func kernelFuncProto(name string) (*btf.FuncProto, error) {
 }
 
 // kernelFuncParams returns how many parameters a kernel function has.
-func kernelFuncParams(name string) (int, error) {
-	proto, err := kernelFuncProto(name)
+func (t *Tracer) kernelFuncParams(name string) (int, error) {
+	proto, err := t.kernelFuncProto(name)
 	if err != nil {
 		return 0, err
 	}
@@ -117,8 +153,8 @@ func kernelFuncParams(name string) (int, error) {
 
 // setRecvmsgFlagsArg tells the programs which argument of tcp_recvmsg
 // holds the flags on this kernel, from its BTF.
-func setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
-	proto, err := kernelFuncProto("tcp_recvmsg")
+func (t *Tracer) setRecvmsgFlagsArg(spec *ebpf.CollectionSpec) error {
+	proto, err := t.kernelFuncProto("tcp_recvmsg")
 	if err != nil {
 		return err
 	}

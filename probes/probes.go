@@ -13,8 +13,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -130,15 +132,27 @@ type Tracer struct {
 	Events *ebpf.Map
 
 	stats, cgroups, ports *ebpf.Map
-	programs              map[string]*ebpf.Program
-	opts                  Options // as normalized by Open
-	cookieMult            uint64  // kprobe mode: socket address -> cookie multiplier
+	opts                  Options    // as normalized by Open
+	btf                   *btf.Cache // the kernel's BTF, parsed once while opening
+	cookieMult            uint64     // kprobe mode: socket address -> cookie multiplier
 	closers               []io.Closer
+
+	// mu guards what the kernel TLS watcher (ktls.go) changes after Open.
+	mu          sync.Mutex
+	programs    map[string]*ebpf.Program
+	ktls        KTLSState
+	ktlsClosers []io.Closer // the kTLS hooks' links (and programs), closed first
+	ktlsProgs   []string    // their programs' names in programs
+	stopKTLS    func()      // stops the watcher (nil: none runs)
 }
 
 // Programs returns the attached programs by name (for their run-time
 // statistics).
-func (t *Tracer) Programs() map[string]*ebpf.Program { return t.programs }
+func (t *Tracer) Programs() map[string]*ebpf.Program {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return maps.Clone(t.programs)
+}
 
 // attachMode is one way of hooking the kernel's socket calls.
 type attachMode interface {
@@ -174,8 +188,9 @@ func Open(o Options) (*Tracer, error) {
 	}
 	var refused []string
 	for _, name := range candidates {
-		t := &Tracer{Mode: name, opts: o}
+		t := &Tracer{Mode: name, opts: o, btf: btf.NewCache()}
 		err := attachModes[name].open(t, &o)
+		t.btf = nil // the module list it holds goes stale
 		if err == nil {
 			o.Logger.Info("socket tracer attached", "component", "probes", "mode", name,
 				"requested", o.Mode, "refused", strings.Join(refused, "; "), "kernel", KernelRelease())
@@ -204,7 +219,14 @@ func (t *Tracer) add(c io.Closer) { t.closers = append(t.closers, c) }
 
 // Close detaches and unloads everything, in reverse order of creation.
 func (t *Tracer) Close() error {
+	if t.stopKTLS != nil {
+		t.stopKTLS()
+		t.stopKTLS = nil
+	}
 	var errs []error
+	if err := t.closeKTLS(); err != nil {
+		errs = append(errs, err)
+	}
 	for i := len(t.closers) - 1; i >= 0; i-- {
 		if err := t.closers[i].Close(); err != nil {
 			errs = append(errs, err)
@@ -311,7 +333,19 @@ func (t *Tracer) fillPorts(ports []uint16) error {
 // kernelHasBTFType reports whether the kernel's BTF has a type of this name
 // (for example "btf_trace_sock_send_length" for that BTF tracepoint).
 func kernelHasBTFType(name string) (bool, error) {
-	spec, err := btf.LoadKernelSpec()
+	return btfHasType(btf.NewCache(), name)
+}
+
+// kernelHasBTFType is kernelHasBTFType with the BTF parsed for opening.
+func (t *Tracer) kernelHasBTFType(name string) (bool, error) {
+	if t.btf == nil {
+		return kernelHasBTFType(name)
+	}
+	return btfHasType(t.btf, name)
+}
+
+func btfHasType(c *btf.Cache, name string) (bool, error) {
+	spec, err := c.Kernel()
 	if err != nil {
 		return false, fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF): %w", err)
 	}
@@ -320,6 +354,12 @@ func kernelHasBTFType(name string) (bool, error) {
 		return false, nil
 	}
 	return err == nil, err
+}
+
+// loadOpts are the options of the mode's collection loads: the BTF parsed
+// once.
+func (t *Tracer) loadOpts() *ebpf.CollectionOptions {
+	return &ebpf.CollectionOptions{Cache: t.btf}
 }
 
 // loadErr makes a load error readable: a verifier error with its log tail.
@@ -332,11 +372,12 @@ func loadErr(what string, err error) error {
 }
 
 // LoadedPrograms lists the BPF programs loaded in the kernel (by anyone)
-// that carry the names of Clovisor's socket programs, by id. Clovisor's
+// that carry the names of Clovisor's socket and TLS uprobe programs, by id. Clovisor's
 // own links are not pinned, so after its process ends none should remain.
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
 	names := map[string]bool{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry,
+		loadTlsOpenSSL, loadTlsProcWatch} {
 		spec, err := load()
 		if err != nil {
 			return nil, err

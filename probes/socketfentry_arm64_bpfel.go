@@ -72,6 +72,9 @@ const (
 	socketFentryProgFxTcpSendmsg       = "fx_tcp_sendmsg"
 	socketFentryProgFxTcpV4Connect     = "fx_tcp_v4_connect"
 	socketFentryProgFxTcpV6Connect     = "fx_tcp_v6_connect"
+	socketFentryProgFxTlsDeviceSendmsg = "fx_tls_device_sendmsg"
+	socketFentryProgFxTlsSwRecvmsg     = "fx_tls_sw_recvmsg"
+	socketFentryProgFxTlsSwSendmsg     = "fx_tls_sw_sendmsg"
 	socketFentryVarAcceptHook          = "accept_hook"
 	socketFentryVarFilterCgroups       = "filter_cgroups"
 	socketFentryVarFilterPorts         = "filter_ports"
@@ -130,13 +133,16 @@ type socketFentrySpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketFentryProgramSpecs struct {
-	FeTcpClose       *ebpf.ProgramSpec `ebpf:"fe_tcp_close"`
-	FxInetCskAccept2 *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept2"`
-	FxInetCskAccept4 *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept4"`
-	FxTcpRecvmsg     *ebpf.ProgramSpec `ebpf:"fx_tcp_recvmsg"`
-	FxTcpSendmsg     *ebpf.ProgramSpec `ebpf:"fx_tcp_sendmsg"`
-	FxTcpV4Connect   *ebpf.ProgramSpec `ebpf:"fx_tcp_v4_connect"`
-	FxTcpV6Connect   *ebpf.ProgramSpec `ebpf:"fx_tcp_v6_connect"`
+	FeTcpClose         *ebpf.ProgramSpec `ebpf:"fe_tcp_close"`
+	FxInetCskAccept2   *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept2"`
+	FxInetCskAccept4   *ebpf.ProgramSpec `ebpf:"fx_inet_csk_accept4"`
+	FxTcpRecvmsg       *ebpf.ProgramSpec `ebpf:"fx_tcp_recvmsg"`
+	FxTcpSendmsg       *ebpf.ProgramSpec `ebpf:"fx_tcp_sendmsg"`
+	FxTcpV4Connect     *ebpf.ProgramSpec `ebpf:"fx_tcp_v4_connect"`
+	FxTcpV6Connect     *ebpf.ProgramSpec `ebpf:"fx_tcp_v6_connect"`
+	FxTlsDeviceSendmsg *ebpf.ProgramSpec `ebpf:"fx_tls_device_sendmsg"`
+	FxTlsSwRecvmsg     *ebpf.ProgramSpec `ebpf:"fx_tls_sw_recvmsg"`
+	FxTlsSwSendmsg     *ebpf.ProgramSpec `ebpf:"fx_tls_sw_sendmsg"`
 }
 
 // socketFentryMapSpecs contains maps before they are loaded into the kernel.
@@ -234,13 +240,16 @@ type socketFentryVariables struct {
 //
 // It can be passed to loadSocketFentryObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketFentryPrograms struct {
-	FeTcpClose       *ebpf.Program `ebpf:"fe_tcp_close"`
-	FxInetCskAccept2 *ebpf.Program `ebpf:"fx_inet_csk_accept2"`
-	FxInetCskAccept4 *ebpf.Program `ebpf:"fx_inet_csk_accept4"`
-	FxTcpRecvmsg     *ebpf.Program `ebpf:"fx_tcp_recvmsg"`
-	FxTcpSendmsg     *ebpf.Program `ebpf:"fx_tcp_sendmsg"`
-	FxTcpV4Connect   *ebpf.Program `ebpf:"fx_tcp_v4_connect"`
-	FxTcpV6Connect   *ebpf.Program `ebpf:"fx_tcp_v6_connect"`
+	FeTcpClose         *ebpf.Program `ebpf:"fe_tcp_close"`
+	FxInetCskAccept2   *ebpf.Program `ebpf:"fx_inet_csk_accept2"`
+	FxInetCskAccept4   *ebpf.Program `ebpf:"fx_inet_csk_accept4"`
+	FxTcpRecvmsg       *ebpf.Program `ebpf:"fx_tcp_recvmsg"`
+	FxTcpSendmsg       *ebpf.Program `ebpf:"fx_tcp_sendmsg"`
+	FxTcpV4Connect     *ebpf.Program `ebpf:"fx_tcp_v4_connect"`
+	FxTcpV6Connect     *ebpf.Program `ebpf:"fx_tcp_v6_connect"`
+	FxTlsDeviceSendmsg *ebpf.Program `ebpf:"fx_tls_device_sendmsg"`
+	FxTlsSwRecvmsg     *ebpf.Program `ebpf:"fx_tls_sw_recvmsg"`
+	FxTlsSwSendmsg     *ebpf.Program `ebpf:"fx_tls_sw_sendmsg"`
 }
 
 func (p *socketFentryPrograms) Close() error {
@@ -252,6 +261,9 @@ func (p *socketFentryPrograms) Close() error {
 		p.FxTcpSendmsg,
 		p.FxTcpV4Connect,
 		p.FxTcpV6Connect,
+		p.FxTlsDeviceSendmsg,
+		p.FxTlsSwRecvmsg,
+		p.FxTlsSwSendmsg,
 	)
 }
 

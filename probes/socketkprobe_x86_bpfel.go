@@ -76,6 +76,7 @@ const (
 	socketKprobeMapPendingConns            = "pending_conns"
 	socketKprobeMapScratch                 = "scratch"
 	socketKprobeMapStats                   = "stats"
+	socketKprobeMapTlsInflight             = "tls_inflight"
 	socketKprobeMapTracedCgroups           = "traced_cgroups"
 	socketKprobeMapTracedPorts             = "traced_ports"
 	socketKprobeProgKpSkbCopyDatagramIter  = "kp_skb_copy_datagram_iter"
@@ -84,12 +85,16 @@ const (
 	socketKprobeProgKpTcpSendmsg           = "kp_tcp_sendmsg"
 	socketKprobeProgKpTcpV4Connect         = "kp_tcp_v4_connect"
 	socketKprobeProgKpTcpV6Connect         = "kp_tcp_v6_connect"
+	socketKprobeProgKpTlsRecvmsg           = "kp_tls_recvmsg"
+	socketKprobeProgKpTlsSendmsg           = "kp_tls_sendmsg"
 	socketKprobeProgKrpInetCskAccept       = "krp_inet_csk_accept"
 	socketKprobeProgKrpSkbCopyDatagramIter = "krp_skb_copy_datagram_iter"
 	socketKprobeProgKrpTcpRecvmsg          = "krp_tcp_recvmsg"
 	socketKprobeProgKrpTcpSendmsg          = "krp_tcp_sendmsg"
 	socketKprobeProgKrpTcpV4Connect        = "krp_tcp_v4_connect"
 	socketKprobeProgKrpTcpV6Connect        = "krp_tcp_v6_connect"
+	socketKprobeProgKrpTlsRecvmsg          = "krp_tls_recvmsg"
+	socketKprobeProgKrpTlsSendmsg          = "krp_tls_sendmsg"
 	socketKprobeVarAcceptHook              = "accept_hook"
 	socketKprobeVarCookieMult              = "cookie_mult"
 	socketKprobeVarFilterCgroups           = "filter_cgroups"
@@ -155,12 +160,16 @@ type socketKprobeProgramSpecs struct {
 	KpTcpSendmsg           *ebpf.ProgramSpec `ebpf:"kp_tcp_sendmsg"`
 	KpTcpV4Connect         *ebpf.ProgramSpec `ebpf:"kp_tcp_v4_connect"`
 	KpTcpV6Connect         *ebpf.ProgramSpec `ebpf:"kp_tcp_v6_connect"`
+	KpTlsRecvmsg           *ebpf.ProgramSpec `ebpf:"kp_tls_recvmsg"`
+	KpTlsSendmsg           *ebpf.ProgramSpec `ebpf:"kp_tls_sendmsg"`
 	KrpInetCskAccept       *ebpf.ProgramSpec `ebpf:"krp_inet_csk_accept"`
 	KrpSkbCopyDatagramIter *ebpf.ProgramSpec `ebpf:"krp_skb_copy_datagram_iter"`
 	KrpTcpRecvmsg          *ebpf.ProgramSpec `ebpf:"krp_tcp_recvmsg"`
 	KrpTcpSendmsg          *ebpf.ProgramSpec `ebpf:"krp_tcp_sendmsg"`
 	KrpTcpV4Connect        *ebpf.ProgramSpec `ebpf:"krp_tcp_v4_connect"`
 	KrpTcpV6Connect        *ebpf.ProgramSpec `ebpf:"krp_tcp_v6_connect"`
+	KrpTlsRecvmsg          *ebpf.ProgramSpec `ebpf:"krp_tls_recvmsg"`
+	KrpTlsSendmsg          *ebpf.ProgramSpec `ebpf:"krp_tls_sendmsg"`
 }
 
 // socketKprobeMapSpecs contains maps before they are loaded into the kernel.
@@ -172,6 +181,7 @@ type socketKprobeMapSpecs struct {
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
+	TlsInflight   *ebpf.MapSpec `ebpf:"tls_inflight"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
 	TracedPorts   *ebpf.MapSpec `ebpf:"traced_ports"`
 }
@@ -222,6 +232,7 @@ type socketKprobeMaps struct {
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
+	TlsInflight   *ebpf.Map `ebpf:"tls_inflight"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
 	TracedPorts   *ebpf.Map `ebpf:"traced_ports"`
 }
@@ -233,6 +244,7 @@ func (m *socketKprobeMaps) Close() error {
 		m.PendingConns,
 		m.Scratch,
 		m.Stats,
+		m.TlsInflight,
 		m.TracedCgroups,
 		m.TracedPorts,
 	)
@@ -269,12 +281,16 @@ type socketKprobePrograms struct {
 	KpTcpSendmsg           *ebpf.Program `ebpf:"kp_tcp_sendmsg"`
 	KpTcpV4Connect         *ebpf.Program `ebpf:"kp_tcp_v4_connect"`
 	KpTcpV6Connect         *ebpf.Program `ebpf:"kp_tcp_v6_connect"`
+	KpTlsRecvmsg           *ebpf.Program `ebpf:"kp_tls_recvmsg"`
+	KpTlsSendmsg           *ebpf.Program `ebpf:"kp_tls_sendmsg"`
 	KrpInetCskAccept       *ebpf.Program `ebpf:"krp_inet_csk_accept"`
 	KrpSkbCopyDatagramIter *ebpf.Program `ebpf:"krp_skb_copy_datagram_iter"`
 	KrpTcpRecvmsg          *ebpf.Program `ebpf:"krp_tcp_recvmsg"`
 	KrpTcpSendmsg          *ebpf.Program `ebpf:"krp_tcp_sendmsg"`
 	KrpTcpV4Connect        *ebpf.Program `ebpf:"krp_tcp_v4_connect"`
 	KrpTcpV6Connect        *ebpf.Program `ebpf:"krp_tcp_v6_connect"`
+	KrpTlsRecvmsg          *ebpf.Program `ebpf:"krp_tls_recvmsg"`
+	KrpTlsSendmsg          *ebpf.Program `ebpf:"krp_tls_sendmsg"`
 }
 
 func (p *socketKprobePrograms) Close() error {
@@ -285,12 +301,16 @@ func (p *socketKprobePrograms) Close() error {
 		p.KpTcpSendmsg,
 		p.KpTcpV4Connect,
 		p.KpTcpV6Connect,
+		p.KpTlsRecvmsg,
+		p.KpTlsSendmsg,
 		p.KrpInetCskAccept,
 		p.KrpSkbCopyDatagramIter,
 		p.KrpTcpRecvmsg,
 		p.KrpTcpSendmsg,
 		p.KrpTcpV4Connect,
 		p.KrpTcpV6Connect,
+		p.KrpTlsRecvmsg,
+		p.KrpTlsSendmsg,
 	)
 }
 

@@ -18,9 +18,15 @@ import (
 // tlsFile is an executable or shared library that some traced process maps
 // executable, opened once for every prober.
 type tlsFile struct {
-	// Path is the file as the agent opens it (through /proc/<pid>/root for
-	// files of other mount namespaces).
+	// Path is the file as the agent opens it: /proc/self/fd/<n> of a
+	// descriptor the manager holds while the probers attach, so that the
+	// file stays reachable even when the process that revealed it ends.
 	Path string
+	// Name is the file's path in the mount namespace of the process that
+	// revealed it (as /proc/<pid>/maps shows it), for logs; Root is that
+	// process's root (/proc/<pid>/root), under which Name's neighbours are
+	// found.
+	Name, Root string
 	// ELF is the parsed file.
 	ELF *elf.File
 	// Exe is the file for attaching uprobes.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"unsafe"
@@ -29,7 +30,7 @@ var tracepointNeeds = []struct{ tp, since string }{
 
 func (tracepointMode) open(t *Tracer, o *Options) error {
 	for _, n := range tracepointNeeds {
-		ok, err := kernelHasBTFType("btf_trace_" + n.tp)
+		ok, err := t.kernelHasBTFType("btf_trace_" + n.tp)
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrUnsupported, err)
 		}
@@ -61,7 +62,7 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketTPObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("tracepoint programs", err)
 	}
 	t.add(&objs)
@@ -69,6 +70,9 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
 	}
+	// Kernel TLS plaintext passes sock_sendmsg/sock_recvmsg: nothing to
+	// attach for it.
+	t.ktls = KTLSState{Traced: true, Hooks: []string{"tp_btf/sock_send_length", "tp_btf/sock_recv_length"}}
 	t.programs = map[string]*ebpf.Program{
 		"tp_inet_sock_set_state": objs.TpInetSockSetState,
 		"tp_sock_send_length":    objs.TpSockSendLength,
@@ -116,7 +120,7 @@ func openTPSys(t *Tracer, o *Options) error {
 		return err
 	}
 	var objs socketTPSysObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, t.loadOpts()); err != nil {
 		return loadErr("tracepoint programs (syscall events)", err)
 	}
 	t.add(&objs)
@@ -132,6 +136,8 @@ func openTPSys(t *Tracer, o *Options) error {
 	progs := []*ebpf.Program{objs.TpsSysExitAccept4, objs.TpsSysExitAccept, objs.TpsSysExitWrite, objs.TpsSysExitWritev,
 		objs.TpsSysExitSendto, objs.TpsSysExitSendmsg, objs.TpsSysExitRead, objs.TpsSysExitReadv,
 		objs.TpsSysExitRecvfrom, objs.TpsSysExitRecvmsg}
+	t.ktls = KTLSState{Traced: true, Hooks: slices.Clone(tpsysEvents[2:]),
+		Reason: "sendfile and splice on kernel TLS sockets are not seen (as on any socket in this mode)"}
 	t.programs = map[string]*ebpf.Program{"tps_inet_sock_set_state": objs.TpsInetSockSetState}
 	for i, p := range progs {
 		t.programs["tps_"+tpsysEvents[i]] = p

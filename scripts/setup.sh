@@ -17,6 +17,7 @@ packages=(
 	nginx-light                         # HTTP(S) server peer
 	iperf3                              # TCP traffic generator
 	wrk                                 # HTTP load generator (tcsessions overhead benchmarks)
+	python3 libssl-dev                  # TLS uprobe tests: Python's ssl module; OpenSSL to link a static client
 	ca-certificates git                 # go module downloads
 	etcd-server                         # etcd 3.4 under the test kube-apiserver (internal/testbed/kube.go)
 	qemu-system-x86 busybox-static      # second kernel under qemu: VM tests (internal/vmtest, scripts/vmkernel.sh)

@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 	if addr := os.Getenv("CLOVISOR_TEST_HTTP_SERVER"); addr != "" {
 		os.Exit(httpServer(addr))
 	}
+	if spec := os.Getenv(sockets.EnvKTLSPeer); spec != "" {
+		os.Exit(sockets.KTLSPeer(spec))
+	}
 	os.Exit(m.Run())
 }
 

@@ -36,7 +36,18 @@ var coreSocketTests = []string{
 	"TestCurlNginx", "TestCurlNginx/ipv4", "TestCurlNginx/ipv6",
 	"TestGoKeepAlive", "TestUntracedCgroupIgnored", "TestPortFilter",
 	"TestServerClosesWithoutResponse", "TestKernelEvents",
+	// OpenSSL uprobes: classic uprobes and the system calls' I/O fallback
+	// before 6.3/6.6, uprobe_multi and sock_*_length after.
+	"TestOpenSSLKernelEvents",
+	// Kernel TLS on both ends, in every mode; the tls module loaded late.
+	"TestKTLS", "TestKTLS/1.2", "TestKTLS/1.3", "TestKTLSModuleLoadedLater",
 }
+
+// guestModules are the kernel modules the core tests load in the guest:
+// vmtest's defaults (tls among them) and AES-GCM for kernel TLS, which
+// the kernel would otherwise ask modprobe for (gcm, ghash-generic, and
+// ctr where it is not built in).
+var guestModules = append(slices.Clone(vmtest.DefaultModules), "gcm", "ghash-generic", "ctr")
 
 // guestPrograms are the host programs the core tests run in the guest:
 // nginx and curl, iproute2's ip (`ip netns`), and bash (testbed's nginx
@@ -111,6 +122,7 @@ func TestKernelMatrix(t *testing.T) {
 				res, results := vmtest.RunGoTests(t, k, runs, vmtest.Options{
 					Env:      map[string]string{"CI": "true"},
 					Programs: guestPrograms,
+					Modules:  guestModules,
 					CPUs:     1,
 					Timeout:  time.Duration(len(runs)) * 150 * time.Second,
 				})

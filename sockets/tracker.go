@@ -6,6 +6,7 @@ package sockets
 
 import (
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,6 +34,11 @@ type Config struct {
 	IdleTimeout time.Duration
 	// CgroupPath maps a cgroup id to its path (optional).
 	CgroupPath func(id uint64) string
+	// ProtocolHint, when set, names the protocol of a server address
+	// (Kubernetes: from Service port names; "" when unknown): a connection
+	// whose server it names a registered analyzer for is parsed by that
+	// analyzer, whatever payload detection would say.
+	ProtocolHint func(server netip.AddrPort) string
 	// Logger (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -388,6 +394,14 @@ func (t *Tracker) detect(c *conn, kdir uint8, payload []byte) bool {
 	if len(payload) == 0 {
 		return false
 	}
+	if a, role, ok := t.hinted(c); ok {
+		if c.role == probes.RoleUnknown {
+			c.role = role
+		}
+		c.parser = a.NewParser()
+		c.protocol = a.Name()
+		return true
+	}
 	role := c.role
 	if role == probes.RoleUnknown {
 		// As a request, these bytes make the sender the client.
@@ -417,6 +431,25 @@ func (t *Tracker) detect(c *conn, kdir uint8, payload []byte) bool {
 		t.stats.Unrecognized++
 	}
 	return false
+}
+
+// hinted returns the analyzer Config.ProtocolHint names for the
+// connection's server (the local end: we are the server; the remote end:
+// the client).
+func (t *Tracker) hinted(c *conn) (protocols.Analyzer, uint8, bool) {
+	if t.cfg.ProtocolHint == nil {
+		return nil, 0, false
+	}
+	for _, e := range [2]struct {
+		ap   netip.AddrPort
+		role uint8
+	}{{c.local, probes.RoleServer}, {c.remote, probes.RoleClient}} {
+		if name := t.cfg.ProtocolHint(e.ap); name != "" {
+			a, ok := t.cfg.Analyzers.Lookup(name)
+			return a, e.role, ok
+		}
+	}
+	return nil, 0, false
 }
 
 // roleOf: a request sent makes us the client; a request received, the

@@ -89,6 +89,10 @@ type Config struct {
 	// is known to be traced. Nil means every session with Index >= 0.
 	Link func(s *Session) bool
 
+	// Enricher, when set, gives spans the Kubernetes identity of their
+	// workload and peer (see spans/k8s.go).
+	Enricher Enricher
+
 	// Exporter, when set, replaces the OTLP exporter in "otlp" mode (tests,
 	// embedding). It is shut down by Shutdown.
 	Exporter sdktrace.SpanExporter

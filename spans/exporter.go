@@ -60,6 +60,9 @@ type Exporter struct {
 	nres  atomic.Int64 // len(lru), for Stats without the lock
 	scope instrumentation.Scope
 
+	// enrich, when set, names the Kubernetes workloads (spans/k8s.go).
+	enrich Enricher
+
 	mu      sync.Mutex // guards everything below; held by Export
 	closed  bool
 	attrs   attrBuilder
@@ -95,6 +98,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Exporter, error) {
 		mode:    mode,
 		log:     log,
 		link:    cfg.Link,
+		enrich:  cfg.Enricher,
 		c:       &counters{},
 		lru:     make(map[service]*resEntry),
 		maxRes:  cfg.MaxResources,
@@ -199,7 +203,8 @@ func (e *Exporter) Export(s *Session) {
 		return
 	}
 	tx := s.Tx
-	res := e.resource(serviceOf(s))
+	sv, peer := e.enrichment(s)
+	res := e.resource(sv)
 
 	var start, end time.Time
 	if ms, me, ok := spanTimes(tx); ok {
@@ -210,6 +215,9 @@ func (e *Exporter) Export(s *Session) {
 	}
 	failed, errType := spanError(s)
 	attrs, droppedAttrs := e.attrs.build(s, errType, e.summary)
+	if peer != nil {
+		attrs, droppedAttrs = e.appendPeer(attrs, droppedAttrs, peer)
+	}
 
 	var tid trace.TraceID
 	var sid trace.SpanID

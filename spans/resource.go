@@ -13,6 +13,7 @@ import (
 type service struct {
 	name        string
 	containerID string
+	k8s         *K8s // the Kubernetes identity, when an Enricher knows it
 }
 
 // exeName is the traced executable's name: Exe when user space read it,
@@ -128,6 +129,9 @@ func newResource(base []attribute.KeyValue, sv service) *resource.Resource {
 	attrs := make([]attribute.KeyValue, 0, len(base)+2)
 	attrs = append(attrs, base...)
 	attrs = append(attrs, semconv.ServiceName(sv.name))
+	if sv.k8s != nil {
+		attrs = k8sResourceAttrs(attrs, sv.k8s)
+	}
 	if sv.containerID != "" {
 		attrs = append(attrs, semconv.ContainerID(sv.containerID))
 	}

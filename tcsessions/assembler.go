@@ -194,7 +194,12 @@ func (a *Assembler) parse(x *Exchange) {
 	if a.cfg.Analyzers == nil || x.RequestPrefix == nil {
 		return
 	}
-	an, ok := a.cfg.Analyzers.Detect(protocols.Request, x.RequestPrefix)
+	// The table's protocol (e.g. from a Service port name) decides when
+	// an analyzer has that name; payload detection otherwise.
+	an, ok := a.cfg.Analyzers.Lookup(x.Protocol)
+	if !ok {
+		an, ok = a.cfg.Analyzers.Detect(protocols.Request, x.RequestPrefix)
+	}
 	if !ok {
 		a.stats.Unrecognised++
 		return

@@ -25,8 +25,12 @@ import (
 //	  egress:                   # servers outside the node, by prefix and port
 //	    - {prefix: 203.0.113.0/24, port: 80}
 //	  attach: auto              # auto, tcx or clsact
+//	tls:                        # uprobes on TLS libraries
+//	  enabled: true             # --tls overrides it
+//	  rescan: 30s
 type fileConfig struct {
 	Wire *tcsessions.Config `yaml:"wire"`
+	TLS  *tlsConfig         `yaml:"tls"` // see tls.go
 }
 
 // loadConfig reads and strictly parses the YAML file: unknown keys are

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -65,6 +66,9 @@ type options struct {
 	wirePods     listFlag
 	wireNodes    listFlag
 	wireAttach   string
+	tls, tlsSet  bool
+	kube         kubeOptions     // Kubernetes mode (kube.go)
+	set          map[string]bool // flags given on the command line
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -97,7 +101,15 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.wirePods, "wire-interfaces", "pod interfaces for wire tracing: names, patterns, @veth (default: @veth, the host side of every veth)")
 	fs.Var(&o.wireNodes, "wire-node-interfaces", "node NICs for wire tracing: names, patterns, @default-route (default: @default-route)")
 	fs.StringVar(&o.wireAttach, "wire-attach", "", "how to attach the tc programs: auto, tcx or clsact (default auto)")
+	tlsFlags(fs, o)
+	o.kube.register(fs)
 	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	o.set = map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
+	o.tlsSet = o.set["tls"]
+	if err := o.kube.check(); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -147,16 +159,34 @@ func run(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	exp, err := spans.New(ctx, spans.Config{Output: o.output, Endpoint: o.endpoint, Protocol: o.protocol, Writer: stdout}, log)
+	ks, err := startKube(ctx, o, log, probes.MaxPayload)
+	if err != nil {
+		return err
+	}
+	var enricher spans.Enricher
+	index := &podmap.Index{}
+	if ks != nil {
+		enricher = index
+		ks.apply(o)
+	}
+	newExporter := func(endpoint, protocol string) (*spans.Exporter, error) {
+		output := o.output
+		if ks != nil && output == "" && endpoint != "" {
+			output = spans.OutputOTLP // a collector named by the ConfigMap
+		}
+		return spans.New(ctx, spans.Config{Output: output, Endpoint: endpoint, Protocol: protocol, Writer: stdout, Enricher: enricher}, log)
+	}
+	first, err := newExporter(o.endpoint, o.protocol)
 	if err != nil {
 		return fmt.Errorf("span export: %w", err)
 	}
+	exp := &exportSwitch{cur: first, endpoint: o.endpoint, protocol: o.protocol}
 
 	tr, err := probes.Open(probes.Options{
 		Mode:          o.probeMode,
 		PayloadBytes:  o.payloadBytes,
 		RingBytes:     o.ringBytes,
-		FilterCgroups: len(cgroupIDs) > 0,
+		FilterCgroups: len(cgroupIDs) > 0 || ks != nil,
 		Ports:         ports,
 		Logger:        log,
 	})
@@ -188,6 +218,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if o.wireAttach != "" {
 			cfg.Attach = o.wireAttach
 		}
+		if ks != nil && len(o.wirePods) == 0 && (fileCfg.Wire == nil || fileCfg.Wire.PodInterfaces == nil) {
+			cfg.PodInterfaces = []string{} // the pods' veths are attached as the pods come
+		}
 		if p := collectorPort(o.endpoint, o.protocol); p != 0 {
 			cfg.IgnorePorts = append(cfg.IgnorePorts, p)
 		}
@@ -199,15 +232,57 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	tlsTr, err := startTLS(ctx, o, fileCfg, tr, log)
+	if err != nil {
+		if wire != nil {
+			wire.Close()
+		}
+		tr.Close()
+		_ = exp.Shutdown(context.Background())
+		return err
+	}
+
+	var hint func(netip.AddrPort) string
+	if ks != nil {
+		hint = index.Protocol // protocols named by Service ports
+	}
 	tk := sockets.NewTracker(sockets.Config{
-		Analyzers:   analyzers,
-		Sink:        exp.Export,
-		MaxConns:    o.maxConns,
-		IdleTimeout: o.idleTimeout,
-		CgroupPath:  cgr.Path,
-		Logger:      log,
+		Analyzers:    analyzers,
+		Sink:         exp.Export,
+		MaxConns:     o.maxConns,
+		IdleTimeout:  o.idleTimeout,
+		CgroupPath:   cgr.Path,
+		ProtocolHint: hint,
+		Logger:       log,
 	})
-	log.Info("tracing", "component", "agent", "cgroups", len(cgroupIDs), "ports", len(ports), "payload_bytes", o.payloadBytes)
+	var ka *kubeAgent
+	kubeDone := make(chan struct{})
+	if ks != nil {
+		var wt wireTables
+		netnsPath := ""
+		if wire != nil {
+			wt = wire
+			if fileCfg.Wire != nil {
+				netnsPath = fileCfg.Wire.Netns
+			}
+		}
+		if ka, err = ks.agent(log, o, tr, wt, netnsPath, index, func(old, cur *podmap.LiveConfig) {
+			exp.reconfigure(log, o, old, cur, newExporter)
+		}); err != nil {
+			_ = stopTLS(tlsTr, log)
+			tr.Close()
+			if wire != nil {
+				wire.Close()
+			}
+			_ = exp.Shutdown(context.Background())
+			return err
+		}
+		go func() { defer close(kubeDone); ka.run(ctx) }()
+	} else {
+		close(kubeDone)
+	}
+	log.Info("tracing", "component", "agent", "cgroups", len(cgroupIDs), "ports", len(ports), "payload_bytes", o.payloadBytes,
+		"kubernetes", ks != nil)
 
 	statsDone := make(chan struct{})
 	if o.statsEvery > 0 {
@@ -231,7 +306,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 	wireDone := make(chan error, 1)
 	if wire != nil {
 		go func() {
-			wireDone <- wire.Run(ctx, analyzers, func(ex *tcsessions.Exchange) { exp.Export(ex.Session()) })
+			wireDone <- wire.Run(ctx, analyzers, func(ex *tcsessions.Exchange) {
+				if ka == nil || ka.keepWire(ex) {
+					exp.Export(ex.Session())
+				}
+			})
 		}()
 	} else {
 		wireDone <- nil
@@ -239,6 +318,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	runErr := sockets.Run(ctx, tr.Events, tk)
 	stop()
 	<-statsDone
+	<-kubeDone
 	if err := <-wireDone; err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("wire tracing: %w", err))
 	}
@@ -252,7 +332,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	errs := []error{runErr}
+	errs := []error{runErr, stopTLS(tlsTr, log)}
 	if err := tr.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("detaching: %w", err))
 	}

@@ -34,9 +34,9 @@ var (
 	pairServer6 = netip.MustParsePrefix("fd00:c10:7::2/64")
 )
 
-// NewHTTPPair builds the pair and starts nginx (one worker) in the server
-// namespace and cgroup. Everything is removed when the test ends.
-func NewHTTPPair(t testing.TB) *HTTPPair {
+// newPair builds the namespaces, the veth pair and the cgroups of a pair,
+// without a server.
+func newPair(t testing.TB) *HTTPPair {
 	t.Helper()
 	RequireRoot(t)
 	RequireTool(t, "nginx")
@@ -52,7 +52,14 @@ func NewHTTPPair(t testing.TB) *HTTPPair {
 	p.ServerNS.IP(t, "addr", "add", pairServer6.String(), "dev", veth.B, "nodad")
 	p.ClientCG = NewCgroup(t, "cli")
 	p.ServerCG = NewCgroup(t, "srv")
+	return p
+}
 
+// NewHTTPPair builds the pair and starts nginx (one worker) in the server
+// namespace and cgroup. Everything is removed when the test ends.
+func NewHTTPPair(t testing.TB) *HTTPPair {
+	t.Helper()
+	p := newPair(t)
 	startNginx(t, nginxConfig{ns: p.ServerNS, cgroup: p.ServerCG, port: p.Port, root: p.Root,
 		addrs: []netip.Addr{p.ServerIP, p.ServerIP6}})
 	return p
@@ -70,6 +77,9 @@ type nginxConfig struct {
 	// sendfile lets nginx send files with sendfile(2) (no payload for the
 	// socket tracer to see) instead of read+write.
 	sendfile bool
+	// locations are more nginx directives for the server block (e.g.
+	// location blocks of a proxy).
+	locations string
 }
 
 // startNginx runs nginx (one worker, as root, keep-alive up to 1000
@@ -85,6 +95,8 @@ func startNginx(t testing.TB, c nginxConfig) *Server {
 	if c.certFile != "" {
 		ssl = " ssl"
 		fmt.Fprintf(&listen, "        ssl_certificate %s;\n        ssl_certificate_key %s;\n", c.certFile, c.keyFile)
+		// nginx 1.22 offers TLS 1.3 only when asked to.
+		listen.WriteString("        ssl_protocols TLSv1.2 TLSv1.3;\n")
 	}
 	for _, a := range c.addrs {
 		fmt.Fprintf(&listen, "        listen %s%s;\n", netip.AddrPortFrom(a, c.port), ssl)
@@ -114,9 +126,9 @@ http {
         location /echo { return 200 "echo\n"; }
         location /missing-teapot { return 418; }
         location /drop { return 444; }
-    }
+%[5]s    }
 }
-`, dir, listen.String(), c.root, sendfile)
+`, dir, listen.String(), c.root, sendfile, c.locations)
 	confPath := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)

@@ -19,17 +19,19 @@
  * (*Conn).Write(b []byte) (int, error): receiver c = arg 1, b.ptr = arg 2,
  * b.len = arg 3; n = result 1. Read has the same shape.
  *
- * Write sends its plaintext at its entry, once the connection's handshake
+ * Write sends its plaintext at its start, once the connection's handshake
  * is complete: at that moment the bytes are not yet on the wire, so the
  * event comes before anything the peer does in answer (the peer's next
  * request, read by another goroutine, could otherwise be reported before
  * the response that was written first). Its byte count is then len(b),
  * which Write sends in full unless the connection fails. A Write that
  * makes the handshake itself, and every Read, are reported at their RET:
- * the entry saves (c, b.ptr) keyed by the goroutine (the pointer to its g
+ * the start saves (c, b.ptr) keyed by the goroutine (the pointer to its g
  * and the process: a goroutine may move between threads during the call);
  * each RET finds them and, when n > 0, sends n bytes from b.ptr: the
- * plaintext written, or read into the buffer.
+ * plaintext written, or read into the buffer. (A buffer on the
+ * goroutine's own stack moves if the stack grows during the call; the
+ * copy then reads the old place. net/http's buffers are on the heap.)
  *
  * The socket: c's net.Conn field is an interface {itab, data}; if its
  * dynamic type is *net.TCPConn (the type hash in the itab says so), data

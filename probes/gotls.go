@@ -14,10 +14,9 @@ import (
 
 // Go crypto/tls (bpf/tls_go.c): uprobes at the start (after the stack
 // check) and on every RET instruction of crypto/tls.(*Conn).Write and
-// (*Conn).Read in Go programs,
-// found through the Go symbol table (also in stripped binaries). Each
-// binary's struct layout (by its Go release) travels in the uprobes'
-// cookies.
+// (*Conn).Read in Go programs, found through the Go symbol table (also in
+// stripped binaries) by package gobin. Each binary's struct layout (by
+// its Go release) travels in the uprobes' cookies.
 
 func init() {
 	tlsProberFactories = append(tlsProberFactories, newGoTLSProber)

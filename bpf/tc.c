@@ -14,11 +14,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 SEC("tc")
 int clv_tc_ingress(struct __sk_buff *skb)
 {
-	return handle(skb);
+	return handle(skb, 1);
 }
 
 SEC("tc")
 int clv_tc_egress(struct __sk_buff *skb)
 {
-	return handle(skb);
+	return handle(skb, 0);
 }

@@ -24,7 +24,11 @@
  *   struct exchange_event  one request/response exchange of a connection,
  *                          with its timestamps and per-direction counters
  *   struct payload_event   a bounded prefix of the first new payload of one
- *                          direction of one exchange
+ *                          direction of one exchange ("mark" 0), and, on
+ *                          connections that speak HTTP/1.x, of each later
+ *                          packet of the exchange that begins an HTTP
+ *                          message (marks 1, 2, ...: pipelining), with the
+ *                          exchange's counts before that packet
  *
  * Concurrency: the packets of one connection may run on several CPUs at
  * once (the two directions usually do). Counters are only ever added to
@@ -71,6 +75,10 @@
 /* Most workloads whose traffic is counted (indexes into workload_traffic). */
 #define MAX_WORKLOADS 4096
 
+/* Most message-start packets captured per direction of one exchange beyond
+ * its first payload (pipelined HTTP requests or responses). */
+#define MAX_MARKS 64
+
 enum tc_event_kind {
 	TC_EVENT_EXCHANGE = 1,
 	TC_EVENT_PAYLOAD = 2,
@@ -109,6 +117,11 @@ enum conn_flag {
 	CONN_FROM_SYNACK = 1 << 6,   /* first seen: the server's SYN-ACK */
 	CONN_FROM_MIDSTREAM = 1 << 7,/* first seen: a payload packet */
 	CONN_ROLES_GUESSED = 1 << 8, /* midstream, no table matched: the lower port is the server */
+	CONN_CLIENT_INGRESS = 1 << 9,/* the client's packets cross the ingress hook (a pod veth's
+				      * host side: the pod is the client; a NIC: the peer is) */
+	CONN_SEQ0 = 1 << 10,         /* req_seq0 is known (the SYN or the SYN-ACK was seen) */
+	CONN_HTTP = 1 << 11,         /* a request began with an HTTP/1.x method: later packets
+				      * that begin a message are captured too (marks) */
 };
 
 /* ifaces values: what the programs do on an interface. */
@@ -132,6 +145,7 @@ enum tc_stat_index {
 	TC_STAT_SESSION_CLOSED = 7, /* sessions entries removed on FIN/RST/reuse */
 	TC_STAT_SESSION_FULL = 8,   /* sessions entries that could not be made */
 	TC_STAT_STATE_RACE = 9,     /* exchange transitions lost to a concurrent one twice */
+	TC_STAT_MARK_LIMIT = 10,    /* message starts not captured: MAX_MARKS reached in one exchange */
 	TC_STAT_MAX = 16,
 };
 
@@ -176,6 +190,9 @@ struct session {
 	__u16 proto;       /* protocol id from the table that matched (0 if none) */
 	__u8 client_is_lo; /* the client is flow_key's lo endpoint */
 	__u8 _pad;
+	__u32 req_seq0;    /* the sequence number of the client's first byte (CONN_SEQ0) */
+	__u32 marks[2];    /* message-start captures in the current exchange per direction */
+	__u32 _pad1;
 };
 
 /* The connection of an event, in client/server order. */
@@ -197,6 +214,8 @@ struct exchange_event {
 	struct conn_tuple tuple;
 	__u32 index;      /* the exchange's place on the connection: 0, 1, ... */
 	__u32 conn_flags; /* enum conn_flag */
+	__u32 req_seq0;   /* the sequence number of the client's first byte (CONN_SEQ0) */
+	__u32 _pad2;
 	__u64 first_ts;   /* the connection's first_ts */
 	__u64 syn_ts;
 	__u64 synack_ts;
@@ -217,8 +236,14 @@ struct payload_event {
 	struct conn_tuple tuple;
 	__u64 first_ts; /* the connection's first_ts */
 	__u64 ts;
-	__u32 len; /* the packet's payload bytes */
-	__u32 seq; /* the TCP sequence number of the first byte */
+	__u32 len;  /* the packet's new payload bytes */
+	__u32 seq;  /* the TCP sequence number of the first new byte */
+	__u16 mark;  /* 0: the exchange's first new payload in this direction; n > 0: the
+		      * n-th later packet that begins a message */
+	__u16 proto; /* the connection's protocol id (the table's) */
+	__u32 _pad1;
+	struct dir_counters at; /* this direction's counts in the exchange before this packet */
+	__u64 peer_new_bytes;   /* the other direction's new bytes in the exchange so far */
 	__u8 data[MAX_PREFIX];
 };
 
@@ -260,7 +285,8 @@ struct workload_counters {
 };
 
 /* Settings fixed at load time by user space. */
-volatile const __u32 payload_cap = 1024; /* payload prefix per exchange direction */
+volatile const __u32 payload_cap = 1024;     /* payload prefix of the request direction */
+volatile const __u32 payload_cap_resp = 512; /* payload prefix of the response direction */
 volatile const __u8 track_all = 0;       /* track connections no table matches */
 /* Events are written without waking the reader, which polls; only a ring
  * filled beyond this many bytes wakes it at once. */
@@ -555,6 +581,8 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		fill_tuple(&e->tuple, k, s->client_is_lo);
 		e->index = index;
 		e->conn_flags = s->conn_flags;
+		e->req_seq0 = s->req_seq0;
+		e->_pad2 = 0;
 		e->first_ts = s->first_ts;
 		e->syn_ts = s->syn_ts;
 		e->synack_ts = s->synack_ts;
@@ -589,16 +617,25 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		tc_count(TC_STAT_EXCHANGE_LOST);
 }
 
-/* capture sends the first cap bytes of the packet's payload (at off, len
- * bytes long) to user space. */
-static __always_inline void capture(struct __sk_buff *skb, const struct session *s, const struct flow_key *k,
-				    __u8 dir, __u32 index, __u32 off, __u32 len, __u32 seq, __u64 now)
+/* What one packet adds to its direction's counters. */
+struct pkt_counts {
+	__u64 bytes, packets, payload, advance, old;
+};
+
+/* capture sends the first dcap bytes of the packet's new payload (at off,
+ * len bytes long) to user space, with the exchange's counts in this
+ * direction before the packet (the packet's own, c, are already added) and
+ * the other direction's progress. */
+static __always_inline void capture(struct __sk_buff *skb, struct session *s, const struct flow_key *k,
+				    __u8 dir, __u32 index, __u16 mark, __u32 off, __u32 len, __u32 seq,
+				    const struct pkt_counts *c, __u32 dcap, __u64 now)
 {
 	__u32 zero = 0;
 	struct payload_scratch *sc = bpf_map_lookup_elem(&tc_scratch, &zero);
 	if (!sc)
 		return;
 	struct payload_event *e = &sc->ev;
+	__u32 d = dir & 1;
 	e->kind = TC_EVENT_PAYLOAD;
 	e->dir = dir;
 	e->index = index;
@@ -607,7 +644,16 @@ static __always_inline void capture(struct __sk_buff *skb, const struct session 
 	e->ts = now;
 	e->len = len;
 	e->seq = seq;
-	__u32 want = len < payload_cap ? len : payload_cap;
+	e->mark = mark;
+	e->proto = s->proto;
+	e->_pad1 = 0;
+	e->at.bytes = s->total[d].bytes - s->base[d].bytes - c->bytes;
+	e->at.packets = s->total[d].packets - s->base[d].packets - c->packets;
+	e->at.payload_bytes = s->total[d].payload_bytes - s->base[d].payload_bytes - c->payload;
+	e->at.new_bytes = s->total[d].new_bytes - s->base[d].new_bytes - c->advance;
+	e->at.retrans_packets = s->total[d].retrans_packets - s->base[d].retrans_packets - (c->old > 0);
+	e->peer_new_bytes = s->total[d ^ 1].new_bytes - s->base[d ^ 1].new_bytes;
+	__u32 want = len < dcap ? len : dcap;
 	if (want > MAX_PREFIX)
 		want = MAX_PREFIX;
 	if (want > 0) {
@@ -625,6 +671,38 @@ static __always_inline void capture(struct __sk_buff *skb, const struct session 
 		size = sizeof(*e);
 	if (bpf_ringbuf_output(&tc_events, e, size, tc_ringbuf_flags()))
 		tc_count(TC_STAT_PAYLOAD_LOST);
+}
+
+#define W4(a, b, c, d) ((__u32)(a) | (__u32)(b) << 8 | (__u32)(c) << 16 | (__u32)(d) << 24)
+
+/* http_start reports whether the payload at off (len bytes) begins an
+ * HTTP/1.x message of direction dir: a request line with a standard method,
+ * or a status line ("HTTP/1."). The objects are little-endian only
+ * (bpf2go -target amd64,arm64), which W4 assumes. */
+static __always_inline int http_start(struct __sk_buff *skb, __u32 off, __u32 len, __u8 dir)
+{
+	if (len < 8)
+		return 0;
+	__u32 w[2];
+	if (bpf_skb_load_bytes(skb, off, w, sizeof(w)))
+		return 0;
+	if (dir == TC_DIR_RESPONSE)
+		return w[0] == W4('H', 'T', 'T', 'P') && (w[1] & 0xffffff) == W4('/', '1', '.', 0);
+	switch (w[0]) {
+	case W4('G', 'E', 'T', ' '):
+	case W4('P', 'U', 'T', ' '):
+		return 1;
+	case W4('P', 'O', 'S', 'T'):
+	case W4('H', 'E', 'A', 'D'):
+		return (w[1] & 0xff) == ' ';
+	case W4('D', 'E', 'L', 'E'): /* DELETE */
+	case W4('O', 'P', 'T', 'I'): /* OPTIONS */
+	case W4('P', 'A', 'T', 'C'): /* PATCH */
+	case W4('C', 'O', 'N', 'N'): /* CONNECT */
+	case W4('T', 'R', 'A', 'C'): /* TRACE */
+		return 1;
+	}
+	return 0;
 }
 
 /* A 64-bit compare of two 16-byte addresses as native u64 pairs: any total
@@ -675,8 +753,10 @@ static __always_inline void close_session(struct session *s, const struct flow_k
 	tc_count(TC_STAT_SESSION_CLOSED);
 }
 
-/* track_tcp follows one TCP packet of a connection. */
-static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u64 wire_bytes, __u64 segs)
+/* track_tcp follows one TCP packet of a connection; ingress says which
+ * hook runs. */
+static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u64 wire_bytes, __u64 segs,
+				      int ingress)
 {
 	struct tcphdr tcp;
 	if (bpf_skb_load_bytes(skb, p->l4_off, &tcp, sizeof(tcp))) {
@@ -715,8 +795,13 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	}
 	k.ifindex = ifindex;
 
-	__u64 now = bpf_ktime_get_ns();
 	struct session *s = bpf_map_lookup_elem(&sessions, &k);
+	if (!s && !syn && !synack && payload == 0)
+		return; /* only a SYN, a SYN-ACK or payload opens a session */
+	/* A pure ACK of a known connection needs no time. */
+	__u64 now = 0;
+	if (!s || payload > 0 || (tflags & (TCP_SYN | TCP_FIN | TCP_RST)))
+		now = bpf_ktime_get_ns();
 	if (s && syn) {
 		/* A new connection on the tuple of one that never closed (or
 		 * the SYN is a retransmission: then nothing happened yet). */
@@ -727,8 +812,6 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		}
 	}
 	if (!s) {
-		if (!syn && !synack && payload == 0)
-			return; /* only a SYN, a SYN-ACK or payload opens a session */
 		__u32 proto = 0, origin;
 		__u8 client_is_src;
 		if (syn) {
@@ -758,6 +841,10 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 				origin |= CONN_ROLES_GUESSED;
 			}
 		}
+		/* The client's packets cross this hook when this one is the
+		 * client's and the hook is ingress, or neither. */
+		if (client_is_src == !!ingress)
+			origin |= CONN_CLIENT_INGRESS;
 		__u8 client_is_lo = client_is_src ? from_lo : !from_lo;
 		s = new_session(&k, client_is_lo, proto, origin, now);
 		if (!s)
@@ -765,17 +852,30 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	}
 
 	__u8 dir = from_lo == s->client_is_lo ? TC_DIR_REQUEST : TC_DIR_RESPONSE;
-	if (syn && dir == TC_DIR_REQUEST)
+	__u32 seq = bpf_ntohl(tcp.seq);
+	if (syn && dir == TC_DIR_REQUEST) {
 		s->syn_ts = now;
-	if (synack && dir == TC_DIR_RESPONSE && s->synack_ts == 0)
-		s->synack_ts = now;
+		if (!(s->conn_flags & CONN_SEQ0)) {
+			s->req_seq0 = seq + 1;
+			__sync_fetch_and_or(&s->conn_flags, CONN_SEQ0);
+		}
+	}
+	if (synack && dir == TC_DIR_RESPONSE) {
+		if (s->synack_ts == 0)
+			s->synack_ts = now;
+		if (!(s->conn_flags & CONN_SEQ0)) {
+			/* It acknowledges the client's SYN: the first request
+			 * byte comes next. */
+			s->req_seq0 = bpf_ntohl(tcp.ack_seq);
+			__sync_fetch_and_or(&s->conn_flags, CONN_SEQ0);
+		}
+	}
 
 	/* The stream's progress: the highest sequence only goes up (an atomic
 	 * maximum, modulo 2^32), and what it advanced by is the stream's new
 	 * bytes, exactly, whatever arrives twice or out of order. A packet
 	 * with bytes at or below it carries old data (a retransmission, or a
 	 * packet reordered, also between CPUs processing one flow). */
-	__u32 seq = bpf_ntohl(tcp.seq);
 	__u32 d1 = dir & 1;
 	__u32 hbit = dir == TC_DIR_REQUEST ? CONN_HIGH_REQUEST : CONN_HIGH_RESPONSE;
 	if ((syn || synack) && !(s->conn_flags & hbit)) {
@@ -813,13 +913,18 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		if (advance == 0)
 			fresh = 0; /* nothing new: a concurrent packet carried it */
 	}
+	__u32 poff = p->l4_off + thlen + old; /* the new payload */
+	__u32 dcap = dir == TC_DIR_RESPONSE ? payload_cap_resp : payload_cap;
 
 	/* The exchange: new request payload after response payload starts
-	 * the next one; the first new payload of each direction is captured. */
+	 * the next one; the first new payload of each direction is captured
+	 * (mark 0), and on HTTP connections every later packet of the
+	 * exchange that begins a message (marks 1, 2, ...: pipelining). */
 	int cap = 0;
 	__u32 index = 0;
+	__u16 mark = 0;
 	if (advance > 0) {
-		int done = 0;
+		int done = 0, cont = 0;
 #pragma unroll
 		for (int attempt = 0; attempt < 2 && !done; attempt++) {
 			__u64 st = *(volatile __u64 *)&s->state;
@@ -829,7 +934,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			if (dir == TC_DIR_REQUEST) {
 				if (phase == PHASE_REQUEST) {
 					s->req_last_ts = now;
-					done = 1;
+					done = cont = 1;
 					break;
 				}
 				if (phase == PHASE_RESPONSE)
@@ -846,10 +951,12 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 				s->req_last_ts = now;
 				s->resp_first_ts = 0;
 				s->resp_last_ts = 0;
+				s->marks[0] = 0;
+				s->marks[1] = 0;
 			} else {
 				if (phase == PHASE_RESPONSE) {
 					s->resp_last_ts = now;
-					done = 1;
+					done = cont = 1;
 					break;
 				}
 				next = ((__u64)index << 8) | PHASE_RESPONSE;
@@ -863,9 +970,23 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		}
 		if (!done)
 			tc_count(TC_STAT_STATE_RACE);
+		if (dcap) {
+			if (cap && dir == TC_DIR_REQUEST && !(s->conn_flags & CONN_HTTP) &&
+			    http_start(skb, poff, fresh, dir))
+				__sync_fetch_and_or(&s->conn_flags, CONN_HTTP);
+			if (cont && old == 0 && (s->conn_flags & CONN_HTTP) && http_start(skb, poff, fresh, dir)) {
+				__u32 n = __sync_fetch_and_add(&s->marks[d1], 1) + 1;
+				if (n <= MAX_MARKS) {
+					cap = 1;
+					mark = n;
+				} else {
+					tc_count(TC_STAT_MARK_LIMIT);
+				}
+			}
+		}
 	}
 
-	struct dir_counters *t = &s->total[dir & 1];
+	struct dir_counters *t = &s->total[d1];
 	__sync_fetch_and_add(&t->bytes, wire_bytes);
 	__sync_fetch_and_add(&t->packets, segs);
 	if (payload > 0)
@@ -874,10 +995,14 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		__sync_fetch_and_add(&t->new_bytes, advance);
 	if (old > 0)
 		__sync_fetch_and_add(&t->retrans_packets, 1);
-	__sync_fetch_and_or(&s->flags[dir & 1], tflags);
+	/* A plain read first: most packets bring no flag not seen yet. */
+	if ((s->flags[d1] & tflags) != tflags)
+		__sync_fetch_and_or(&s->flags[d1], tflags);
 
-	if (cap && payload_cap)
-		capture(skb, s, &k, dir, index, p->l4_off + thlen + old, fresh, seq + old, now);
+	if (cap && dcap) {
+		struct pkt_counts pc = {wire_bytes, segs, payload, advance, old};
+		capture(skb, s, &k, dir, index, mark, poff, fresh, seq + old, &pc, dcap, now);
+	}
 
 	if (tflags & TCP_RST) {
 		close_session(s, &k, END_RST, now);
@@ -890,7 +1015,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 }
 
 /* handle is the whole program: it always lets the packet pass. */
-static __always_inline int handle(struct __sk_buff *skb)
+static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
 	__u32 ifindex = skb->ifindex;
 	struct iface_cfg *cfg = bpf_map_lookup_elem(&ifaces, &ifindex);
@@ -927,7 +1052,7 @@ static __always_inline int handle(struct __sk_buff *skb)
 	if (p.later_fragment)
 		tc_count(TC_STAT_FRAGMENTS);
 	if ((flags & IFACE_SESSIONS) && tcp)
-		track_tcp(skb, &p, p.ip_len, segs);
+		track_tcp(skb, &p, p.ip_len, segs, ingress);
 	return TC_PASS;
 }
 

@@ -53,6 +53,20 @@
 // A span takes part when Index >= 0, both addresses are known and
 // Config.Link (if set) accepts the session; all other spans get random IDs.
 //
+// Wire sessions (seen by tc programs on a pod veth or a node NIC) take part
+// the same way: their Kind is CLIENT when the end behind the interface (the
+// pod, or the node) is the exchange's client and SERVER when it is the
+// server, ConnTag is the same first request byte's sequence number (the
+// wire saw the SYN or the SYN-ACK), and Index the same transaction's place
+// on the connection. Each wire span, whatever its kind, is a child of the
+// client's span, with a random span ID, like the SERVER span. In Jaeger a
+// traced exchange between two pods shows as the client process's CLIENT
+// span with three children: the client pod's veth (CLIENT, service the
+// client's workload), the server pod's veth (SERVER, the server's workload)
+// and the server process's SERVER span; each nests in time inside the
+// client's span. (A chain client -> veth -> veth -> server would need the
+// server's socket span to know whether, and where, the wire was traced.)
+//
 // Limits of the rule:
 //   - Both ends must see the same address pair: NAT, proxies and Kubernetes
 //     Service DNAT break it (the server then names a parent span that does not

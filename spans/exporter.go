@@ -224,9 +224,11 @@ func (e *Exporter) Export(s *Session) {
 	var parent trace.SpanContext
 	if (s.Kind == Client || s.Kind == Server) && e.linkable(s) {
 		ltid, lsid := e.links.ids(s)
-		if s.Kind == Client {
+		if s.Kind == Client && s.Wire == nil {
 			tid, sid = ltid, lsid
 		} else {
+			// A server, or a wire observation on either side: a
+			// child of the client's span (see the package doc).
 			tid, sid = ltid, e.ids.spanID(lsid)
 			parent = trace.NewSpanContext(trace.SpanContextConfig{
 				TraceID:    ltid,

@@ -28,6 +28,9 @@ func exeName(p *Process) string {
 // serviceOf derives the service of a session's process from its cgroup path
 // and executable (see the package doc).
 func serviceOf(s *Session) service {
+	if s.Wire != nil {
+		return wireService(s)
+	}
 	unit, cid := parseCgroup(s.CgroupPath)
 	sv := service{name: unit, containerID: cid}
 	if sv.name == "" {

@@ -31,6 +31,11 @@ type Wire struct {
 	// connection picked up midstream with no table matching it): the end
 	// with the lower port was taken for the server.
 	RolesGuessed bool
+	// Workload names the workload of the exchange's end behind the
+	// interface (the pod of a pod veth, the local workload on a node
+	// NIC): the span's service.name. "" names the service after the
+	// interface.
+	Workload string
 }
 
 // WireDirection counts one direction of an exchange.
@@ -95,21 +100,21 @@ func wireAttrCount(s *Session) int {
 	w := s.Wire
 	n := 2*6 + b2i(w.Interface != "") + b2i(w.HandshakeRTT > 0) + b2i(w.End != "") + b2i(w.SeenFrom != "") +
 		b2i(w.RolesGuessed)
-	if s.Client.Addr().IsValid() {
+	if s.Client.Addr().IsValid() && s.Kind != Server {
 		n += 2
 	}
 	return n
 }
 
 // appendWire adds the attributes of a wire session: the interface, the
-// client's address (a wire observation is neither end, so the span is
-// INTERNAL and names both), and the L3/L4 facts under clovisor.
+// client's address (a SERVER span has it already), and the L3/L4 facts
+// under clovisor.
 func appendWire(a []attribute.KeyValue, s *Session, client string) []attribute.KeyValue {
 	w := s.Wire
 	if w.Interface != "" {
 		a = append(a, semconv.NetworkInterfaceName(w.Interface))
 	}
-	if s.Client.Addr().IsValid() {
+	if s.Client.Addr().IsValid() && s.Kind != Server {
 		a = append(a, semconv.ClientAddress(client), semconv.ClientPort(int(s.Client.Port())))
 	}
 	for _, d := range [2]struct {
@@ -170,4 +175,16 @@ func TCPFlagsString(f uint8) string {
 		}
 	}
 	return sb.String()
+}
+
+// wireService is the service of a wire session's span: its workload, else
+// its interface.
+func wireService(s *Session) service {
+	switch {
+	case s.Wire.Workload != "":
+		return service{name: s.Wire.Workload}
+	case s.Wire.Interface != "":
+		return service{name: s.Wire.Interface}
+	}
+	return service{name: "unknown_service"}
 }

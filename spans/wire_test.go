@@ -10,6 +10,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -163,5 +164,91 @@ func TestTCPFlagsString(t *testing.T) {
 		if got, want := TCPFlagsString(uint8(f)), strings.Join(names, "|"); got != want {
 			t.Errorf("%#x: %q, want %q", f, got, want)
 		}
+	}
+}
+
+// TestWireSpansLinked: the wire spans of an exchange seen on the client
+// pod's veth (CLIENT) and on the server pod's veth (SERVER), with the same
+// index and first request byte as the socket spans of both ends, join the
+// socket spans' trace as children of the client's socket span, whatever
+// the order they come in; their service is their workload (or their
+// interface), their kind the side their pod plays.
+func TestWireSpansLinked(t *testing.T) {
+	for _, order := range []string{"sockets first", "wire first"} {
+		t.Run(order, func(t *testing.T) {
+			e, mem := memExporter(t, Config{})
+			c, s := clientSession(), serverSession()
+			wc, ws := wireSession(), wireSession()
+			wc.Client, wc.Server, ws.Client, ws.Server = c.Client, c.Server, c.Client, c.Server
+			wc.Kind, ws.Kind = Client, Server
+			wc.Wire.Workload, ws.Wire.Interface = "default/cli", "veth-srv"
+			for _, x := range []*Session{c, s, wc, ws} {
+				x.Index, x.ConnTag = 4, 1<<32|123456
+			}
+			all := []*Session{c, s, wc, ws}
+			if order == "wire first" {
+				all = []*Session{ws, wc, s, c}
+			}
+			for _, x := range all {
+				e.Export(x)
+			}
+			got := collect(t, e, mem)
+			if len(got) != 4 {
+				t.Fatalf("%d spans", len(got))
+			}
+			var cs tracetest.SpanStub
+			for _, sp := range got {
+				if sp.SpanKind == trace.SpanKindClient && !sp.Parent.IsValid() {
+					cs = sp
+				}
+			}
+			tid, sid := linkIDs(c)
+			if cs.SpanContext.TraceID() != tid || cs.SpanContext.SpanID() != sid {
+				t.Fatalf("no client socket span with the derived IDs: %+v", got)
+			}
+			services := map[string]trace.SpanKind{}
+			ids := map[trace.SpanID]bool{}
+			for _, sp := range got {
+				ids[sp.SpanContext.SpanID()] = true
+				if sp.SpanContext.TraceID() != tid {
+					t.Errorf("%s span in trace %v, want %v", sp.SpanKind, sp.SpanContext.TraceID(), tid)
+				}
+				if sp.SpanContext.SpanID() == sid {
+					continue
+				}
+				if sp.Parent.SpanID() != sid || sp.Parent.TraceID() != tid || !sp.Parent.IsRemote() {
+					t.Errorf("%s span: parent %v, want the client socket span %v", sp.SpanKind, sp.Parent.SpanID(), sid)
+				}
+				name, _ := sp.Resource.Set().Value("service.name")
+				services[name.AsString()] = sp.SpanKind
+			}
+			want := map[string]trace.SpanKind{"nginx": trace.SpanKindServer, "default/cli": trace.SpanKindClient,
+				"veth-srv": trace.SpanKindServer}
+			if !reflect.DeepEqual(services, want) || len(ids) != 4 {
+				t.Errorf("services and kinds %v (%d span IDs), want %v", services, len(ids), want)
+			}
+		})
+	}
+}
+
+// TestWireServerAttributes: a SERVER wire span names its peer (the client)
+// as network.peer.*, and client.address once.
+func TestWireServerAttributes(t *testing.T) {
+	s := wireSession()
+	s.Kind = Server
+	b := &attrBuilder{countLimit: -1, lengthLimit: -1}
+	a, _ := b.build(s, "", false)
+	seen := map[attribute.Key]int{}
+	for _, kv := range a {
+		seen[kv.Key]++
+	}
+	for k, n := range seen {
+		if n != 1 {
+			t.Errorf("%s %d times", k, n)
+		}
+	}
+	at := attribute.NewSet(a...)
+	if v, _ := at.Value("network.peer.address"); v.AsString() != "10.201.20.11" || seen["client.address"] != 1 || cap(a) != len(a) {
+		t.Errorf("attributes %v (cap %d)", a, cap(a))
 	}
 }

@@ -65,6 +65,9 @@ type attachment struct {
 	name    string
 	role    Role
 	mode    string // AttachTCX or AttachClsact
+	// netnsID and peerIndex: a veth's peer, its namespace's id in the
+	// node's namespace (-1: none) and its index there.
+	netnsID, peerIndex int
 
 	links []link.Link // tcx, by hook
 	pins  []string    // pinned tcx links

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -31,6 +32,16 @@ type harness struct {
 	rd *ringbuf.Reader
 	// gsoSegs, when set, is passed as the skb's gso_segs.
 	gsoSegs uint32
+	// egress runs every packet through the egress program.
+	egress bool
+}
+
+// egressSegs runs segments through the egress program.
+func (h *harness) egressSegs(ss ...seg) {
+	h.t.Helper()
+	h.egress = true
+	defer func() { h.egress = false }()
+	h.segs(ss...)
 }
 
 func newHarness(t *testing.T, cfg Config, ifaceFlags uint32) *harness {
@@ -93,12 +104,13 @@ type skbCtx struct {
 }
 
 // run runs the ingress program (and every other packet the egress program,
-// which is the same code) on each frame and checks it passes.
+// which is the same code but for the hook it names) on each frame and
+// checks it passes.
 func (h *harness) run(frames ...[]byte) {
 	h.t.Helper()
 	for i, f := range frames {
 		prog := h.o.ClvTcIngress
-		if i%2 == 1 {
+		if i%2 == 1 || h.egress {
 			prog = h.o.ClvTcEgress
 		}
 		opts := &ebpf.RunOptions{Data: f}
@@ -282,8 +294,9 @@ func TestKeepAliveExchangesIPv4(t *testing.T) {
 	if e.Client != c.client || e.Server != c.server || e.Ifindex != loIfindex {
 		t.Errorf("entry %v -> %v on %d", e.Client, e.Server, e.Ifindex)
 	}
-	if e.Entry.Proto != 1 || e.Entry.ConnFlags != ConnFromSYN|ConnHighRequest|ConnHighResponse || e.Entry.State != 0 {
-		t.Errorf("entry proto %d flags %#x state %#x", e.Entry.Proto, e.Entry.ConnFlags, e.Entry.State)
+	if e.Entry.Proto != 1 || e.Entry.ConnFlags != ConnFromSYN|ConnHighRequest|ConnHighResponse|ConnClientIngress|ConnSeq0 ||
+		e.Entry.State != 0 || e.Entry.ReqSeq0 != c.clientISN+1 {
+		t.Errorf("entry proto %d flags %#x state %#x seq0 %d", e.Entry.Proto, e.Entry.ConnFlags, e.Entry.State, e.Entry.ReqSeq0)
 	}
 	if e.Entry.HighEnd != [2]uint32{c.clientISN + 1, c.serverISN + 1} {
 		t.Errorf("stream starts %v, want the ISNs + 1", e.Entry.HighEnd)
@@ -342,8 +355,9 @@ func TestKeepAliveExchangesIPv4(t *testing.T) {
 	if ex[0].SynTs == 0 || ex[0].SynackTs <= ex[0].SynTs || ex[2].SynTs != ex[0].SynTs || ex[0].FirstTs != ex[2].FirstTs {
 		t.Errorf("connection times differ between records: %+v / %+v", ex[0], ex[2])
 	}
-	if ex[0].ConnFlags&(ConnFromSYN|ConnHighRequest|ConnHighResponse) != ConnFromSYN|ConnHighRequest|ConnHighResponse {
-		t.Errorf("conn flags %#x", ex[0].ConnFlags)
+	if ex[0].ConnFlags != ConnFromSYN|ConnHighRequest|ConnHighResponse|ConnClientIngress|ConnSeq0|ConnHTTP ||
+		ex[0].ReqSeq0 != c.clientISN+1 || ex[2].ReqSeq0 != c.clientISN+1 {
+		t.Errorf("conn flags %#x seq0 %d", ex[0].ConnFlags, ex[0].ReqSeq0)
 	}
 	if ex[1].ReqFirstTs <= ex[0].RespLastTs {
 		t.Errorf("exchange 1 starts at %d, before exchange 0's response ended at %d", ex[1].ReqFirstTs, ex[0].RespLastTs)
@@ -577,7 +591,7 @@ func TestMidstream(t *testing.T) {
 	if len(s) != 2 {
 		t.Fatalf("sessions %+v", s)
 	}
-	if s[0].Client != c.client || s[0].Entry.ConnFlags&^(ConnHighRequest|ConnHighResponse) != ConnFromMidstream ||
+	if s[0].Client != c.client || s[0].Entry.ConnFlags&^(ConnHighRequest|ConnHighResponse) != ConnFromMidstream|ConnClientIngress|ConnHTTP ||
 		s[0].Entry.SynTs != 0 || s[0].Index() != 0 || s[0].Phase() != PhaseResponse {
 		t.Errorf("request-first entry %+v", s[0])
 	}
@@ -613,7 +627,7 @@ func TestTrackAllIgnoreAndGuess(t *testing.T) {
 	if len(s) != 2 {
 		t.Fatalf("sessions %+v", s)
 	}
-	if s[0].Server != a.server || s[0].Entry.ConnFlags != ConnFromSYN|ConnHighRequest || s[0].Entry.Proto != 0 {
+	if s[0].Server != a.server || s[0].Entry.ConnFlags != ConnFromSYN|ConnHighRequest|ConnClientIngress|ConnSeq0 || s[0].Entry.Proto != 0 {
 		t.Errorf("SYN entry %+v", s[0])
 	}
 	if s[1].Server != g.server || s[1].Entry.ConnFlags&ConnRolesGuessed == 0 || s[1].Phase() != PhaseResponse {
@@ -658,7 +672,7 @@ func TestEgressLookupTable(t *testing.T) {
 	got := map[string]string{}
 	for _, s := range h.sessions() {
 		got[s.Client.String()+" "+s.Server.String()] = ProtocolName(s.Entry.Proto)
-		if f := s.Entry.ConnFlags &^ (ConnHighRequest | ConnHighResponse); f != ConnFromSYN && f != ConnFromSYNACK {
+		if f := s.Entry.ConnFlags &^ (ConnHighRequest | ConnHighResponse | ConnSeq0); f != ConnFromSYN|ConnClientIngress && f != ConnFromSYNACK {
 			t.Errorf("%v: flags %#x", s.Client, s.Entry.ConnFlags)
 		}
 	}
@@ -790,7 +804,8 @@ func TestUntracedInterface(t *testing.T) {
 }
 
 // TestPayloadCap: the prefix is cut at PayloadBytes (the length says how
-// long the payload was); PayloadBytes -1 sends none.
+// long the payload was), the response's at ResponsePayloadBytes (512 by
+// default); PayloadBytes -1 sends none.
 func TestPayloadCap(t *testing.T) {
 	cfg := httpPorts
 	cfg.PayloadBytes = 16
@@ -804,6 +819,21 @@ func TestPayloadCap(t *testing.T) {
 		t.Fatalf("payloads %d", len(pl))
 	}
 	checkPayload(t, pl[0], c, 0, dirRequest, string(req.payload[:16]), uint32(len(req.payload)))
+
+	// By default the response's prefix is shorter than the request's.
+	h = newHarness(t, httpPorts, ifaceSessions)
+	d := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	h.handshake(d)
+	long := "GET /" + strings.Repeat("p", 595) + "\r\n"
+	req = d.fromClient(fPSH|fACK, long)
+	resp := d.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n"+strings.Repeat("h", 600))
+	h.segs(req, resp)
+	_, pl = h.events()
+	if len(pl) != 2 {
+		t.Fatalf("payloads %d", len(pl))
+	}
+	checkPayload(t, pl[0], d, 0, dirRequest, long, uint32(len(long)))
+	checkPayload(t, pl[1], d, 0, dirResponse, string(resp.payload[:DefaultResponsePayloadBytes]), uint32(len(resp.payload)))
 
 	cfg.PayloadBytes = -1
 	h = newHarness(t, cfg, ifaceSessions)
@@ -906,5 +936,129 @@ func TestFastOpen(t *testing.T) {
 	checkPayload(t, pl[0], c, 0, dirRequest, req, uint32(len(req)))
 	if pl[0].Seq != c.clientISN+1 {
 		t.Errorf("payload seq %d, want %d", pl[0].Seq, c.clientISN+1)
+	}
+}
+
+// TestHookRolesAndSeq0: a connection records whether its client's packets
+// cross the ingress hook (on a pod veth's host side: the pod is the
+// client), and the sequence number of the client's first byte from the
+// SYN, or from the SYN-ACK when that is the first packet seen.
+func TestHookRolesAndSeq0(t *testing.T) {
+	h := newHarness(t, httpPorts, ifaceSessions)
+	a := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	h.segs(a.fromClient(fSYN, ""))
+	b := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	h.egressSegs(b.fromClient(fSYN, ""))
+	c := newConv("10.1.0.1:40002", "10.1.0.2:8080")
+	c.fromClient(fSYN, "") // not seen
+	h.segs(c.fromServer(fSYN|fACK, ""))
+	d := newConv("10.1.0.1:40003", "10.1.0.2:8080")
+	h.egressSegs(d.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n"))
+	got := map[uint16]SessionEntry{}
+	for _, s := range h.sessions() {
+		got[s.Client.Port()] = s.Entry
+	}
+	for _, tc := range []struct {
+		port    uint16
+		ingress bool
+		seq0    uint32
+	}{
+		{40000, true, a.clientISN + 1}, // the client's SYN coming in
+		{40001, false, b.clientISN + 1},
+		{40002, false, c.clientISN + 1}, // the server's SYN-ACK coming in
+		{40003, true, 0},                // the server's payload going out
+	} {
+		e, ok := got[tc.port]
+		if !ok {
+			t.Fatalf("no session of port %d", tc.port)
+		}
+		if (e.ConnFlags&ConnClientIngress != 0) != tc.ingress || (e.ConnFlags&ConnSeq0 != 0) != (tc.seq0 != 0) || e.ReqSeq0 != tc.seq0 {
+			t.Errorf("port %d: flags %#x seq0 %d, want client on ingress %v, seq0 %d", tc.port, e.ConnFlags, e.ReqSeq0, tc.ingress, tc.seq0)
+		}
+	}
+}
+
+// TestPipelinedMarks: on a connection whose first request begins with an
+// HTTP method, every later packet of an exchange that begins a request
+// (request direction) or a status line (response direction) is captured
+// too, with its mark number, the exchange's counts before it and the other
+// direction's new bytes; packets inside messages are not; the marks start
+// again with each exchange; a connection that does not speak HTTP gets
+// none; at most MAX_MARKS (64) per direction of an exchange.
+func TestPipelinedMarks(t *testing.T) {
+	h := newHarness(t, httpPorts, ifaceSessions)
+	c := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	syn, synack, ack := h.handshake(c)
+	r12 := c.fromClient(fPSH|fACK, "GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+	r3 := c.fromClient(fACK, "POST /c HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
+	body := c.fromClient(fPSH|fACK, "GET 12 bytes") // a body that looks like a request, mid-message: its start is a mark all the same
+	sack := c.fromServer(fACK, "")
+	s1 := c.fromServer(fACK, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+	s1body := c.fromServer(fACK, "0123456789")
+	s23 := c.fromServer(fPSH|fACK, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+	cack := c.fromClient(fACK, "")
+	r4 := c.fromClient(fPSH|fACK, "GET /d HTTP/1.1\r\n\r\n")
+	s4 := c.fromServer(fPSH|fACK, "HTTP/1.1 204 No Content\r\n\r\n")
+	h.segs(r12, r3, body, sack, s1, s1body, s23, cack, r4, s4)
+	ex, pl := h.events()
+	if len(ex) != 1 || len(pl) != 7 {
+		t.Fatalf("%d records and %d payloads, want 1 and 7", len(ex), len(pl))
+	}
+	n := func(ss ...seg) uint64 {
+		var x uint64
+		for _, s := range ss {
+			x += uint64(len(s.payload))
+		}
+		return x
+	}
+	type want struct {
+		s       seg
+		index   uint32
+		dir     uint8
+		mark    uint16
+		at      DirCounters
+		peerNew uint64
+	}
+	for i, w := range []want{
+		{r12, 0, dirRequest, 0, dc(sum(syn, ack), 2, 0, 0, 0), 0},
+		{r3, 0, dirRequest, 1, dc(sum(syn, ack, r12), 3, n(r12), n(r12), 0), 0},
+		{body, 0, dirRequest, 2, dc(sum(syn, ack, r12, r3), 4, n(r12, r3), n(r12, r3), 0), 0},
+		{s1, 0, dirResponse, 0, dc(sum(synack, sack), 2, 0, 0, 0), n(r12, r3, body)},
+		{s23, 0, dirResponse, 1, dc(sum(synack, sack, s1, s1body), 4, n(s1, s1body), n(s1, s1body), 0), n(r12, r3, body)},
+		{r4, 1, dirRequest, 0, dc(0, 0, 0, 0, 0), 0},
+		{s4, 1, dirResponse, 0, dc(0, 0, 0, 0, 0), n(r4)},
+	} {
+		p := pl[i]
+		checkPayload(t, p, c, w.index, w.dir, string(w.s.payload), uint32(len(w.s.payload)))
+		if p.Mark != w.mark || p.At != w.at || p.PeerNewBytes != w.peerNew || p.Seq != w.s.seq {
+			t.Errorf("payload %d: mark %d at %+v peer %d seq %d, want %d %+v %d %d", i, p.Mark, p.At, p.PeerNewBytes, p.Seq,
+				w.mark, w.at, w.peerNew, w.s.seq)
+		}
+	}
+	checkExchange(t, ex[0], c, 0, EndNextRequest, PhaseResponse,
+		dc(sum(syn, ack, r12, r3, body, cack), 6, n(r12, r3, body), n(r12, r3, body), 0),
+		dc(sum(synack, sack, s1, s1body, s23), 5, n(s1, s1body, s23), n(s1, s1body, s23), 0),
+		fSYN|fACK|fPSH, fSYN|fACK|fPSH)
+	if ex[0].ConnFlags&ConnHTTP == 0 {
+		t.Errorf("flags %#x: not HTTP", ex[0].ConnFlags)
+	}
+
+	// Not HTTP: no marks.
+	d := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	h.handshake(d)
+	h.segs(d.fromClient(fACK, "hello, not HTTP"), d.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n"))
+	if _, pl := h.events(); len(pl) != 1 {
+		t.Errorf("%d payloads on a connection that is not HTTP, want 1", len(pl))
+	}
+
+	// The bound.
+	e := newConv("10.1.0.1:40002", "10.1.0.2:8080")
+	h.handshake(e)
+	for range 1 + 70 {
+		h.segs(e.fromClient(fACK, "GET / HTTP/1.1\r\n\r\n"))
+	}
+	_, pl = h.events()
+	if len(pl) != 1+64 || pl[64].Mark != 64 || h.stats().MarkLimit != 6 {
+		t.Errorf("%d payloads (last mark %d), stats %+v; want 65, 64 and 6 over the limit", len(pl), pl[len(pl)-1].Mark, h.stats())
 	}
 }

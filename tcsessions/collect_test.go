@@ -39,7 +39,7 @@ func startCollector(t *testing.T, node *testbed.Node, cfg Config) *collector {
 		t.Fatal(err)
 	}
 	c := &collector{tr: tr, log: lb, done: make(chan error, 1)}
-	c.asm = NewAssembler(AssemblerConfig{Analyzers: protocols.NewRegistry(http1.New()), Interface: tr.interfaceName})
+	c.asm = NewAssembler(AssemblerConfig{Analyzers: protocols.NewRegistry(http1.New()), Interface: tr.interfaceName, Workload: tr.workloadAt})
 	ctx, cancel := context.WithCancel(context.Background())
 	c.stop = cancel
 	go func() {

@@ -39,8 +39,12 @@ const (
 // Defaults of Config.
 const (
 	DefaultPayloadBytes = 1024
-	DefaultRingBytes    = 4 << 20
-	DefaultMaxSessions  = 32768
+	// DefaultResponsePayloadBytes is the default response prefix: an
+	// HTTP parser needs the status line and the headers; the body's
+	// bytes are stepped over.
+	DefaultResponsePayloadBytes = 512
+	DefaultRingBytes            = 4 << 20
+	DefaultMaxSessions          = 32768
 	// DefaultFilterPriority is the priority of the cls_bpf filters: 1, so
 	// that they run before the filters of most tools (a tool whose filter
 	// returns a verdict hides the packet from filters after it). When the
@@ -51,6 +55,8 @@ const (
 	DefaultStateDir = "/run/clovisor"
 	// DefaultIdleFlush is Config.IdleFlush's default.
 	DefaultIdleFlush = 5 * time.Second
+	// DefaultWorkloadRefresh is Config.WorkloadRefresh's default.
+	DefaultWorkloadRefresh = 2 * time.Second
 )
 
 // MaxPayloadBytes is the largest payload prefix per exchange direction.
@@ -92,6 +98,11 @@ type Config struct {
 	// each exchange sent to user space (default DefaultPayloadBytes, at
 	// most MaxPayloadBytes; -1 for none).
 	PayloadBytes int `json:"payloadBytes" yaml:"payloadBytes"`
+	// ResponsePayloadBytes is the prefix of the response direction's
+	// payloads (default the smaller of DefaultResponsePayloadBytes and
+	// PayloadBytes, at most MaxPayloadBytes; -1 for none). With
+	// PayloadBytes the request direction's.
+	ResponsePayloadBytes int `json:"responsePayloadBytes" yaml:"responsePayloadBytes"`
 	// RingBytes is the ring buffer's size, a power of two multiple of the
 	// page size (default DefaultRingBytes).
 	RingBytes int `json:"ringBytes" yaml:"ringBytes"`
@@ -120,6 +131,12 @@ type Config struct {
 	// no new payload came for this long, without waiting for the next
 	// request or the close (default DefaultIdleFlush; negative: never).
 	IdleFlush time.Duration `json:"idleFlush" yaml:"idleFlush"`
+	// WorkloadRefresh is how often the workloads at the other end of the
+	// pod veths and their addresses are read again (see peers.go; they
+	// are also read when a pod veth is attached). Default
+	// DefaultWorkloadRefresh; negative: no workloads but those given with
+	// SetWorkload.
+	WorkloadRefresh time.Duration `json:"workloadRefresh" yaml:"workloadRefresh"`
 
 	// Logger receives attach and clean-up decisions (default
 	// slog.Default()).
@@ -232,6 +249,14 @@ func (c *Config) normalize() error {
 	case c.PayloadBytes < 0 || c.PayloadBytes > MaxPayloadBytes:
 		return fmt.Errorf("payload prefix %d bytes: must be between 0 and %d (-1 for none)", c.PayloadBytes, MaxPayloadBytes)
 	}
+	switch {
+	case c.ResponsePayloadBytes == 0:
+		c.ResponsePayloadBytes = min(DefaultResponsePayloadBytes, c.PayloadBytes)
+	case c.ResponsePayloadBytes == -1:
+		c.ResponsePayloadBytes = 0
+	case c.ResponsePayloadBytes < 0 || c.ResponsePayloadBytes > MaxPayloadBytes:
+		return fmt.Errorf("response payload prefix %d bytes: must be between 0 and %d (-1 for none)", c.ResponsePayloadBytes, MaxPayloadBytes)
+	}
 	if c.RingBytes == 0 {
 		c.RingBytes = DefaultRingBytes
 	}
@@ -249,6 +274,9 @@ func (c *Config) normalize() error {
 	}
 	if c.IdleFlush == 0 {
 		c.IdleFlush = DefaultIdleFlush
+	}
+	if c.WorkloadRefresh == 0 {
+		c.WorkloadRefresh = DefaultWorkloadRefresh
 	}
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir

@@ -17,7 +17,8 @@ func TestConfigDefaults(t *testing.T) {
 	if !reflect.DeepEqual(c.PodInterfaces, []string{SelectHostVeths}) || !reflect.DeepEqual(c.NodeInterfaces, []string{SelectDefaultRoute}) ||
 		!c.TrackAll || c.Attach != AttachAuto || c.PayloadBytes != DefaultPayloadBytes || c.RingBytes != DefaultRingBytes ||
 		c.MaxSessions != DefaultMaxSessions || c.FilterPriority != DefaultFilterPriority || c.StateDir != DefaultStateDir ||
-		c.IdleFlush != DefaultIdleFlush || c.Logger == nil {
+		c.IdleFlush != DefaultIdleFlush || c.Logger == nil || c.ResponsePayloadBytes != DefaultResponsePayloadBytes ||
+		c.WorkloadRefresh != DefaultWorkloadRefresh {
 		t.Errorf("defaults %+v", c)
 	}
 	// Empty, non-nil selections select nothing; tables turn TrackAll off.
@@ -25,8 +26,17 @@ func TestConfigDefaults(t *testing.T) {
 	if err := c.normalize(); err != nil {
 		t.Fatal(err)
 	}
-	if len(c.PodInterfaces) != 0 || len(c.NodeInterfaces) != 0 || c.TrackAll || c.PayloadBytes != 0 {
+	if len(c.PodInterfaces) != 0 || len(c.NodeInterfaces) != 0 || c.TrackAll || c.PayloadBytes != 0 || c.ResponsePayloadBytes != 0 {
 		t.Errorf("%+v", c)
+	}
+	// The response prefix: at most the request's by default.
+	c = Config{PayloadBytes: 200}
+	if err := c.normalize(); err != nil || c.ResponsePayloadBytes != 200 {
+		t.Errorf("%+v %v", c, err)
+	}
+	c = Config{PayloadBytes: 200, ResponsePayloadBytes: 4096}
+	if err := c.normalize(); err != nil || c.ResponsePayloadBytes != 4096 {
+		t.Errorf("%+v %v", c, err)
 	}
 }
 

@@ -26,6 +26,29 @@ func decodeExchange(b []byte) (*ExchangeEvent, error) {
 	return e, nil
 }
 
+// decodeExchangeInto decodes an exchange record into e.
+func decodeExchangeInto(b []byte, e *ExchangeEvent) error {
+	if len(b) < exchangeSize {
+		return fmt.Errorf("exchange record of %d bytes, want %d", len(b), exchangeSize)
+	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(e)), exchangeSize), b)
+	return nil
+}
+
+// decodePayloadHeader decodes the header of a payload event into e (not
+// its Data) and returns the captured bytes, a part of b.
+func decodePayloadHeader(b []byte, e *PayloadEvent) ([]byte, error) {
+	if len(b) < payloadHeaderSize {
+		return nil, fmt.Errorf("payload event of %d bytes, want at least %d", len(b), payloadHeaderSize)
+	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(e)), payloadHeaderSize), b)
+	n := int(e.Cap)
+	if n > len(e.Data) || payloadHeaderSize+n > len(b) {
+		return nil, fmt.Errorf("payload event claims %d bytes, has %d", n, len(b)-payloadHeaderSize)
+	}
+	return b[payloadHeaderSize : payloadHeaderSize+n], nil
+}
+
 // decodePayload decodes a payload event (its header and the captured
 // bytes that follow it) into a new PayloadEvent.
 func decodePayload(b []byte) (*PayloadEvent, error) {

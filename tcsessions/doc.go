@@ -33,7 +33,9 @@
 //   - ifaces: what to do on each interface (sessions; workload counts).
 //   - workload_ips, workload_traffic: IP address to workload slot, and
 //     per-CPU bytes and packets in and out per workload, counted on node
-//     NICs (Tracer.SetWorkload, Tracer.WorkloadTraffic).
+//     NICs (Tracer.WorkloadTraffic). The workloads are those at the other
+//     end of the pod veths, found with no configuration (see Workloads
+//     below), and those given with Tracer.SetWorkload, which win.
 //   - tc_stats: per-CPU counters of everything lost or skipped (Stats).
 //
 // With no port and no egress match configured every TCP connection is
@@ -59,11 +61,75 @@
 // (how far the highest sequence advanced: exact whatever is retransmitted
 // or reordered), packets carrying old data, and the TCP flags seen. The
 // handshake's packets count in exchange 0; the ACK after both FINs is not
-// counted. The first new payload of each direction of each exchange sends a
-// prefix of at most Config.PayloadBytes to user space; the Assembler pairs
-// prefixes and records and runs the analyzers with the true byte counts, so
-// that what was not captured is stepped over (HTTP bodies of known length).
-// TLS and other unrecognised payloads give L3/L4 facts only.
+// counted. The connection also records which hook its client's packets
+// cross (ConnClientIngress) and the sequence number of the client's first
+// byte (from the SYN, or the SYN-ACK's acknowledgement: ReqSeq0).
+//
+// The first new payload of each direction of each exchange sends a prefix
+// to user space (Config.PayloadBytes for requests, 1024 by default;
+// Config.ResponsePayloadBytes for responses, 512: an HTTP parser needs the
+// status line and headers, the body is stepped over by its length). On a
+// connection whose request began with an HTTP/1.x method, every later
+// packet of an exchange that begins a request line or a status line is
+// captured too (a "mark", at most 64 per direction and exchange, Stats.
+// MarkLimit beyond), with the exchange's counts before it: that is how
+// pipelined requests are told apart.
+//
+// # From records to transactions
+//
+// The Assembler follows each connection (a bounded LRU of
+// AssemblerConfig.MaxConns): one parser per connection reads the captured
+// prefixes in stream order as they arrive, the bytes not captured between
+// and after them fed as gaps of known length (so bodies are stepped over),
+// and the transactions it completes wait for the record of their wire
+// exchange. A record cuts its exchange's counts into pieces at its
+// captured packets; each piece counts for the transaction whose message
+// holds its first new byte (a piece without new bytes, pure ACKs, for the
+// transaction in progress), so that the transactions' counts add up to the
+// wire's exactly. Every transaction is one Exchange, Index numbered on from
+// the wire's exchange index; all but the last of a wire exchange end
+// "pipelined". Without pipelining a transaction is exactly its wire
+// exchange, with its times. Connections no analyzer recognises (TLS, for
+// one) give one Exchange per wire exchange with the L3/L4 facts and the
+// prefixes.
+//
+// What the wire cannot separate, with only prefixes of the packets that
+// begin a direction or a message: a message that begins inside a packet
+// is read only when that packet was captured and the message starts within
+// its prefix (two small requests in one segment are; a response that a
+// server appended to the last segment of a long previous response, as
+// nginx does under backpressure, is not: its transaction is reported
+// truncated, without status, and later responses of that packet are not
+// told apart). A packet's counts go wholly to the transaction its first new
+// byte belongs to: of two requests in one packet, the second shows no
+// request packets (its L7 sizes, Tx.ReqBytes, are exact all the same).
+// Flags are those of the whole wire exchange.
+//
+// A transaction spanning wire exchanges (a pipelined request that arrives
+// while the previous response is still on the wire ends the kernel's
+// exchange) is reported with the record that completes it, with the
+// pieces of both.
+//
+// # Spans
+//
+// Exchange.Session makes each transaction a span's session: CLIENT when
+// the end behind the interface (the pod of a pod veth, the node on a NIC)
+// is the client, SERVER when it serves; with the first request byte's
+// sequence number (ConnTag) and the transaction's index, like the socket
+// tracer's sessions, so that the spans package puts it in the same trace,
+// a child of the client's socket span; its service is the workload of the
+// end behind the interface.
+//
+// # Workloads
+//
+// Each pod veth's workload is named with no configuration (peers.go): the
+// veth's peer is found by its link-netnsid among the namespaces named in
+// /run/netns and those of processes; the workload is the namespace's name,
+// else the container ID (first 12 hex digits) or the cgroup of its oldest
+// process, else the veth's name; its addresses are the peer interface's
+// global unicast ones, read again every Config.WorkloadRefresh (2 s) and
+// when a pod veth comes. Node NICs then count every pod's bytes and
+// packets in and out, and wire spans name their service.
 //
 // The packets of one connection run on several CPUs at once. Counters are
 // only ever added to atomically; an exchange's counts are the difference of
@@ -96,12 +162,14 @@
 //
 // # Cost
 //
-// Measured on the build machine (Linux 6.18, 2 vCPUs) with
-// BenchmarkProgram (BPF_PROG_TEST_RUN, warm) and BenchmarkWireCost (BPF
-// statistics on real traffic between two pods): about 9 ns per packet on an
-// interface that is not traced, about 90-110 ns for packets of traced and
-// untraced connections on a traced interface, and 230-270 ns per program
-// run on real traffic (cache misses and cross-CPU atomics included): about
-// 2 µs of BPF time per keep-alive HTTP exchange seen on two veths, about
-// 22 ns per wire packet of a 38 Gbit/s iperf3 stream (GSO).
+// Measured on the build machine (Linux 6.18, 2 vCPUs, shared; see
+// docs/benchmarks.md): about 9 ns per packet on an interface that is not
+// traced, 60-150 ns per packet in BenchmarkProgram (BPF_PROG_TEST_RUN,
+// warm), 250-370 ns per program run on real traffic (cache misses and
+// cross-CPU atomics included). A keep-alive HTTP exchange between two
+// traced pods runs the programs 8 times (request, response and ACKs on two
+// veths): 2.4-3.0 µs of BPF time, and 5-7 µs of the reader's CPU for its two
+// records and four prefixes (BenchmarkAssembler: 1.5-1.9 µs per exchange
+// for decoding, parsing and reporting alone). A bulk TCP stream costs
+// 9-19 µs of BPF time per MB.
 package tcsessions

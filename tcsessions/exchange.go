@@ -69,14 +69,59 @@ type Exchange struct {
 	ConnFlags         uint32
 	Request, Response Direction
 	// RequestPrefix and ResponsePrefix are the captured starts of the
-	// first new payload of each direction (nil when none arrived).
+	// first new payload of each direction of an exchange no analyzer
+	// read (nil when none arrived, or when Tx is set).
 	RequestPrefix, ResponsePrefix []byte
-	// Tx is the L7 transaction the analyzers read from the prefixes (nil
-	// when the payload was not recognised, e.g. TLS).
+	// Tx is the L7 transaction the analyzers read (nil when the payload
+	// was not recognised, e.g. TLS).
 	Tx *protocols.Transaction
-	// MoreTx counts further transactions the prefixes held (pipelining).
-	MoreTx int
+	// ReqSeq0 is the TCP sequence number of the client's first byte,
+	// when the SYN or SYN-ACK was seen (ConnSeq0).
+	ReqSeq0 uint32
+	// Workload names the workload of the exchange's end inside the pod
+	// or the node (see ClientInside), "" when unknown.
+	Workload string
+
+	// pieceIdx is the wire exchange all the counted pieces came from,
+	// -1 when mixed, 0 with none counted (+1 offset).
+	pieceIdx int64
 }
+
+// EndPipelined: the record is one of several transactions the wire saw in
+// one exchange (pipelined requests), not its last.
+const EndPipelined End = 101
+
+// ClientInside reports whether the exchange's client is the end behind the
+// interface: inside the pod for a pod veth (its packets come in at the
+// host side's ingress), inside the node for a node NIC (its packets leave
+// through the NIC's egress).
+func (x *Exchange) ClientInside() bool {
+	in := x.ConnFlags&ConnClientIngress != 0
+	if x.Role == RoleNode {
+		return !in
+	}
+	return in
+}
+
+func (x *Exchange) dir(d int) *Direction {
+	if d == 0 {
+		return &x.Request
+	}
+	return &x.Response
+}
+
+func (x *Exchange) notePiece(k uint32) {
+	switch x.pieceIdx {
+	case 0:
+		x.pieceIdx = int64(k) + 1
+	case int64(k) + 1, -1:
+	default:
+		x.pieceIdx = -1
+	}
+}
+
+// single reports whether every piece counted came from wire exchange k.
+func (x *Exchange) single(k uint32) bool { return x.pieceIdx == int64(k)+1 }
 
 // HandshakeRTT is SYN to SYN-ACK on the interface (0 when not seen).
 func (x *Exchange) HandshakeRTT() time.Duration {
@@ -145,19 +190,24 @@ func (x *Exchange) transaction() *protocols.Transaction {
 
 // Session returns the exchange as a span's session: Point pod_veth or
 // node_nic, the L3/L4 facts in Wire, the L7 transaction when the payload
-// was recognised.
+// was recognised. Its Kind is the side the end behind the interface plays
+// (see ClientInside); when the connection was seen from its SYN or SYN-ACK
+// it carries the first request byte's sequence number (ConnTag) and its
+// index, as the socket sessions of the same exchange do, so that its span
+// joins their trace (see the spans package); else Index is -1.
 func (x *Exchange) Session() *spans.Session {
 	point := spans.PointPodVeth
 	if x.Role == RoleNode {
 		point = spans.PointNodeNIC
 	}
-	return &spans.Session{
+	s := &spans.Session{
 		Point:     point,
+		Kind:      spans.Server,
 		Client:    x.Client,
 		Server:    x.Server,
 		Transport: "tcp",
 		ConnID:    x.ConnStart,
-		Index:     x.Index,
+		Index:     -1,
 		Tx:        x.transaction(),
 		Wire: &spans.Wire{
 			Interface:    x.Interface,
@@ -167,9 +217,22 @@ func (x *Exchange) Session() *spans.Session {
 			End:          x.End.String(),
 			SeenFrom:     x.seenFrom(),
 			RolesGuessed: x.RolesGuessed(),
+			Workload:     x.Workload,
 		},
 	}
+	if x.ClientInside() {
+		s.Kind = spans.Client
+	}
+	if x.ConnFlags&ConnSeq0 != 0 {
+		s.Index = x.Index
+		s.ConnTag = ConnTag(x.ReqSeq0)
+	}
+	return s
 }
+
+// ConnTag is spans.Session.ConnTag for a connection whose client's first
+// byte has TCP sequence number seq (the socket tracer's form).
+func ConnTag(seq uint32) uint64 { return 1<<32 | uint64(seq) }
 
 func wireDir(d Direction) spans.WireDirection {
 	return spans.WireDirection{

@@ -74,6 +74,8 @@ func (e End) String() string {
 		return "reused"
 	case EndIdle:
 		return "idle"
+	case EndPipelined:
+		return "pipelined"
 	}
 	return fmt.Sprintf("end-%d", uint8(e))
 }
@@ -89,6 +91,9 @@ const (
 	ConnFromSYNACK    = uint32(tcConnFlagCONN_FROM_SYNACK)
 	ConnFromMidstream = uint32(tcConnFlagCONN_FROM_MIDSTREAM)
 	ConnRolesGuessed  = uint32(tcConnFlagCONN_ROLES_GUESSED)
+	ConnClientIngress = uint32(tcConnFlagCONN_CLIENT_INGRESS)
+	ConnSeq0          = uint32(tcConnFlagCONN_SEQ0)
+	ConnHTTP          = uint32(tcConnFlagCONN_HTTP)
 )
 
 // maxWorkloads is the size of the workload_traffic table.
@@ -107,9 +112,10 @@ func loadObjects(cfg *Config) (*objects, error) {
 		return nil, err
 	}
 	set := map[string]any{
-		"payload_cap":  uint32(cfg.PayloadBytes),
-		"track_all":    boolByte(cfg.TrackAll),
-		"wakeup_bytes": uint64(cfg.RingBytes / 8),
+		"payload_cap":      uint32(cfg.PayloadBytes),
+		"payload_cap_resp": uint32(cfg.ResponsePayloadBytes),
+		"track_all":        boolByte(cfg.TrackAll),
+		"wakeup_bytes":     uint64(cfg.RingBytes / 8),
 	}
 	for name, v := range set {
 		vs, ok := spec.Variables[name]
@@ -231,6 +237,9 @@ type Stats struct {
 	SessionsCreated, SessionsClosed, SessionsFull uint64
 	// StateRaces counts exchange transitions lost to concurrent ones.
 	StateRaces uint64
+	// MarkLimit counts packets that began an HTTP message but were not
+	// captured: the exchange had MAX_MARKS (64) of them already.
+	MarkLimit uint64
 }
 
 // readStats sums the kernel's counters.
@@ -250,6 +259,7 @@ func (o *objects) readStats() (Stats, error) {
 		{tcTcStatIndexTC_STAT_SESSION_CLOSED, &s.SessionsClosed},
 		{tcTcStatIndexTC_STAT_SESSION_FULL, &s.SessionsFull},
 		{tcTcStatIndexTC_STAT_STATE_RACE, &s.StateRaces},
+		{tcTcStatIndexTC_STAT_MARK_LIMIT, &s.MarkLimit},
 	} {
 		var per []uint64
 		if err := o.TcStats.Lookup(uint32(f.idx), &per); err != nil {

@@ -18,7 +18,7 @@ const PollInterval = ring.PollInterval
 // kernel already wrote, then returns nil. analyzers may be nil (L3/L4
 // facts only).
 func (t *Tracer) Run(ctx context.Context, analyzers *protocols.Registry, sink func(*Exchange)) error {
-	a := NewAssembler(AssemblerConfig{Analyzers: analyzers, Interface: t.interfaceName})
+	a := NewAssembler(AssemblerConfig{Analyzers: analyzers, Interface: t.interfaceName, Workload: t.workloadAt})
 	return t.RunAssembler(ctx, a, sink)
 }
 
@@ -26,15 +26,27 @@ func (t *Tracer) Run(ctx context.Context, analyzers *protocols.Registry, sink fu
 // Stats).
 func (t *Tracer) RunAssembler(ctx context.Context, a *Assembler, sink func(*Exchange)) error {
 	lastFlush := time.Now()
+	var out []*Exchange
+	var handled, lastHandled uint64
 	return ring.Read(ctx, t.objs.TcEvents, func(raw []byte) {
-		x, err := a.Handle(raw)
+		handled++
+		var err error
+		out, err = a.Handle(raw, out[:0])
 		if err != nil {
 			t.log.Debug("bad event", "error", err.Error())
 		}
-		if x != nil {
+		for i, x := range out {
 			sink(x)
+			out[i] = nil
 		}
 	}, func() {
+		// Runs between every two records, and at every poll: while
+		// records come, read the clock only every 64th time.
+		if handled != lastHandled && handled%64 != 0 {
+			lastHandled = handled
+			return
+		}
+		lastHandled = handled
 		idle := t.cfg.IdleFlush
 		if idle <= 0 || time.Since(lastFlush) < min(idle/2, time.Second) {
 			return

@@ -30,6 +30,9 @@ const (
 	tcConnFlagCONN_FROM_SYNACK    tcConnFlag = 64
 	tcConnFlagCONN_FROM_MIDSTREAM tcConnFlag = 128
 	tcConnFlagCONN_ROLES_GUESSED  tcConnFlag = 256
+	tcConnFlagCONN_CLIENT_INGRESS tcConnFlag = 512
+	tcConnFlagCONN_SEQ0           tcConnFlag = 1024
+	tcConnFlagCONN_HTTP           tcConnFlag = 2048
 )
 
 type tcConnTuple struct {
@@ -78,6 +81,8 @@ type tcExchangeEvent struct {
 	Tuple       tcConnTuple
 	Index       uint32
 	ConnFlags   uint32
+	ReqSeq0     uint32
+	Pad2        uint32
 	FirstTs     uint64
 	SynTs       uint64
 	SynackTs    uint64
@@ -112,17 +117,22 @@ const (
 )
 
 type tcPayloadEvent struct {
-	_       structs.HostLayout
-	Kind    uint8
-	Dir     uint8
-	Cap     uint16
-	Index   uint32
-	Tuple   tcConnTuple
-	FirstTs uint64
-	Ts      uint64
-	Len     uint32
-	Seq     uint32
-	Data    [4096]uint8
+	_            structs.HostLayout
+	Kind         uint8
+	Dir          uint8
+	Cap          uint16
+	Index        uint32
+	Tuple        tcConnTuple
+	FirstTs      uint64
+	Ts           uint64
+	Len          uint32
+	Seq          uint32
+	Mark         uint16
+	Proto        uint16
+	Pad1         uint32
+	At           tcDirCounters
+	PeerNewBytes uint64
+	Data         [4096]uint8
 }
 
 type tcPayloadScratch struct {
@@ -156,6 +166,9 @@ type tcSession struct {
 	Proto       uint16
 	ClientIsLo  uint8
 	Pad         uint8
+	ReqSeq0     uint32
+	Marks       [2]uint32
+	Pad1        uint32
 }
 
 type tcTcDir uint32
@@ -193,6 +206,7 @@ const (
 	tcTcStatIndexTC_STAT_SESSION_CLOSED  tcTcStatIndex = 7
 	tcTcStatIndexTC_STAT_SESSION_FULL    tcTcStatIndex = 8
 	tcTcStatIndexTC_STAT_STATE_RACE      tcTcStatIndex = 9
+	tcTcStatIndexTC_STAT_MARK_LIMIT      tcTcStatIndex = 10
 	tcTcStatIndexTC_STAT_MAX             tcTcStatIndex = 16
 )
 
@@ -222,6 +236,7 @@ const (
 	tcProgClvTcEgress        = "clv_tc_egress"
 	tcProgClvTcIngress       = "clv_tc_ingress"
 	tcVarPayloadCap          = "payload_cap"
+	tcVarPayloadCapResp      = "payload_cap_resp"
 	tcVarTrackAll            = "track_all"
 	tcVarUnusedConnFlag      = "unused_conn_flag"
 	tcVarUnusedExchangeEnd   = "unused_exchange_end"
@@ -303,6 +318,7 @@ type tcMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcVariableSpecs struct {
 	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
+	PayloadCapResp      *ebpf.VariableSpec `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.VariableSpec `ebpf:"track_all"`
 	UnusedConnFlag      *ebpf.VariableSpec `ebpf:"unused_conn_flag"`
 	UnusedExchangeEnd   *ebpf.VariableSpec `ebpf:"unused_exchange_end"`
@@ -370,6 +386,7 @@ func (m *tcMaps) Close() error {
 // It can be passed to loadTcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcVariables struct {
 	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
+	PayloadCapResp      *ebpf.Variable `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.Variable `ebpf:"track_all"`
 	UnusedConnFlag      *ebpf.Variable `ebpf:"unused_conn_flag"`
 	UnusedExchangeEnd   *ebpf.Variable `ebpf:"unused_exchange_end"`

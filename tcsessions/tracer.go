@@ -38,6 +38,11 @@ type Tracer struct {
 
 	watchDone chan struct{} // closed when the watcher has stopped
 	stopWatch chan struct{}
+
+	// The workloads of pod veths (peers.go).
+	peerKick chan struct{}
+	peerStop chan struct{}
+	peerDone chan struct{}
 }
 
 // Open loads the programs, fills the tables from cfg, removes what an
@@ -95,6 +100,7 @@ func Open(cfg Config) (*Tracer, error) {
 		t.Close()
 		return nil, err
 	}
+	t.startPeers()
 	return t, nil
 }
 
@@ -276,7 +282,10 @@ func (t *Tracer) attachLocked(lk netlink.Link, role Role) error {
 	if _, ok := t.attached[at.Index]; ok {
 		return nil
 	}
-	a := &attachment{ifindex: at.Index, name: at.Name, role: role}
+	a := &attachment{ifindex: at.Index, name: at.Name, role: role, netnsID: -1}
+	if lk.Type() == "veth" && at.NetNsID >= 0 {
+		a.netnsID, a.peerIndex = at.NetNsID, at.ParentIndex
+	}
 	flags := ifaceSessions
 	if role == RoleNode {
 		flags |= ifaceWorkloads
@@ -304,6 +313,9 @@ func (t *Tracer) attachLocked(lk netlink.Link, role Role) error {
 	t.attached[a.ifindex] = a
 	t.order = append(t.order, a.ifindex)
 	t.log.Info("tracing interface", "interface", a.name, "ifindex", a.ifindex, "role", role.String(), "mode", a.mode)
+	if a.netnsID >= 0 && role == RolePod {
+		t.kickPeers()
+	}
 	return nil
 }
 
@@ -381,6 +393,7 @@ func (t *Tracer) removeLocked(idx int, live bool) error {
 	}
 	t.clearPorts(a)
 	t.log.Info("stopped tracing interface", "interface", a.name, "ifindex", a.ifindex, "gone", !live)
+	t.kickPeers()
 	return err
 }
 
@@ -460,6 +473,7 @@ func (t *Tracer) Close() error {
 	t.mu.Unlock()
 
 	var errs []error
+	t.stopPeers()
 	if t.stopWatch != nil {
 		close(t.stopWatch)
 		select {
@@ -564,3 +578,21 @@ func (t *Tracer) update(u netlink.LinkUpdate) {
 		}
 	}
 }
+
+// WorkloadOf returns the workload an address belongs to (SetWorkload, or
+// the address of a pod veth's peer), "" when none.
+func (t *Tracer) WorkloadOf(ip netip.Addr) string { return t.wl.ownerOf(ip) }
+
+// workloadAt names the workload of an exchange's end inside an interface:
+// the workload of its address, else, on a pod veth, the veth's.
+func (t *Tracer) workloadAt(ifindex int, addr netip.Addr) string {
+	if w := t.wl.ownerOf(addr); w != "" {
+		return w
+	}
+	return t.wl.autoName(ifindex)
+}
+
+// Workloads returns the addresses of every workload whose traffic the node
+// interfaces count: those given with SetWorkload and those found at the
+// other end of pod veths (see Config.WorkloadRefresh).
+func (t *Tracer) Workloads() map[string][]netip.Addr { return t.wl.addresses() }

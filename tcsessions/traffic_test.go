@@ -184,6 +184,15 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 				if s.Point != spans.PointPodVeth || s.Wire.Interface != veth || s.Tx != x.Tx || s.Index != i {
 					t.Errorf("%s #%d: session %+v", veth, i, s)
 				}
+				// The pod behind the veth and the side it plays; the
+				// first request byte, as both ends' sockets see it.
+				wantKind, wantWorkload := spans.Server, srv.NS.Name
+				if veth == cli.HostVeth {
+					wantKind, wantWorkload = spans.Client, cli.NS.Name
+				}
+				if s.Kind != wantKind || s.Wire.Workload != wantWorkload || s.ConnTag != ConnTag(xs[0].ReqSeq0) || xs[0].ReqSeq0 == 0 {
+					t.Errorf("%s #%d: kind %v workload %q conn tag %#x", veth, i, s.Kind, s.Wire.Workload, s.ConnTag)
+				}
 			}
 			x6 := c.wait(t, 1, 10*time.Second, and(onIface(veth), toServer(srv6)))[0]
 			if x6.Request.NewBytes != uint64(res6[0].request) || x6.Response.NewBytes != uint64(res6[0].header+res6[0].download) ||
@@ -198,7 +207,7 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 			ra, rb := a[i].Request, b[i].Request
 			pa, pb := a[i].Response, b[i].Response
 			ra.RetransPackets, rb.RetransPackets, pa.RetransPackets, pb.RetransPackets = 0, 0, 0, 0
-			if ra != rb || pa != pb {
+			if ra != rb || pa != pb || a[i].ReqSeq0 != b[i].ReqSeq0 {
 				t.Errorf("#%d: client veth %+v/%+v, server veth %+v/%+v", i, ra, pa, rb, pb)
 			}
 		}
@@ -218,8 +227,8 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 			t.Errorf("sessions created %d closed %d, want 4 and 4", st.SessionsCreated, st.SessionsClosed)
 		}
 		c.close(t) // the Assembler is the reader's until then
-		if as := c.asm.Stats(); as.Parsed != 10 || as.Orphans != 0 || as.BadEvents != 0 || c.asm.Pending() != 0 {
-			t.Errorf("assembler %+v pending %d", as, c.asm.Pending())
+		if as := c.asm.Stats(); as.Parsed != 10 || as.Orphans != 0 || as.BadEvents != 0 || as.Pipelined != 0 || c.asm.Conns() != 0 {
+			t.Errorf("assembler %+v conns %d", as, c.asm.Conns())
 		}
 	})
 }
@@ -627,5 +636,134 @@ func TestTLSOnTheWire(t *testing.T) {
 	c.close(t)
 	if st := c.asm.Stats(); st.Parsed != 0 || st.Unrecognised == 0 {
 		t.Errorf("assembler %+v", st)
+	}
+}
+
+// pipelineClient is a client that pipelines HTTP/1.1 requests on one
+// connection: in "burst" mode it sends all of them in one write; in
+// "during" mode it sends the first, waits for the first byte of its
+// response, then sends the others while that response is still on the
+// wire. It reads until the server closes (the last request asks it to) and
+// prints the bytes it sent and received.
+const pipelineClient = `
+import socket, sys, time
+host, port, mode, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+def req(p, last):
+    return ("GET %s HTTP/1.1\r\nHost: pipeline\r\n%s\r\n" % (p, "Connection: close\r\n" if last else "")).encode()
+reqs = [req(p, i == len(paths) - 1) for i, p in enumerate(paths)]
+s = socket.create_connection((host, port))
+got = b""
+if mode == "burst":
+    s.sendall(b"".join(reqs))
+else:
+    s.sendall(reqs[0])
+    got = s.recv(1)
+    time.sleep(0.1)
+    s.sendall(b"".join(reqs[1:]))
+while True:
+    b = s.recv(1 << 20)
+    if not b:
+        break
+    got += b
+print(" ".join(str(len(r)) for r in reqs), len(got))
+`
+
+// TestPipelinedHTTP: a client pipelines three requests to nginx, once all
+// in one packet, once the later two sent while the first (8 MB) response
+// is still on the wire (the kernel then sees request bytes after response
+// bytes and ends its wire exchange in the middle of the first
+// transaction). Each veth gives exactly one record per request/response
+// pair, in order, with the method, path and status read from the wire,
+// the exact size of each request, and response sizes and new bytes that
+// add up to what the client received.
+func TestPipelinedHTTP(t *testing.T) {
+	testbed.RequireTool(t, "python3")
+	node := testbed.NewNode(t, testbed.Bridged)
+	cli, srv := node.AddPod(t, "cli"), node.AddPod(t, "srv")
+	root := t.TempDir()
+	randomFile(t, root, "small.txt", 321)
+	randomFile(t, root, "big.bin", 8<<20)
+	testbed.StartNginx(t, srv.NS, 8080, root, srv.IP)
+	c := startCollector(t, node, Config{Ports: []Port{{Port: 8080, Protocol: "http"}}})
+	script := filepath.Join(t.TempDir(), "pipeline.py")
+	if err := os.WriteFile(script, []byte(pipelineClient), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		mode  string
+		paths []string
+		codes []int
+	}{
+		{"burst", []string{"/small.txt", "/missing", "/echo"}, []int{200, 404, 200}},
+		{"during", []string{"/big.bin", "/small.txt", "/echo"}, []int{200, 200, 200}},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			c.mu.Lock()
+			c.xs = nil
+			c.mu.Unlock()
+			out := strings.Fields(cli.NS.Exec(t, "python3", append([]string{script, srv.IP.String(), "8080", tc.mode}, tc.paths...)...))
+			var reqLens []int64
+			var sent, received uint64
+			for i, f := range out {
+				var n int64
+				fmt.Sscan(f, &n)
+				if i < len(out)-1 {
+					reqLens = append(reqLens, n)
+					sent += uint64(n)
+				} else {
+					received = uint64(n)
+				}
+			}
+			for _, veth := range []string{cli.HostVeth, srv.HostVeth} {
+				xs := c.wait(t, 3, 10*time.Second, onIface(veth))
+				var reqNew, respNew, respL7 uint64
+				for i, x := range xs {
+					wantEnd := EndPipelined
+					if i == 2 {
+						wantEnd = EndFIN
+					}
+					if x.Index != i || x.Tx == nil || pathOf(x) != tc.paths[i] || attrOf(x, "http.request.method").AsString() != "GET" ||
+						x.Tx.ReqBytes != reqLens[i] || x.Client.Addr() != cli.IP {
+						t.Errorf("%s #%d: %s (tx %+v)", veth, i, x, x.Tx)
+						continue
+					}
+					if x.End != wantEnd && !(tc.mode == "during" && i == 0 && x.End == EndNextRequest) {
+						t.Errorf("%s #%d: end %v", veth, i, x.End)
+					}
+					switch {
+					case x.Tx.StatusCode == tc.codes[i] && !x.Tx.Truncated && x.Phase == PhaseResponse:
+					case tc.mode == "during" && i > 0 && (x.Tx.Truncated || x.Tx.NoResponse):
+						// Its response began inside a packet that did
+						// not begin a message (nginx appended it to the
+						// big response's last segment): not read.
+						t.Logf("%s #%d: response not read from the wire: %s", veth, i, x)
+					default:
+						t.Errorf("%s #%d: %s (tx %+v)", veth, i, x, x.Tx)
+					}
+					reqNew += x.Request.NewBytes
+					respNew += x.Response.NewBytes
+					respL7 += uint64(x.Tx.RespBytes)
+				}
+				if reqNew != sent || respNew != received || respL7 != received {
+					t.Errorf("%s: new bytes %d/%d, L7 response bytes %d; the client sent %d and received %d",
+						veth, reqNew, respNew, respL7, sent, received)
+				}
+				if tc.mode == "burst" && (xs[0].Request.NewBytes != sent || xs[1].Request.Packets != 0 || xs[2].Request.Packets != 0) {
+					t.Errorf("%s: one packet carried the three requests: %s", veth, describe(xs))
+				}
+				if tc.mode == "during" && attrOf(xs[0], "http.response.body.size").AsInt64() != 8<<20 {
+					t.Errorf("%s: the first response's body %v bytes", veth, attrOf(xs[0], "http.response.body.size"))
+				}
+				t.Logf("%s %s: first record ends %v (%s)", tc.mode, veth, xs[0].End,
+					map[bool]string{true: "the wire exchange ended inside the first transaction", false: "the first response was on the wire before the next request"}[xs[0].End == EndPipelined])
+			}
+		})
+	}
+	if st, _ := c.tr.Stats(); st.ExchangesLost+st.PayloadsLost+st.MarkLimit != 0 {
+		t.Errorf("losses: %+v", st)
+	}
+	c.close(t)
+	if as := c.asm.Stats(); as.Parsed != 12 || as.Orphans != 0 || as.Unparsed != 0 || c.asm.Conns() != 0 {
+		t.Errorf("assembler %+v conns %d", as, c.asm.Conns())
 	}
 }

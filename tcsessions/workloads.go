@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -27,10 +28,22 @@ type workloads struct {
 	owner map[netip.Addr]string   // address -> workload
 	free  []uint32                // released slots
 	next  uint32                  // first never-used slot
+	// api are the workloads named through set (SetWorkload); auto the
+	// workloads of pod veths by veth (setAuto), autoNames their names.
+	api       map[string]bool
+	auto      map[int]autoWorkload
+	autoNames map[string]bool
+}
+
+// autoWorkload is the workload at the other end of a pod veth.
+type autoWorkload struct {
+	name  string
+	addrs []netip.Addr
 }
 
 func newWorkloads(o *objects) *workloads {
-	return &workloads{o: o, slots: map[string]uint32{}, ips: map[string][]netip.Addr{}, owner: map[netip.Addr]string{}}
+	return &workloads{o: o, slots: map[string]uint32{}, ips: map[string][]netip.Addr{}, owner: map[netip.Addr]string{},
+		api: map[string]bool{}, auto: map[int]autoWorkload{}, autoNames: map[string]bool{}}
 }
 
 // errWorkloadsFull says every slot of the traffic table is taken.
@@ -44,6 +57,12 @@ func (w *workloads) set(name string, ips ...netip.Addr) error {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.api[name] = true
+	delete(w.autoNames, name)
+	return w.setLocked(name, ips)
+}
+
+func (w *workloads) setLocked(name string, ips []netip.Addr) error {
 	slot, ok := w.slots[name]
 	if !ok {
 		switch {
@@ -91,6 +110,11 @@ func (w *workloads) set(name string, ips ...netip.Addr) error {
 func (w *workloads) remove(name string) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	delete(w.api, name)
+	return w.removeLocked(name)
+}
+
+func (w *workloads) removeLocked(name string) error {
 	slot, ok := w.slots[name]
 	if !ok {
 		return nil
@@ -147,6 +171,77 @@ func without(list []netip.Addr, x netip.Addr) []netip.Addr {
 		if a != x {
 			out = append(out, a)
 		}
+	}
+	return out
+}
+
+// owner returns the workload an address belongs to ("" when none).
+func (w *workloads) ownerOf(ip netip.Addr) string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.owner[ip.Unmap()]
+}
+
+// setAuto makes want the workloads of the pod veths (by veth): each name
+// gets the addresses of all its veths but those a workload named through
+// set holds; a name set through set is left alone; names of earlier calls
+// no longer wanted are removed.
+func (w *workloads) setAuto(want map[int]autoWorkload) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.auto = want
+	byName := map[string][]netip.Addr{}
+	for _, a := range want {
+		if a.name == "" || w.api[a.name] {
+			continue
+		}
+		list := byName[a.name]
+		for _, ip := range a.addrs {
+			if o, ok := w.owner[ip]; ok && w.api[o] {
+				continue
+			}
+			if !slices.Contains(list, ip) {
+				list = append(list, ip)
+			}
+		}
+		byName[a.name] = list
+	}
+	var errs []error
+	for name := range w.autoNames {
+		if _, ok := byName[name]; !ok {
+			errs = append(errs, w.removeLocked(name))
+			delete(w.autoNames, name)
+		}
+	}
+	for name, ips := range byName {
+		slices.SortFunc(ips, netip.Addr.Compare)
+		cur := slices.Clone(w.ips[name])
+		slices.SortFunc(cur, netip.Addr.Compare)
+		if w.autoNames[name] && slices.Equal(cur, ips) {
+			continue
+		}
+		w.autoNames[name] = true
+		errs = append(errs, w.setLocked(name, ips))
+	}
+	return errors.Join(errs...)
+}
+
+// autoName is the workload of a pod veth ("" when none).
+func (w *workloads) autoName(ifindex int) string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.auto[ifindex].name
+}
+
+// addresses returns every workload's addresses, sorted.
+func (w *workloads) addresses() map[string][]netip.Addr {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := make(map[string][]netip.Addr, len(w.ips))
+	for name, ips := range w.ips {
+		l := slices.Clone(ips)
+		slices.SortFunc(l, netip.Addr.Compare)
+		out[name] = l
 	}
 	return out
 }

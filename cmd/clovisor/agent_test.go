@@ -445,3 +445,118 @@ func tcPrograms(t *testing.T, ns *testbed.Netns, dev string) int {
 	}
 	return count
 }
+
+// TestJaegerWireTrace: with socket tracing of curl's and nginx's cgroups
+// and wire tracing of a node's pod veths, one exchange from curl in one
+// pod to nginx in another shows in Jaeger as ONE trace of four spans: the
+// socket CLIENT span of curl (the root), and as its children the socket
+// SERVER span of nginx, the wire span of the client pod's veth (CLIENT,
+// its service the client pod's workload: its network namespace's name)
+// and the wire span of the server pod's veth (SERVER, the server pod's
+// workload), each with the HTTP attributes read where it was seen.
+func TestJaegerWireTrace(t *testing.T) {
+	testbed.RequireRoot(t)
+	testbed.RequireTool(t, "curl")
+	j := testbed.StartJaeger(t)
+	n := testbed.NewNode(t, testbed.Routed)
+	srv, cli := n.AddPod(t, "srv"), n.AddPod(t, "cli")
+	srvCG, cliCG := testbed.NewCgroup(t, "nginx"), testbed.NewCgroup(t, "curl")
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "item.json"), []byte(`{"id":1}`+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testbed.StartNginxInCgroup(t, srv.NS, srvCG, 8080, root, srv.IP)
+	conf := filepath.Join(t.TempDir(), "clovisor.yaml")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`wire:
+  netns: /run/netns/%s
+  podInterfaces: ["@veth"]
+  nodeInterfaces: []
+  ports:
+    - {port: 8080, protocol: http}
+`, n.NS.Name)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, []string{"OTEL_EXPORTER_OTLP_ENDPOINT=" + j.OTLPHTTPEndpoint(), "OTEL_BSP_SCHEDULE_DELAY=200"},
+		"--wire=true", "--config="+conf, "--cgroup="+srvCG.Path()+","+cliCG.Path())
+	cmd := cli.NS.Command(context.Background(), "curl", "-sS", "-o", "/dev/null",
+		fmt.Sprintf("http://%s/item.json", netip.AddrPortFrom(srv.IP, 8080)))
+	if err := cliCG.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("curl: %v", err)
+	}
+	// The records of the last exchange come at the close; SIGTERM
+	// flushes them.
+	time.Sleep(300 * time.Millisecond)
+	a.stop(t)
+
+	cs := j.WaitForSpans(t, "curl", 1, 20*time.Second)
+	var trace testbed.Trace
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		traces, err := j.Traces("curl")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(traces) == 1 && len(traces[0].Spans) >= 4 || time.Now().After(deadline) {
+			if len(traces) != 1 {
+				t.Fatalf("%d traces with curl's spans, want 1", len(traces))
+			}
+			trace = traces[0]
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(trace.Spans) != 4 || len(cs) != 1 {
+		for _, s := range trace.Spans {
+			t.Logf("span %s %s %s refs %+v", s.Process.ServiceName, s.OperationName, s.SpanID, s.References)
+		}
+		t.Fatalf("the trace holds %d spans, want 4 (stderr:\n%s)", len(trace.Spans), a.stderr.String())
+	}
+	want := map[string]struct{ kind, point, iface string }{
+		"curl":      {"client", "socket", ""},
+		"nginx":     {"server", "socket", ""},
+		cli.NS.Name: {"client", "pod_veth", cli.HostVeth},
+		srv.NS.Name: {"server", "pod_veth", srv.HostVeth},
+	}
+	root0 := cs[0]
+	for _, s := range trace.Spans {
+		w, ok := want[s.Process.ServiceName]
+		if !ok {
+			t.Errorf("span of service %q", s.Process.ServiceName)
+			continue
+		}
+		delete(want, s.Process.ServiceName)
+		tags := map[string]string{"span.kind": w.kind, "clovisor.point": w.point, "http.request.method": "GET",
+			"url.path": "/item.json", "http.response.status_code": "200", "server.address": srv.IP.String()}
+		if w.iface != "" {
+			tags["network.interface.name"] = w.iface
+		}
+		for k, v := range tags {
+			if tag, ok := s.Tag(k); !ok || tag.String() != v {
+				t.Errorf("%s span: %s = %v, want %s", s.Process.ServiceName, k, tag.Value, v)
+			}
+		}
+		if s.SpanID == root0.SpanID {
+			if len(s.References) != 0 {
+				t.Errorf("curl's span has references %+v", s.References)
+			}
+			continue
+		}
+		if len(s.References) != 1 || s.References[0].RefType != "CHILD_OF" || s.References[0].SpanID != root0.SpanID {
+			t.Errorf("%s span %s: references %+v, want CHILD_OF curl's span %s", s.Process.ServiceName, s.SpanID, s.References, root0.SpanID)
+		}
+		// The response reached curl after it crossed the veths. (The
+		// start may precede curl's span by the send call's own time:
+		// the socket tracer dates a send when the call returns, after
+		// the veths carried its packet.)
+		if s.StartTime+s.Duration > root0.StartTime+root0.Duration || s.StartTime < root0.StartTime-1000 {
+			t.Errorf("%s span [%d, +%d µs] does not fit curl's [%d, +%d µs]", s.Process.ServiceName, s.StartTime, s.Duration,
+				root0.StartTime, root0.Duration)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("no span of %v", want)
+	}
+}

@@ -329,8 +329,8 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 	msearch("after")
 	waitUntil(t, a, "M-SEARCH spans at the socket (both ends) and on the wire", 10*time.Second, func() bool {
 		sp := findSpans(parseSpans(t, a.stdout.String()), map[string]string{"http.request.method_original": "M-SEARCH", "url.path": "*"})
-		return len(findSpans(sp, map[string]string{"kind": "SERVER", "res:k8s.pod.name": web.Name})) == 1 &&
-			len(findSpans(sp, map[string]string{"kind": "CLIENT", "res:k8s.pod.name": "client"})) == 1 &&
+		return len(findSpans(sp, map[string]string{"kind": "SERVER", "clovisor.point": "socket", "res:k8s.pod.name": web.Name})) == 1 &&
+			len(findSpans(sp, map[string]string{"kind": "CLIENT", "clovisor.point": "socket", "res:k8s.pod.name": "client"})) == 1 &&
 			len(findSpans(sp, map[string]string{"clovisor.point": "pod_veth", "network.interface.name": web.Net.HostVeth})) == 1
 	})
 
@@ -374,7 +374,7 @@ func testKubernetes(t *testing.T, driver testbed.CgroupDriver) {
 	}
 	client.Exec(t, "curl", "curl", "-sS", "-o", "/dev/null", url+"?after=invalid")
 	waitUntil(t, a, "spans after the invalid edit", 10*time.Second, func() bool {
-		return len(findSpans(parseSpans(t, a.stdout.String()), map[string]string{"kind": "SERVER", "url.query": "after=invalid",
+		return len(findSpans(parseSpans(t, a.stdout.String()), map[string]string{"kind": "SERVER", "clovisor.point": "socket", "url.query": "after=invalid",
 			"res:k8s.pod.name": web.Name})) == 1
 	})
 
@@ -421,7 +421,7 @@ spec:
 	})
 	client.Exec(t, "curl", "curl", "-sS", "-o", "/dev/null", fmt.Sprintf("http://%s/index.html?late=1", netip.AddrPortFrom(late.Net.IP, 8080)))
 	waitUntil(t, a, "spans of the late pod", 10*time.Second, func() bool {
-		return len(findSpans(parseSpans(t, a.stdout.String()), map[string]string{"kind": "SERVER", "url.query": "late=1",
+		return len(findSpans(parseSpans(t, a.stdout.String()), map[string]string{"kind": "SERVER", "clovisor.point": "socket", "url.query": "late=1",
 			"res:k8s.pod.name": "late", "res:service.name": "late"})) == 1
 	})
 	a.stop(t)

@@ -229,6 +229,14 @@ func StartNginx(t testing.TB, ns *Netns, port uint16, root string, addrs ...neti
 	return startNginx(t, nginxConfig{ns: ns, port: port, root: root, addrs: addrs, sendfile: true})
 }
 
+// StartNginxInCgroup is StartNginx with nginx in cgroup cg, and sending
+// its responses with write calls (no sendfile), so that a socket tracer of
+// the cgroup sees their bytes.
+func StartNginxInCgroup(t testing.TB, ns *Netns, cg *Cgroup, port uint16, root string, addrs ...netip.Addr) *Server {
+	t.Helper()
+	return startNginx(t, nginxConfig{ns: ns, cgroup: cg, port: port, root: root, addrs: addrs})
+}
+
 // StartNginxTLS is StartNginx serving HTTPS with the certificate and key
 // in the given PEM files.
 func StartNginxTLS(t testing.TB, ns *Netns, port uint16, root, certFile, keyFile string, addrs ...netip.Addr) *Server {

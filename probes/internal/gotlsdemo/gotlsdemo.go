@@ -212,7 +212,27 @@ func Build(t testing.TB, source string, v Variant) string {
 			t.Fatalf("gotlsdemo: %v", err)
 		}
 	}
+	pruneOld(filepath.Dir(dir), v.String()+"-", filepath.Base(dir))
 	return bin
+}
+
+// pruneOld removes builds of the same variant from other sources (older
+// versions of the program) that are more than a day old: a checkout
+// testing another version at the same time keeps its build.
+func pruneOld(parent, prefix, keep string) {
+	ents, err := os.ReadDir(parent)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if !e.IsDir() || name == keep || !strings.HasPrefix(name, prefix) || len(name) != len(prefix)+16 {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > 24*time.Hour {
+			os.RemoveAll(filepath.Join(parent, name))
+		}
+	}
 }
 
 // CacheDir is the test cache folder shared with scripts/.

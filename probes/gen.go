@@ -9,5 +9,6 @@ package probes
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketKprobe ../bpf/socket_kprobe.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketFentry ../bpf/socket_fentry.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 socketTPSys ../bpf/socket_tpsys.c -- -I../bpf/headers
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 tlsGo ../bpf/tls_go.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 -type ssl_stat tlsOpenSSL ../bpf/tls_openssl.c -- -I../bpf/headers
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target amd64,arm64 -type watch_event -type watch_kind tlsProcWatch ../bpf/tls_procwatch.c -- -I../bpf/headers

@@ -405,7 +405,7 @@ func loadErr(what string, err error) error {
 func LoadedPrograms() (map[ebpf.ProgramID]string, error) {
 	names := map[string]bool{}
 	for _, load := range []func() (*ebpf.CollectionSpec, error){loadSocketTP, loadSocketTPSys, loadSocketKprobe, loadSocketFentry,
-		loadTlsOpenSSL, loadTlsProcWatch} {
+		loadTlsOpenSSL, loadTlsProcWatch, loadTlsGo} {
 		spec, err := load()
 		if err != nil {
 			return nil, err

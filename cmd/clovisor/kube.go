@@ -634,11 +634,15 @@ func (x *exportSwitch) reconfigure(log *slog.Logger, o *options, old, cur *podma
 		log.Warn("clovisor_payload_bytes changed: it takes effect when the agent restarts (the loaded programs keep their prefix size)",
 			"now", o.payloadBytes, "configured", cur.PayloadBytes)
 	}
+	// Unless fixed by a flag, endpoint and protocol are the ConfigMap's
+	// now: o holds the values the ConfigMap had at start (kubeSetup.apply),
+	// which a later edit that drops the keys must not bring back. Without
+	// an endpoint the current exporter stays.
 	endpoint, protocol := o.endpoint, o.protocol
-	if !o.set["otlp-endpoint"] && cur.Endpoint != "" {
+	if !o.set["otlp-endpoint"] {
 		endpoint = cur.Endpoint
 	}
-	if !o.set["otlp-protocol"] && cur.Protocol != "" {
+	if !o.set["otlp-protocol"] {
 		protocol = cur.Protocol
 	}
 	x.mu.RLock()

@@ -206,3 +206,55 @@ func TestKeepWire(t *testing.T) {
 		}
 	}
 }
+
+// TestExportSwitchReconfigure: the exporter follows the ConfigMap's
+// endpoint and protocol; a ConfigMap without them keeps the current one
+// (never the values the ConfigMap had when the agent started, which
+// kubeSetup.apply put in the options); flags win over the ConfigMap.
+func TestExportSwitchReconfigure(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var made []string
+	mk := func(endpoint, protocol string) (*spans.Exporter, error) {
+		made = append(made, endpoint+" "+protocol)
+		return spans.New(context.Background(), spans.Config{Output: spans.OutputJSON, Writer: io.Discard}, log)
+	}
+	cfg := func(endpoint, protocol string) *podmap.LiveConfig {
+		c := podmap.DefaultLiveConfig()
+		c.Endpoint, c.Protocol = endpoint, protocol
+		return c
+	}
+	first, _ := mk("http://a:4318", "http/protobuf")
+	made = nil
+	// As after kubeSetup.apply with a ConfigMap naming A.
+	o := &options{endpoint: "http://a:4318", protocol: "http/protobuf", set: map[string]bool{}}
+	x := &exportSwitch{cur: first, endpoint: o.endpoint, protocol: o.protocol}
+	steps := []struct {
+		cfg  *podmap.LiveConfig
+		want string // endpoint and protocol now, "" unchanged
+	}{
+		{cfg("http://a:4318", "http/protobuf"), ""},
+		{cfg("http://b:4317", "grpc"), "http://b:4317 grpc"},
+		{cfg("", ""), ""}, // keys removed: B stays
+		{cfg("http://b:4317", ""), "http://b:4317 "}, // protocol key removed: the default
+		{cfg("http://a:4318", "http/json"), "http://a:4318 http/json"},
+	}
+	old := cfg("http://a:4318", "http/protobuf")
+	for i, s := range steps {
+		made = nil
+		x.reconfigure(log, o, old, s.cfg, mk)
+		old = s.cfg
+		got := strings.Join(made, ",")
+		if got != s.want {
+			t.Errorf("step %d: exporter made %q, want %q", i, got, s.want)
+		}
+	}
+	// With --otlp-endpoint and --otlp-protocol, the ConfigMap changes nothing.
+	o = &options{endpoint: "http://flag:4318", protocol: "grpc", set: map[string]bool{"otlp-endpoint": true, "otlp-protocol": true}}
+	x = &exportSwitch{cur: first, endpoint: o.endpoint, protocol: o.protocol}
+	made = nil
+	x.reconfigure(log, o, nil, cfg("http://b:4317", "http/protobuf"), mk)
+	if len(made) != 0 {
+		t.Errorf("flags set: exporter made %v", made)
+	}
+	_ = x.Shutdown(context.Background())
+}

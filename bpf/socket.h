@@ -149,9 +149,27 @@ struct data_scratch {
 	__u8 spill[MAX_PAYLOAD];
 };
 
+/* Payload prefix per call: a run-time setting (in .data, not .rodata), which
+ * user space may change while the programs run (Tracer.SetPayloadBytes).
+ * Read it through payload_prefix, which bounds it to MAX_PAYLOAD. */
+volatile __u32 payload_cap = 4096;
+
+/* payload_prefix is how many of len bytes a data event carries: at most
+ * payload_cap, and never more than MAX_PAYLOAD whatever payload_cap holds. */
+static __always_inline __u32 payload_prefix(__u32 len)
+{
+	__u32 cap = payload_cap;
+	if (cap > MAX_PAYLOAD)
+		cap = MAX_PAYLOAD;
+	__u32 want = len < cap ? len : cap;
+	/* The copies mask want (SCRATCH_MASK) for the verifier: hide the bound
+	 * above from the compiler, which would drop those masks as no-ops. */
+	barrier_var(want);
+	return want;
+}
+
 /* Settings fixed at load time by user space. */
 volatile const __u32 self_tgid = 0;        /* the agent: never traced */
-volatile const __u32 payload_cap = 4096;   /* payload prefix per call */
 volatile const __u8 filter_cgroups = 0;    /* trace only traced_cgroups */
 volatile const __u8 filter_ports = 0;      /* trace only traced_ports */
 /* Waking the reader for every event costs far more than the event (an
@@ -502,7 +520,7 @@ static __always_inline __u32 copy_payload(__u8 *dst, __u32 want, __u32 off)
 	case NR_write:
 	case NR_sendto:
 	case NR_recvfrom:
-		/* want <= payload_cap <= MAX_PAYLOAD: the mask changes nothing
+		/* want <= MAX_PAYLOAD (payload_prefix): the mask changes nothing
 		 * but lets the verifier see the copy stays inside the scratch
 		 * buffer (data + spill). */
 		want &= SCRATCH_MASK;
@@ -713,7 +731,7 @@ static __always_inline void ktls_submit(struct data_event *e, const void *ctx, _
 	e->seq = 0;
 	e->len = len;
 	e->tls_version = ktls_version(ctx);
-	__u32 want = len < payload_cap ? len : payload_cap;
+	__u32 want = payload_prefix(len);
 	data_submit(e, copy_payload(e->data, want, 0));
 }
 
@@ -755,7 +773,7 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 	}
 	e->seq = seq;
 	e->len = len;
-	__u32 want = len < payload_cap ? len : payload_cap;
+	__u32 want = payload_prefix(len);
 	data_submit(e, copy_payload(e->data, want, off));
 }
 

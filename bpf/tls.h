@@ -49,7 +49,7 @@ static __always_inline void emit_plain(struct sock *sk, __u8 dir, __u8 source, c
 		return;
 	e->len = len;
 	e->tls_version = tls_version;
-	__u32 want = len < payload_cap ? len : payload_cap;
+	__u32 want = payload_prefix(len);
 	want &= SCRATCH_MASK;
 	__u32 got = want;
 	if (bpf_probe_read_user(e->data, want, buf))

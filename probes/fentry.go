@@ -62,11 +62,14 @@ func (fentryMode) open(t *Tracer, o *Options) error {
 		}
 		return fmt.Errorf("%w: the kernel refuses fentry/fexit programs (BPF trampolines: CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS and BTF): %v", ErrUnsupported, rootCause(err))
 	}
-	maps, progs, accept := objs.socketFentryMaps, objs.fentryPrograms, objs.Accept4
+	maps, progs, accept, payloadCap := objs.socketFentryMaps, objs.fentryPrograms, objs.Accept4, objs.PayloadCap
 	if nargs == 2 {
-		maps, progs, accept = objs2.socketFentryMaps, objs2.fentryPrograms, objs2.Accept2
+		maps, progs, accept, payloadCap = objs2.socketFentryMaps, objs2.fentryPrograms, objs2.Accept2, objs2.PayloadCap
 	}
 	t.add(&maps)
+	if err := t.addPayloadVar(payloadCap); err != nil {
+		return err
+	}
 	t.Events, t.stats, t.cgroups, t.ports = maps.Events, maps.Stats, maps.TracedCgroups, maps.TracedPorts
 	t.programs = map[string]*ebpf.Program{
 		"fx_tcp_v4_connect":  progs.FxTcpV4Connect,

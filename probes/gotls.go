@@ -31,7 +31,8 @@ const (
 // goTLSObjects are the parts of the tlsGo object the prober loads.
 type goTLSObjects struct {
 	tlsGoPrograms
-	Calls *ebpf.Map `ebpf:"go_tls_calls"`
+	Calls      *ebpf.Map      `ebpf:"go_tls_calls"`
+	PayloadCap *ebpf.Variable `ebpf:"payload_cap"`
 }
 
 func (o *goTLSObjects) Close() error {
@@ -39,6 +40,7 @@ func (o *goTLSObjects) Close() error {
 }
 
 type goTLSProber struct {
+	t    *Tracer
 	objs goTLSObjects
 	// multi: the programs attach through uprobe_multi links (Linux 6.6+),
 	// one link per program and file for all its places; else one uprobe
@@ -61,7 +63,7 @@ func newGoTLSProberLinks(t *Tracer, multi bool) (*goTLSProber, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &goTLSProber{multi: multi}
+	p := &goTLSProber{t: t, multi: multi}
 	if p.multi {
 		for _, name := range goTLSPrograms {
 			spec.Programs[name].AttachType = ebpf.AttachTraceUprobeMulti
@@ -75,7 +77,10 @@ func newGoTLSProberLinks(t *Tracer, multi bool) (*goTLSProber, error) {
 
 func (p *goTLSProber) name() string { return "go_tls" }
 
-func (p *goTLSProber) Close() error { return p.objs.Close() }
+func (p *goTLSProber) Close() error {
+	p.t.dropPayloadVar(p.objs.PayloadCap)
+	return p.objs.Close()
+}
 
 // goTLSProbe is a program for one function: at its entry, at its RETs.
 type goTLSProbe struct {

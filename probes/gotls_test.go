@@ -733,3 +733,82 @@ func TestGoTLSThroughManager(t *testing.T) {
 	}
 	t.Logf("TLS tracing closed in %v", time.Since(start))
 }
+
+func countGoTLS(as []TLSAttachment) int {
+	n := 0
+	for _, a := range as {
+		if a.Impl == "go_tls" {
+			n++
+		}
+	}
+	return n
+}
+
+// TestGoTLSPayloadBytesLive checks that SetPayloadBytes reaches the Go
+// crypto/tls uprobe object: loaded at 64 bytes, every plaintext event of
+// the client's exchange has cap min(len, 64) and one event has cap 64;
+// after SetPayloadBytes(300), the next exchange's events have cap
+// min(len, 300) and one has cap 300. A Go TLS object loaded after the
+// change starts with 300 too.
+func TestGoTLSPayloadBytesLive(t *testing.T) {
+	bin := gotlsdemo.Build(t, gotlsdemo.DemoSource(), gotlsdemo.Variant{})
+	p := gotlsdemo.NewPair(t)
+	p.StartServer(t, bin)
+	g := traceGoTLS(t, bin, Options{PayloadBytes: 64}, p.ClientCG.ID(), p.ServerCG.ID())
+	const want = "GET /hello 200 1231\nPOST /echo 200 3000\nGET /nope 404 19\nGET /hello 200 1231\n"
+	// exchange runs the client and checks the plaintext events of its
+	// connection (those after the first skip records).
+	exchange := func(skip, wantCap int) int {
+		t.Helper()
+		out, clientPID := p.RunClient(t, bin, "client", p.URL(""))
+		if out != want {
+			t.Fatalf("client printed\n%s\nwant\n%s", out, want)
+		}
+		// The client's plaintext: 3000 bytes of POST body sent, 1231 bytes
+		// of a response body received.
+		recs := g.waitFor(t, "the client's plaintext", func(recs []record) bool {
+			var sent, recvd uint64
+			for _, r := range recs[min(skip, len(recs)):] {
+				if r.data != nil && r.data.Source == SourceGoTLS && r.data.Tgid == clientPID {
+					if r.data.Dir == DirSend {
+						sent += uint64(r.data.Len)
+					} else {
+						recvd += uint64(r.data.Len)
+					}
+				}
+			}
+			return sent >= 3000 && recvd >= 1231*2
+		})
+		full := 0
+		for _, r := range recs[skip:] {
+			if r.data == nil || r.data.Source != SourceGoTLS || r.data.Tgid != clientPID {
+				continue
+			}
+			if c := int(min(r.data.Len, uint32(wantCap))); int(r.data.Cap) != c || len(r.payload) != c {
+				t.Errorf("plaintext event of %d bytes: cap %d (%d payload bytes), want %d", r.data.Len, r.data.Cap, len(r.payload), c)
+			}
+			if int(r.data.Cap) == wantCap {
+				full++
+			}
+		}
+		if full == 0 {
+			t.Errorf("no plaintext event with cap %d", wantCap)
+		}
+		return len(recs)
+	}
+	n := exchange(0, 64)
+	if err := g.tr.SetPayloadBytes(300); err != nil {
+		t.Fatal(err)
+	}
+	exchange(n, 300)
+
+	later, err := newGoTLSProber(g.tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer later.Close()
+	var v uint32
+	if err := later.(*goTLSProber).objs.PayloadCap.Get(&v); err != nil || v != 300 {
+		t.Fatalf("payload_cap of a Go TLS object loaded after SetPayloadBytes(300): %d, %v", v, err)
+	}
+}

@@ -48,6 +48,9 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 		return loadErr("kprobe programs", err)
 	}
 	t.add(&objs)
+	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
+		return err
+	}
 	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err

@@ -147,21 +147,23 @@ type opensslProber struct {
 // opensslObjs are the loaded uprobe programs and maps of
 // bpf/tls_openssl.c.
 type opensslObjs struct {
-	SslEntry       *ebpf.Program `ebpf:"ssl_entry"`
-	SslReturn      *ebpf.Program `ebpf:"ssl_return"`
-	SslEntryMulti  *ebpf.Program `ebpf:"ssl_entry_multi"`
-	SslReturnMulti *ebpf.Program `ebpf:"ssl_return_multi"`
-	SslCalls       *ebpf.Map     `ebpf:"ssl_calls"`
-	SslStats       *ebpf.Map     `ebpf:"ssl_stats"`
+	SslEntry       *ebpf.Program  `ebpf:"ssl_entry"`
+	SslReturn      *ebpf.Program  `ebpf:"ssl_return"`
+	SslEntryMulti  *ebpf.Program  `ebpf:"ssl_entry_multi"`
+	SslReturnMulti *ebpf.Program  `ebpf:"ssl_return_multi"`
+	SslCalls       *ebpf.Map      `ebpf:"ssl_calls"`
+	SslStats       *ebpf.Map      `ebpf:"ssl_stats"`
+	PayloadCap     *ebpf.Variable `ebpf:"payload_cap"`
 }
 
 // opensslClassic are the same without the uprobe_multi programs, for
 // kernels before 6.6, which refuse to load those.
 type opensslClassic struct {
-	SslEntry  *ebpf.Program `ebpf:"ssl_entry"`
-	SslReturn *ebpf.Program `ebpf:"ssl_return"`
-	SslCalls  *ebpf.Map     `ebpf:"ssl_calls"`
-	SslStats  *ebpf.Map     `ebpf:"ssl_stats"`
+	SslEntry   *ebpf.Program  `ebpf:"ssl_entry"`
+	SslReturn  *ebpf.Program  `ebpf:"ssl_return"`
+	SslCalls   *ebpf.Map      `ebpf:"ssl_calls"`
+	SslStats   *ebpf.Map      `ebpf:"ssl_stats"`
+	PayloadCap *ebpf.Variable `ebpf:"payload_cap"`
 }
 
 func (o *opensslObjs) Close() error {
@@ -190,7 +192,8 @@ func newOpenSSLProber(t *Tracer) (tlsProber, error) {
 	if err := t.loadTLSObjects(spec, &c); err != nil {
 		return nil, loadErr("OpenSSL uprobes", err)
 	}
-	p.objs = opensslObjs{SslEntry: c.SslEntry, SslReturn: c.SslReturn, SslCalls: c.SslCalls, SslStats: c.SslStats}
+	p.objs = opensslObjs{SslEntry: c.SslEntry, SslReturn: c.SslReturn, SslCalls: c.SslCalls, SslStats: c.SslStats,
+		PayloadCap: c.PayloadCap}
 	return p, nil
 }
 
@@ -562,6 +565,7 @@ func (p *opensslProber) Close() error {
 	}
 	p.ioLinks, p.io, p.ioNames = nil, nil, nil
 	p.mu.Unlock()
+	p.t.dropPayloadVar(p.objs.PayloadCap)
 	errs = append(errs, p.objs.Close())
 	return errors.Join(errs...)
 }

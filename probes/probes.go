@@ -147,6 +147,71 @@ type Tracer struct {
 
 	tlsMu sync.Mutex
 	tls   *TLSTracer // TLS tracing per process, told of cgroup changes
+	// payloadMu guards opts.PayloadBytes, which SetPayloadBytes changes
+	// after Open, and payloadVars: the payload_cap variables of every
+	// loaded object (the socket object's, each TLS uprobe object's).
+	payloadMu   sync.Mutex
+	payloadVars map[*ebpf.Variable]struct{}
+}
+
+// SetPayloadBytes changes the payload prefix copied per call (0 to
+// MaxPayload bytes) while the programs run: in the socket object, in every
+// loaded TLS uprobe object, and in those loaded later. Calls already past
+// reading the setting keep the previous size.
+func (t *Tracer) SetPayloadBytes(n int) error {
+	if n < 0 || n > MaxPayload {
+		return fmt.Errorf("payload prefix %d bytes: must be between 0 and %d", n, MaxPayload)
+	}
+	t.payloadMu.Lock()
+	defer t.payloadMu.Unlock()
+	var errs []error
+	for v := range t.payloadVars {
+		if err := v.Set(uint32(n)); err != nil {
+			errs = append(errs, fmt.Errorf("setting the payload prefix: %w", err))
+		}
+	}
+	t.opts.PayloadBytes = n
+	return errors.Join(errs...)
+}
+
+// PayloadBytes is the payload prefix copied per call now.
+func (t *Tracer) PayloadBytes() int {
+	t.payloadMu.Lock()
+	defer t.payloadMu.Unlock()
+	return t.opts.PayloadBytes
+}
+
+// addPayloadVar registers a loaded object's payload_cap variable, which it
+// sets to the current prefix (the object may have been configured before a
+// SetPayloadBytes).
+func (t *Tracer) addPayloadVar(v *ebpf.Variable) error {
+	if v == nil {
+		return errors.New("BPF object has no variable payload_cap")
+	}
+	t.payloadMu.Lock()
+	defer t.payloadMu.Unlock()
+	if err := v.Set(uint32(t.opts.PayloadBytes)); err != nil {
+		return fmt.Errorf("setting payload_cap: %w", err)
+	}
+	if t.payloadVars == nil {
+		t.payloadVars = map[*ebpf.Variable]struct{}{}
+	}
+	t.payloadVars[v] = struct{}{}
+	return nil
+}
+
+// dropPayloadVar forgets an unloaded object's payload_cap variable.
+func (t *Tracer) dropPayloadVar(v *ebpf.Variable) {
+	t.payloadMu.Lock()
+	delete(t.payloadVars, v)
+	t.payloadMu.Unlock()
+}
+
+// options is a copy of the options, as they are now.
+func (t *Tracer) options() Options {
+	t.payloadMu.Lock()
+	defer t.payloadMu.Unlock()
+	return t.opts
 }
 
 // Programs returns the attached programs by name (for their run-time

@@ -4,6 +4,8 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"io"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -61,9 +63,16 @@ type tlsTarget interface {
 
 // loadTLSObjects loads a TLS uprobe object (built from a C file including
 // bpf/tls.h) into objs, sharing the tracer's ring buffer, statistics and
-// filter maps, with the tracer's settings and socket cookie scheme.
+// filter maps, with the tracer's settings and socket cookie scheme. objs
+// must have a PayloadCap *ebpf.Variable field for payload_cap: it is
+// registered for SetPayloadBytes, and the caller unregisters it
+// (dropPayloadVar) when it unloads the object.
 func (t *Tracer) loadTLSObjects(spec *ebpf.CollectionSpec, objs any) error {
-	o := t.opts
+	capField := reflect.ValueOf(objs).Elem().FieldByName("PayloadCap")
+	if !capField.IsValid() || capField.Type() != reflect.TypeFor[*ebpf.Variable]() {
+		return fmt.Errorf("%T has no PayloadCap *ebpf.Variable field", objs)
+	}
+	o := t.options()
 	if err := configure(spec, &o); err != nil {
 		return err
 	}
@@ -77,12 +86,23 @@ func (t *Tracer) loadTLSObjects(spec *ebpf.CollectionSpec, objs any) error {
 	if err := spec.Variables["cookie_from_ptr"].Set(fromPtr); err != nil {
 		return fmt.Errorf("setting cookie_from_ptr: %w", err)
 	}
-	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+	err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 		"events":         t.Events,
 		"stats":          t.stats,
 		"traced_cgroups": t.cgroups,
 		"traced_ports":   t.ports,
 	}})
+	if err != nil {
+		return err
+	}
+	// A SetPayloadBytes since the options were read above is applied here.
+	if err := t.addPayloadVar(capField.Interface().(*ebpf.Variable)); err != nil {
+		if c, ok := objs.(io.Closer); ok {
+			c.Close()
+		}
+		return err
+	}
+	return nil
 }
 
 // tlsProberFactories make the probers, one per TLS implementation; each

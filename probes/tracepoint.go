@@ -67,6 +67,9 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 	}
 	t.add(&objs)
 	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
+		return err
+	}
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
 	}
@@ -125,6 +128,9 @@ func openTPSys(t *Tracer, o *Options) error {
 	}
 	t.add(&objs)
 	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
+		return err
+	}
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"debug/elf"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -743,3 +744,54 @@ func TestOpenSSLInternalFunctions(t *testing.T) {
 
 // SystemLibssl is the machine's libssl.so.3.
 const SystemLibssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+
+// TestTLSObjectsFollowPayloadBytes: the OpenSSL and Go crypto/tls objects
+// start with the tracer's payload prefix, follow SetPayloadBytes, and are
+// forgotten by the tracer when closed.
+func TestTLSObjectsFollowPayloadBytes(t *testing.T) {
+	testbed.RequireRoot(t)
+	tr, err := Open(Options{Mode: testMode(), FilterCgroups: true, PayloadBytes: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	ossl, err := newOpenSSLProber(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotls, err := newGoTLSProber(tr)
+	if err != nil {
+		ossl.Close()
+		t.Fatal(err)
+	}
+	vars := map[string]*ebpf.Variable{
+		"openssl": ossl.(*opensslProber).objs.PayloadCap,
+		"go_tls":  gotls.(*goTLSProber).objs.PayloadCap,
+	}
+	check := func(want uint32) {
+		t.Helper()
+		for name, v := range vars {
+			var got uint32
+			if err := v.Get(&got); err != nil || got != want {
+				t.Errorf("%s payload_cap = %d (%v), want %d", name, got, err, want)
+			}
+		}
+	}
+	check(64)
+	if err := tr.SetPayloadBytes(500); err != nil {
+		t.Fatal(err)
+	}
+	check(500)
+	if n := len(tr.payloadVars); n != 3 {
+		t.Errorf("tracer holds %d payload_cap variables, want 3 (socket, OpenSSL, Go)", n)
+	}
+	if err := errors.Join(ossl.Close(), gotls.Close()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(tr.payloadVars); n != 1 {
+		t.Errorf("after closing the TLS objects the tracer holds %d payload_cap variables, want 1", n)
+	}
+	if err := tr.SetPayloadBytes(0); err != nil || tr.PayloadBytes() != 0 {
+		t.Errorf("SetPayloadBytes(0): %v, prefix now %d", err, tr.PayloadBytes())
+	}
+}

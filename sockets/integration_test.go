@@ -38,6 +38,9 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv(sockets.EnvKTLSPeer); spec != "" {
 		os.Exit(sockets.KTLSPeer(spec))
 	}
+	if spec := os.Getenv(sockets.EnvPayloadSender); spec != "" {
+		os.Exit(sockets.PayloadSender(spec))
+	}
 	os.Exit(m.Run())
 }
 

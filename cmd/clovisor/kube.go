@@ -600,6 +600,34 @@ func (ks *kubeSetup) agent(log *slog.Logger, o *options, sock socketTables, wire
 	return ka, nil
 }
 
+// payloadSetter is the socket tracer's run-time payload prefix.
+type payloadSetter interface {
+	PayloadBytes() int
+	SetPayloadBytes(n int) error
+}
+
+// livePayload applies the ConfigMap's clovisor_payload_bytes to the loaded
+// programs at once (no restart), unless --payload-bytes was given: that
+// wins. A key removed from the ConfigMap returns to the flag's default.
+func livePayload(log *slog.Logger, o *options, cur *podmap.LiveConfig, tr payloadSetter) {
+	if o.set["payload-bytes"] {
+		return
+	}
+	n := cur.PayloadBytes
+	if n == 0 {
+		n = probes.DefaultPayload
+	}
+	prev := tr.PayloadBytes()
+	if n == prev {
+		return
+	}
+	if err := tr.SetPayloadBytes(n); err != nil {
+		log.Error("clovisor_payload_bytes not applied", "component", "kubernetes", "configured", n, "error", err.Error())
+		return
+	}
+	log.Info("payload prefix changed", "component", "kubernetes", "payload_bytes", n, "previous", prev)
+}
+
 // exportSwitch hands sessions to the current Exporter; a new exporter
 // endpoint in the ConfigMap replaces it without a restart.
 type exportSwitch struct {
@@ -625,15 +653,10 @@ func (x *exportSwitch) Shutdown(ctx context.Context) error {
 
 // reconfigure replaces the exporter when the ConfigMap's endpoint or
 // protocol changed (and the command line does not fix them); the old one
-// is flushed in the background. The payload size is fixed in the loaded
-// BPF programs: a change is reported to take effect at the next start.
+// is flushed in the background.
 func (x *exportSwitch) reconfigure(log *slog.Logger, o *options, old, cur *podmap.LiveConfig,
 	mk func(endpoint, protocol string) (*spans.Exporter, error)) {
 	log = log.With("component", "kubernetes")
-	if old != nil && old.PayloadBytes != cur.PayloadBytes && !o.set["payload-bytes"] {
-		log.Warn("clovisor_payload_bytes changed: it takes effect when the agent restarts (the loaded programs keep their prefix size)",
-			"now", o.payloadBytes, "configured", cur.PayloadBytes)
-	}
 	// Unless fixed by a flag, endpoint and protocol are the ConfigMap's
 	// now: o holds the values the ConfigMap had at start (kubeSetup.apply),
 	// which a later edit that drops the keys must not bring back. Without

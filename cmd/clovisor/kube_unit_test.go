@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -19,6 +21,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/clovisor/clovisor/podmap"
+	"github.com/clovisor/clovisor/probes"
 	"github.com/clovisor/clovisor/spans"
 	"github.com/clovisor/clovisor/tcsessions"
 )
@@ -107,6 +110,8 @@ func TestReconcileLogic(t *testing.T) {
 	}
 	ka := newKubeAgent(log, w, h, "n1", sock, nil, nil, cfg, configMapVersion(w.ConfigMap()))
 	ka.maxPaylod = 8192
+	payload := &fakePayload{n: 4096}
+	ka.onConfig = func(_, cur *podmap.LiveConfig) { livePayload(log, &options{set: map[string]bool{}}, cur, payload) }
 	eventually := func(what string, cond func() bool) {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)
@@ -153,13 +158,21 @@ func TestReconcileLogic(t *testing.T) {
 		t.Errorf("after the invalid edit: traced %v, labels %s", s, ka.cfg.Labels)
 	}
 
-	// Valid: both namespaces.
-	cm.Data = map[string]string{"clovisor_labels": "shop\nother:app=b", "clovisor_egress_match": "192.0.2.0/24:80"}
+	if calls := payload.calls(); len(calls) != 0 {
+		t.Errorf("payload prefix set to %v, before any clovisor_payload_bytes", calls)
+	}
+
+	// Valid: both namespaces, and a payload prefix applied at once.
+	cm.Data = map[string]string{"clovisor_labels": "shop\nother:app=b", "clovisor_egress_match": "192.0.2.0/24:80",
+		"clovisor_payload_bytes": "300"}
 	cm.ResourceVersion = "3"
 	if _, err := client.CoreV1().ConfigMaps("clovisor").Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	eventually("both pods traced", func() bool { return len(sock.set()) == 2 })
+	if calls := payload.calls(); !slices.Equal(calls, []int{300}) {
+		t.Errorf("SetPayloadBytes calls %v after clovisor_payload_bytes: 300, want [300]", calls)
+	}
 	if len(ka.cfg.Egress) != 1 || ka.cfg.Egress[0].Prefix != netip.MustParsePrefix("192.0.2.0/24") {
 		t.Errorf("egress %+v", ka.cfg.Egress)
 	}
@@ -257,4 +270,61 @@ func TestExportSwitchReconfigure(t *testing.T) {
 		t.Errorf("flags set: exporter made %v", made)
 	}
 	_ = x.Shutdown(context.Background())
+}
+
+// fakePayload records SetPayloadBytes calls.
+type fakePayload struct {
+	mu  sync.Mutex
+	n   int
+	set []int
+	err error
+}
+
+func (f *fakePayload) PayloadBytes() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n
+}
+
+func (f *fakePayload) SetPayloadBytes(n int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.set = append(f.set, n)
+	if f.err != nil {
+		return f.err
+	}
+	f.n = n
+	return nil
+}
+
+func (f *fakePayload) calls() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.set)
+}
+
+// TestLivePayload: clovisor_payload_bytes is applied to the tracer when it
+// differs from the current prefix; a removed key returns to the default;
+// --payload-bytes on the command line wins over the ConfigMap.
+func TestLivePayload(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	free := &options{set: map[string]bool{}}
+	f := &fakePayload{n: probes.DefaultPayload}
+	livePayload(log, free, &podmap.LiveConfig{PayloadBytes: 300}, f)
+	livePayload(log, free, &podmap.LiveConfig{PayloadBytes: 300}, f) // unchanged: no call
+	livePayload(log, free, &podmap.LiveConfig{}, f)                  // key removed
+	if got, want := f.calls(), []int{300, probes.DefaultPayload}; !slices.Equal(got, want) {
+		t.Errorf("calls %v, want %v", got, want)
+	}
+	pinned := &options{set: map[string]bool{"payload-bytes": true}}
+	f = &fakePayload{n: 100}
+	livePayload(log, pinned, &podmap.LiveConfig{PayloadBytes: 300}, f)
+	if got := f.calls(); len(got) != 0 {
+		t.Errorf("with --payload-bytes: calls %v, want none", got)
+	}
+	f = &fakePayload{n: 100, err: errors.New("refused")}
+	livePayload(log, free, &podmap.LiveConfig{PayloadBytes: 300}, f)
+	if f.PayloadBytes() != 100 {
+		t.Errorf("prefix %d after a refused change, want 100", f.PayloadBytes())
+	}
 }

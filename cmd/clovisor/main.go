@@ -271,6 +271,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 			}
 		}
 		if ka, err = ks.agent(log, o, tr, wt, netnsPath, index, func(old, cur *podmap.LiveConfig) {
+			livePayload(log, o, cur, tr)
 			exp.reconfigure(log, o, old, cur, newExporter)
 		}); err != nil {
 			_ = stopTLS(tlsTr, log)

@@ -1,18 +1,11 @@
 package tcsessions
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -561,38 +554,6 @@ func TestIdleFlush(t *testing.T) {
 	}
 }
 
-// selfSigned writes a self-signed certificate and key for name into dir.
-func selfSigned(t *testing.T, dir string, ip netip.Addr) (certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "clovisor-test"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		IPAddresses:  []net.IP{ip.AsSlice()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return certFile, keyFile
-}
-
 // TestTLSOnTheWire: HTTPS between two pods gives wire records with the
 // L3/L4 facts only (no analyzer reads TLS), named after the table's
 // protocol, while the same bytes counted on both veths agree.
@@ -601,8 +562,8 @@ func TestTLSOnTheWire(t *testing.T) {
 	cli, srv := node.AddPod(t, "cli"), node.AddPod(t, "srv")
 	root := t.TempDir()
 	randomFile(t, root, "a.bin", 20000)
-	cert, key := selfSigned(t, t.TempDir(), srv.IP)
-	testbed.StartNginxTLS(t, srv.NS, 8443, root, cert, key, srv.IP)
+	cert := testbed.SelfSignedCert(t, []netip.Addr{srv.IP})
+	testbed.StartNginxTLS(t, srv.NS, 8443, root, cert.CertFile, cert.KeyFile, srv.IP)
 	c := startCollector(t, node, Config{Ports: []Port{{Port: 8443, Protocol: "https"}}})
 	url := "https://" + netip.AddrPortFrom(srv.IP, 8443).String() + "/a.bin"
 	args := []string{"-sS", "-k", "--http1.1", "-o", "/dev/null", url, "-o", "/dev/null", url}

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -43,7 +42,8 @@ func NewPair(t testing.TB) *Pair {
 		ClientCG: testbed.NewCgroup(t, "gotls-cli"), ServerCG: testbed.NewCgroup(t, "gotls-srv"),
 	}
 	testbed.VethPair(t, p.ClientNS, p.ServerNS, ClientAddr, ServerAddr)
-	p.Cert, p.Key = WriteCert(t, t.TempDir(), net.IP(ServerAddr.Addr().AsSlice()))
+	c := testbed.SelfSignedCert(t, []netip.Addr{ServerAddr.Addr()})
+	p.Cert, p.Key = c.CertFile, c.KeyFile
 	return p
 }
 

@@ -103,6 +103,9 @@ func (p *parser) Close(ts uint64, out []*protocols.Transaction) []*protocols.Tra
 	p.closing = true
 	p.closeTS = ts
 	respLost := p.s[protocols.Response].state == stLost
+	if rq := &p.s[protocols.Request]; p.dead && rq.state == stBody && rq.ex != nil {
+		p.complete(rq, true) // a request body cut short after a switch
+	}
 	if !p.dead {
 		for d := range p.s {
 			s := &p.s[d]

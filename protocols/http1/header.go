@@ -544,9 +544,12 @@ func (p *parser) response(s *stream, line []byte, complete bool, rest []byte, tr
 // Switching Protocols, or a CONNECT tunnel established).
 func (p *parser) goDead(s *stream) {
 	p.complete(s, false)
-	if rq := &p.s[protocols.Request]; rq.ex != nil {
+	if rq := &p.s[protocols.Request]; rq.ex != nil && rq.state != stBody {
 		p.complete(rq, false) // the request's body, if any, ends here
 	}
+	// A request body of declared length still being read stays the
+	// request's until its length is reached or the connection ends (Feed,
+	// Close): the exchange is emitted then.
 	p.dead = true
 	p.flush()
 }

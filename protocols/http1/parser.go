@@ -164,6 +164,22 @@ func (p *parser) Feed(c protocols.Chunk, out []*protocols.Transaction) []*protoc
 		p.stats.Garbage += int64(total)
 		return out
 	}
+	if p.dead && c.Dir == protocols.Request && p.s[c.Dir].state == stBody && total > 0 {
+		// The rest of a request body declared before the switch is still
+		// the request's (the response may come before the body is all
+		// sent): whatever the calls' sizes, the request gets the same
+		// bytes. Bytes not captured (a gap) and those past the body are
+		// ignored.
+		rq := &p.s[c.Dir]
+		rq.ts = c.TS
+		k := int(min(int64(n), rq.remain))
+		p.out = out
+		p.feed(rq, c.Data[:k], 0)
+		p.ignored += int64(total - k)
+		out = p.out
+		p.out = nil
+		return out
+	}
 	if p.dead || total == 0 {
 		p.ignored += int64(total)
 		return out

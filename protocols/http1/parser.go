@@ -180,6 +180,12 @@ func (p *parser) Feed(c protocols.Chunk, out []*protocols.Transaction) []*protoc
 		p.out = nil
 		return out
 	}
+	if p.dead && p.s[c.Dir].state == stLost {
+		// This direction had lost sync before the switch: which of its
+		// bytes still belonged to the lost message is not known.
+		p.stats.Garbage += int64(total)
+		return out
+	}
 	if p.dead || total == 0 {
 		p.ignored += int64(total)
 		return out

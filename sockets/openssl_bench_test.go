@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -204,37 +203,11 @@ func BenchmarkOpenSSLProbeCost(b *testing.B) {
 //	sudo go test -run='^$' -bench=OpenSSLOverheadWrk -benchtime=1x ./sockets/
 func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 	p := testbed.NewTLSPair(b)
-	wrk := testbed.RequireTool(b, "wrk")
 	p.WriteFile(b, "1k.txt", []byte(strings.Repeat("k", 1024)))
 	url := p.URL("/1k.txt")
 	runWrk := func(d time.Duration) (int64, float64) {
-		cmd, start := p.ClientCommand(context.Background(), wrk, "-t", "2", "-c", "8", "-d", fmt.Sprintf("%ds", int(d.Seconds())), url)
-		var out strings.Builder
-		cmd.Stdout = &out
-		if err := start(); err != nil {
-			b.Fatal(err)
-		}
-		if err := cmd.Wait(); err != nil {
-			b.Fatalf("wrk: %v\n%s", err, out.String())
-		}
-		var n int64
-		var rate float64
-		for _, l := range strings.Split(out.String(), "\n") {
-			l = strings.TrimSpace(l)
-			if strings.Contains(l, " requests in ") {
-				n, _ = strconv.ParseInt(strings.Fields(l)[0], 10, 64)
-			}
-			if r, ok := strings.CutPrefix(l, "Requests/sec:"); ok {
-				rate, _ = strconv.ParseFloat(strings.TrimSpace(r), 64)
-			}
-			if strings.HasPrefix(l, "Non-2xx") || strings.HasPrefix(l, "Socket errors") {
-				b.Fatalf("wrk: %s", l)
-			}
-		}
-		if n == 0 || rate == 0 {
-			b.Fatalf("wrk printed:\n%s", out.String())
-		}
-		return n, rate
+		r := p.Wrk(b, d, url)
+		return r.Requests, r.PerSec
 	}
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
@@ -278,7 +251,7 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 		runWrk(time.Second) // warm-up
 		var c0 map[string]progCost
 		cpu0 := procCPU()
-		srv0, cli0 := cgroupCPU(b, p.ServerCG), cgroupCPU(b, p.ClientCG)
+		srv0, cli0 := p.ServerCG.CPU(b), p.ClientCG.CPU(b)
 		if on {
 			c0 = readCosts(b, tt.Programs())
 			for name, prog := range tr.Programs() {
@@ -287,8 +260,8 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 			}
 		}
 		n, rate := runWrk(4 * time.Second)
-		srvUS := float64((cgroupCPU(b, p.ServerCG) - srv0).Microseconds()) / float64(n)
-		cliUS := float64((cgroupCPU(b, p.ClientCG) - cli0).Microseconds()) / float64(n)
+		srvUS := float64((p.ServerCG.CPU(b) - srv0).Microseconds()) / float64(n)
+		cliUS := float64((p.ClientCG.CPU(b) - cli0).Microseconds()) / float64(n)
 		if on {
 			srvCPU[1] = append(srvCPU[1], srvUS)
 			cliCPU[1] = append(cliCPU[1], cliUS)
@@ -369,26 +342,6 @@ func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 	slices.Sort(perProg)
 	b.Logf("BPF per request: %s", strings.Join(perProg, "; "))
 	b.Logf("untraced %.0f, traced %.0f req/s; rounds %.1f%%", untraced, traced, rounds)
-}
-
-// cgroupCPU is the CPU time the cgroup's processes used so far (their
-// BPF programs and uprobe traps included).
-func cgroupCPU(b *testing.B, cg *testbed.Cgroup) time.Duration {
-	raw, err := os.ReadFile(filepath.Join(cg.Dir(), "cpu.stat"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, l := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
-			us, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				b.Fatal(err)
-			}
-			return time.Duration(us) * time.Microsecond
-		}
-	}
-	b.Fatalf("no usage_usec in %s/cpu.stat", cg.Dir())
-	return 0
 }
 
 // procCPU is the process's user+system CPU time so far.

@@ -1,10 +1,10 @@
 package tcsessions
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/testbed"
@@ -43,9 +45,18 @@ import (
 // overheadVariant (CLOVISOR_OVERHEAD_VARIANT) traces less than the agent,
 // to tell where the cost comes from: "untracked" attaches the programs but
 // tracks no connection (only port 9 in the table), "records" makes the
-// records without payload prefixes and analyzers. The checks that the
-// tracer saw the traffic apply to the agent's configuration only.
+// records without payload prefixes and analyzers, "floor" attaches no
+// tracer at all but a program that only returns TCX_NEXT, through tcx on
+// ingress and egress of both pods' veths: the least any tc-based tracer
+// costs. The checks that the tracer saw the traffic apply to the agent's
+// configuration only.
 var overheadVariant = os.Getenv("CLOVISOR_OVERHEAD_VARIANT")
+
+// overheadStats (CLOVISOR_OVERHEAD_STATS=0 turns it off) enables the
+// kernel's BPF run-time statistics for the benchmark, which the bpf-ns
+// figures need; they cost every program run two clock reads, so the
+// throughput ratios are best taken with them off.
+var overheadStats = os.Getenv("CLOVISOR_OVERHEAD_STATS") != "0"
 
 // overheadRounds is the number of traced runs (untraced runs: one more):
 // 3, or CLOVISOR_OVERHEAD_ROUNDS.
@@ -96,7 +107,10 @@ type ifaceCounts struct {
 // wireTrace is a Tracer working in a node's namespace, its Run loop
 // draining the ring buffer into counts per interface.
 type wireTrace struct {
-	tr     *Tracer
+	tr *Tracer
+	// floor: the do-nothing programs' links (variant floor; tr is nil).
+	floor  []link.Link
+	progs  map[string]*ebpf.Program
 	stop   context.CancelFunc
 	done   chan error
 	counts map[string]*ifaceCounts // Run's until done
@@ -120,6 +134,9 @@ type wireTrace struct {
 // benchmark (for every program: the untraced runs pay their small cost
 // too).
 func enableBPFStats(b *testing.B) {
+	if !overheadStats {
+		return
+	}
 	st, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		b.Fatalf("enabling BPF statistics: %v", err)
@@ -142,6 +159,9 @@ func processCPU(b testing.TB) time.Duration {
 // ports, checks that both pods' veths are attached, and starts Run.
 func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wireTrace {
 	b.Helper()
+	if overheadVariant == "floor" {
+		return startFloor(b, node, pods...)
+	}
 	log, _ := testLogger(b)
 	cfg := Config{Netns: node.NS.Path(), StateDir: b.TempDir(), Logger: log,
 		Ports: []Port{{Port: 5201}, {Port: 8080, Protocol: "http"}}}
@@ -153,7 +173,7 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	case "records":
 		cfg.PayloadBytes, analyzers = -1, nil
 	default:
-		b.Fatalf("CLOVISOR_OVERHEAD_VARIANT=%s: want untracked or records", overheadVariant)
+		b.Fatalf("CLOVISOR_OVERHEAD_VARIANT=%s: want untracked, records or floor", overheadVariant)
 	}
 	tr, err := Open(cfg)
 	if err != nil {
@@ -170,7 +190,7 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &wireTrace{tr: tr, stop: cancel, done: make(chan error, 1), counts: map[string]*ifaceCounts{}}
+	w := &wireTrace{tr: tr, progs: tr.Programs(), stop: cancel, done: make(chan error, 1), counts: map[string]*ifaceCounts{}}
 	go func() {
 		w.done <- tr.Run(ctx, analyzers, func(x *Exchange) {
 			c := w.counts[x.Interface]
@@ -189,17 +209,64 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	return w
 }
 
+// startFloor attaches a program that only returns TCX_NEXT to ingress and
+// egress of each pod's host veth (variant floor).
+func startFloor(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wireTrace {
+	b.Helper()
+	w := &wireTrace{progs: map[string]*ebpf.Program{}, counts: map[string]*ifaceCounts{}}
+	for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Name: "floor_next", Type: ebpf.SchedCLS, License: "GPL",
+			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}, // TCX_NEXT
+		})
+		if err != nil {
+			b.Fatalf("loading the floor program: %v", err)
+		}
+		w.progs[at.String()] = prog
+		for _, p := range pods {
+			err := node.NS.Run(b, func() error {
+				ifc, err := net.InterfaceByName(p.HostVeth)
+				if err != nil {
+					return err
+				}
+				l, err := link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: prog, Attach: at})
+				if err != nil {
+					return err
+				}
+				w.floor = append(w.floor, l)
+				return nil
+			})
+			if err != nil {
+				b.Fatalf("attaching the floor program to %s: %v", p.HostVeth, err)
+			}
+		}
+	}
+	w.cpu0, w.t0 = processCPU(b), time.Now()
+	return w
+}
+
 // close lets Run deliver what the kernel wrote, stops it, reads the
 // kernel's counters and closes the tracer (detaching every program).
 func (w *wireTrace) close(b testing.TB) (map[string]*ifaceCounts, Stats) {
 	b.Helper()
 	w.readerTime = processCPU(b) - w.cpu0
 	w.readerCPU = 100 * float64(w.readerTime) / float64(time.Since(w.t0))
-	for _, p := range w.tr.Programs() {
+	for _, p := range w.progs {
 		if st, err := p.Stats(); err == nil {
 			w.bpfTime += st.Runtime
 			w.bpfRuns += st.RunCount
 		}
+	}
+	if w.tr == nil {
+		for _, l := range w.floor {
+			if err := l.Close(); err != nil {
+				b.Errorf("detaching the floor program: %v", err)
+			}
+		}
+		for _, p := range w.progs {
+			p.Close()
+		}
+		return w.counts, Stats{}
 	}
 	time.Sleep(3 * PollInterval)
 	w.stop()
@@ -304,7 +371,7 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 		counts, st := w.close(b)
 		for _, veth := range []string{cli.HostVeth, srv.HostVeth} {
 			c := counts[veth]
-			if overheadVariant == "untracked" {
+			if overheadVariant == "untracked" || overheadVariant == "floor" {
 				break
 			}
 			if c == nil || c.maxRequestBytes < r.End.SumReceived.Bytes {
@@ -327,47 +394,6 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 	reportOverhead(b, "Gbit/s", untraced, traced)
 	b.ReportMetric(mean(cpu), "reader-cpu-%")
 	b.ReportMetric(mean(bpfPerMB), "bpf-ns/MB")
-}
-
-// wrkResult is what wrk reports of one run.
-type wrkResult struct {
-	requests int64
-	perSec   float64
-	errors   string
-}
-
-// parseWrk reads wrk's summary: "N requests in 5.00s, ...", "Requests/sec:
-// R", and the error lines ("Socket errors: ...", "Non-2xx or 3xx
-// responses: N").
-func parseWrk(out string) (wrkResult, error) {
-	var r wrkResult
-	found := 0
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		switch {
-		case strings.Contains(line, " requests in "):
-			n, err := strconv.ParseInt(strings.Fields(line)[0], 10, 64)
-			if err != nil {
-				return r, fmt.Errorf("%q: %v", line, err)
-			}
-			r.requests = n
-			found++
-		case strings.HasPrefix(line, "Requests/sec:"):
-			v, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimPrefix(line, "Requests/sec:")), 64)
-			if err != nil {
-				return r, fmt.Errorf("%q: %v", line, err)
-			}
-			r.perSec = v
-			found++
-		case strings.HasPrefix(line, "Socket errors:"), strings.HasPrefix(line, "Non-2xx"):
-			r.errors += line + "; "
-		}
-	}
-	if found != 2 {
-		return r, fmt.Errorf("no request count or rate in wrk's output")
-	}
-	return r, nil
 }
 
 // BenchmarkOverheadWrk: wrk (overheadWrkThreads threads,
@@ -395,18 +421,18 @@ func BenchmarkOverheadWrk(b *testing.B) {
 	}
 	testbed.StartNginx(b, srv.NS, 8080, root, srv.IP)
 	url := "http://" + netip.AddrPortFrom(srv.IP, 8080).String() + "/small.html"
-	run := func(seconds int) wrkResult {
+	run := func(seconds int) testbed.WrkResult {
 		out := cli.NS.Exec(b, "wrk", "-t", strconv.Itoa(overheadWrkThreads), "-c", strconv.Itoa(overheadWrkConnections),
 			"-d", strconv.Itoa(seconds)+"s", url)
-		r, err := parseWrk(out)
+		r, err := testbed.ParseWrk(out)
 		if err != nil {
 			b.Fatalf("wrk: %v\n%s", err, out)
 		}
-		if strings.Contains(r.errors, "Non-2xx") || r.requests == 0 {
-			b.Fatalf("wrk: %d requests, %s\n%s", r.requests, r.errors, out)
+		if strings.Contains(r.Errors, "Non-2xx") || r.Requests == 0 {
+			b.Fatalf("wrk: %d requests, %s\n%s", r.Requests, r.Errors, out)
 		}
-		if r.errors != "" {
-			b.Logf("wrk: %s", r.errors)
+		if r.Errors != "" {
+			b.Logf("wrk: %s", r.Errors)
 		}
 		return r
 	}
@@ -416,19 +442,19 @@ func BenchmarkOverheadWrk(b *testing.B) {
 	b.ResetTimer()
 	untraced, traced := alternate(b, func(tracing bool) float64 {
 		if !tracing {
-			return run(overheadWrkSeconds).perSec
+			return run(overheadWrkSeconds).PerSec
 		}
 		w := startWireTrace(b, node, cli, srv)
 		r := run(overheadWrkSeconds)
 		counts, st := w.close(b)
 		c := counts[srv.HostVeth]
-		if c == nil && overheadVariant != "untracked" {
+		if c == nil && overheadVariant != "untracked" && overheadVariant != "floor" {
 			b.Fatalf("traced run not seen on %s: no records; kernel %+v", srv.HostVeth, st)
 		}
 		if c == nil {
 			c = &ifaceCounts{}
 		}
-		pct := 100 * float64(c.http) / float64(r.requests)
+		pct := 100 * float64(c.http) / float64(r.Requests)
 		seen = append(seen, pct)
 		var delivered uint64
 		for _, c := range counts {
@@ -437,17 +463,17 @@ func BenchmarkOverheadWrk(b *testing.B) {
 		lostPct := 100 * float64(st.ExchangesLost) / float64(delivered+st.ExchangesLost)
 		lost = append(lost, lostPct)
 		cpu = append(cpu, w.readerCPU)
-		perReq := float64(w.bpfTime.Nanoseconds()) / float64(r.requests)
+		perReq := float64(w.bpfTime.Nanoseconds()) / float64(r.Requests)
 		bpfPerReq = append(bpfPerReq, perReq)
-		per10k := w.readerTime.Seconds() / float64(r.requests) * 1e4
+		per10k := w.readerTime.Seconds() / float64(r.Requests) * 1e4
 		readerPer10k = append(readerPer10k, per10k)
 		b.Logf("traced: %.0f requests/s; %s: %d records, %d HTTP 200 (%.1f%% of wrk's %d); %s: %+v; reader CPU %.1f%% (%.3f s per 10k requests); BPF %v in %d runs (%.0f ns/run, %.0f ns/request); kernel %+v (%.1f%% of records lost)",
-			r.perSec, srv.HostVeth, c.exchanges, c.http, pct, r.requests, cli.HostVeth, counts[cli.HostVeth], w.readerCPU, per10k,
+			r.PerSec, srv.HostVeth, c.exchanges, c.http, pct, r.Requests, cli.HostVeth, counts[cli.HostVeth], w.readerCPU, per10k,
 			w.bpfTime, w.bpfRuns, float64(w.bpfTime.Nanoseconds())/float64(max(w.bpfRuns, 1)), perReq, st, lostPct)
 		if pct < 10 && overheadVariant == "" {
-			b.Fatalf("traced run: the tracer read %d HTTP 200 exchanges on %s for wrk's %d requests", c.http, srv.HostVeth, r.requests)
+			b.Fatalf("traced run: the tracer read %d HTTP 200 exchanges on %s for wrk's %d requests", c.http, srv.HostVeth, r.Requests)
 		}
-		return r.perSec
+		return r.PerSec
 	})
 	b.StopTimer()
 	reportOverhead(b, "req/s", untraced, traced)

@@ -1,0 +1,101 @@
+package testbed
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// WrkResult is what wrk reports of one run.
+type WrkResult struct {
+	Requests int64
+	PerSec   float64
+	// Errors holds wrk's error lines ("Socket errors: ...", "Non-2xx or
+	// 3xx responses: N"), joined by "; ", or is empty.
+	Errors string
+}
+
+// ParseWrk reads wrk's summary: "N requests in 5.00s, ...", "Requests/sec:
+// R", and the error lines.
+func ParseWrk(out string) (WrkResult, error) {
+	var r WrkResult
+	found := 0
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case strings.Contains(line, " requests in "):
+			n, err := strconv.ParseInt(strings.Fields(line)[0], 10, 64)
+			if err != nil {
+				return r, fmt.Errorf("%q: %v", line, err)
+			}
+			r.Requests = n
+			found++
+		case strings.HasPrefix(line, "Requests/sec:"):
+			v, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimPrefix(line, "Requests/sec:")), 64)
+			if err != nil {
+				return r, fmt.Errorf("%q: %v", line, err)
+			}
+			r.PerSec = v
+			found++
+		case strings.HasPrefix(line, "Socket errors:"), strings.HasPrefix(line, "Non-2xx"):
+			r.Errors += line + "; "
+		}
+	}
+	if found != 2 {
+		return r, fmt.Errorf("no request count or rate in wrk's output")
+	}
+	return r, nil
+}
+
+// Wrk runs wrk (-t 2 -c 8, keep-alive) against url for d, in the client's
+// namespace and cgroup, and fails the test on an error, a non-2xx answer
+// or no request.
+func (p *HTTPPair) Wrk(t testing.TB, d time.Duration, url string) WrkResult {
+	t.Helper()
+	wrk := RequireTool(t, "wrk")
+	cmd, start := p.ClientCommand(context.Background(), wrk, "-t", "2", "-c", "8", "-d", fmt.Sprintf("%ds", int(d.Seconds())), url)
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out.String())
+	}
+	r, err := ParseWrk(out.String())
+	if err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out.String())
+	}
+	if r.Errors != "" || r.Requests == 0 {
+		t.Fatalf("wrk: %d requests, %s\n%s", r.Requests, r.Errors, out.String())
+	}
+	return r
+}
+
+// CPU is the CPU time the cgroup's processes used so far (their BPF
+// programs and uprobe traps included), from its cpu.stat.
+func (c *Cgroup) CPU(t testing.TB) time.Duration {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(c.Dir(), "cpu.stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
+			us, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return time.Duration(us) * time.Microsecond
+		}
+	}
+	t.Fatalf("no usage_usec in %s/cpu.stat", c.Dir())
+	return 0
+}

@@ -84,6 +84,7 @@ enum stat_index {
 	STAT_DATA_LOST = 0,    /* data events the ring buffer had no room for */
 	STAT_CONN_LOST = 1,    /* connection events the ring buffer had no room for */
 	STAT_PAYLOAD_FAULT = 2,/* payload copies that faulted (event sent without payload) */
+	STAT_CIPHER_SKIPPED = 3,/* socket calls not reported: TLS records of a socket whose plaintext a TLS library gives */
 	STAT_MAX = 8,
 };
 
@@ -213,6 +214,25 @@ struct {
 	__type(key, __u32);
 	__type(value, struct data_scratch);
 } scratch SEC(".maps");
+
+/*
+ * Cookies of sockets whose plaintext a TLS library's probes report (set by
+ * emit_plain, tls.h; the TLS objects share the socket mode's map). Their
+ * own calls then move only TLS records after the handshake, which user
+ * space reads for nothing but the hellos, sent before the library's first
+ * plaintext: such calls are counted (STAT_CIPHER_SKIPPED) and not
+ * reported, which spares copying every encrypted byte to the ring and
+ * decoding it. An entry goes when its connection closes (or, should the
+ * close be missed, to the LRU; cookies are never reused). A connection
+ * that leaves TLS and goes on in the clear (after a close_notify) is not
+ * seen from then on.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} plain_socks SEC(".maps");
 
 /* Force bpf2go to emit the Go types of the events. */
 const struct conn_event *unused_conn_event __attribute__((unused));
@@ -379,6 +399,8 @@ static __always_inline int conn_traced(const struct sock *sk, __u64 *cgid)
 static __always_inline void emit_conn_event(struct sock *sk, __u64 cookie, __u64 cgid, __u8 kind, __u8 role,
 					    __u8 oldstate, const struct pending_conn *p)
 {
+	if (kind == EVENT_CONN_CLOSE)
+		bpf_map_delete_elem(&plain_socks, &cookie);
 	struct conn_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(STAT_CONN_LOST);
@@ -770,6 +792,10 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 		 * moved. */
 		__u32 seq_end = dir == DIR_SEND ? KREAD(tp, write_seq) : KREAD(tp, copied_seq);
 		seq = seq_end - len;
+	}
+	if (bpf_map_lookup_elem(&plain_socks, &e->cookie)) {
+		count(STAT_CIPHER_SKIPPED);
+		return;
 	}
 	e->seq = seq;
 	e->len = len;

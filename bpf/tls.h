@@ -47,6 +47,10 @@ static __always_inline void emit_plain(struct sock *sk, __u8 dir, __u8 source, c
 	struct data_event *e = data_begin(sk, dir, source);
 	if (!e)
 		return;
+	if (!bpf_map_lookup_elem(&plain_socks, &e->cookie)) {
+		__u8 one = 1;
+		bpf_map_update_elem(&plain_socks, &e->cookie, &one, BPF_ANY);
+	}
 	e->len = len;
 	e->tls_version = tls_version;
 	__u32 want = payload_prefix(len);

@@ -70,7 +70,7 @@ func (fentryMode) open(t *Tracer, o *Options) error {
 	if err := t.addPayloadVar(payloadCap); err != nil {
 		return err
 	}
-	t.Events, t.stats, t.cgroups, t.ports = maps.Events, maps.Stats, maps.TracedCgroups, maps.TracedPorts
+	t.Events, t.stats, t.cgroups, t.ports, t.plainSocks = maps.Events, maps.Stats, maps.TracedCgroups, maps.TracedPorts, maps.PlainSocks
 	t.programs = map[string]*ebpf.Program{
 		"fx_tcp_v4_connect":  progs.FxTcpV4Connect,
 		"fx_tcp_v6_connect":  progs.FxTcpV6Connect,
@@ -126,6 +126,7 @@ func fentryKTLS(spec *ebpf.CollectionSpec, m *socketFentryMaps, cache *btf.Cache
 		"traced_cgroups": m.TracedCgroups,
 		"traced_ports":   m.TracedPorts,
 		"pending_conns":  m.PendingConns,
+		"plain_socks":    m.PlainSocks,
 	}}
 	hooks := map[string]string{ // program -> function
 		"fx_tls_sw_sendmsg":     "tls_sw_sendmsg",

@@ -51,7 +51,7 @@ func (kprobeMode) open(t *Tracer, o *Options) error {
 	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
 		return err
 	}
-	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	t.Events, t.stats, t.cgroups, t.ports, t.plainSocks = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts, objs.PlainSocks
 	if err := t.fillPorts(o.Ports); err != nil {
 		return err
 	}

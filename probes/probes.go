@@ -132,10 +132,13 @@ type Tracer struct {
 	Events *ebpf.Map
 
 	stats, cgroups, ports *ebpf.Map
-	opts                  Options    // as normalized by Open
-	btf                   *btf.Cache // the kernel's BTF, parsed once while opening
-	cookieMult            uint64     // kprobe mode: socket address -> cookie multiplier
-	closers               []io.Closer
+	// plainSocks holds the cookies of sockets whose plaintext a TLS
+	// library's probes report (shared with the TLS objects).
+	plainSocks *ebpf.Map
+	opts       Options    // as normalized by Open
+	btf        *btf.Cache // the kernel's BTF, parsed once while opening
+	cookieMult uint64     // kprobe mode: socket address -> cookie multiplier
+	closers    []io.Closer
 
 	// mu guards what the kernel TLS watcher (ktls.go) changes after Open.
 	mu          sync.Mutex
@@ -352,6 +355,10 @@ type Stats struct {
 	// PayloadFaults counts calls whose payload could not be copied (the
 	// event was still sent, without payload).
 	PayloadFaults uint64
+	// CipherSkipped counts socket calls not reported because they moved
+	// TLS records of a connection whose plaintext a TLS library's probes
+	// report (after its handshake).
+	CipherSkipped uint64
 }
 
 // Stats reads the kernel's counters.
@@ -376,6 +383,7 @@ func (t *Tracer) Stats() (Stats, error) {
 		{socketTPStatIndexSTAT_DATA_LOST, &s.DataLost},
 		{socketTPStatIndexSTAT_CONN_LOST, &s.ConnLost},
 		{socketTPStatIndexSTAT_PAYLOAD_FAULT, &s.PayloadFaults},
+		{socketTPStatIndexSTAT_CIPHER_SKIPPED, &s.CipherSkipped},
 	} {
 		if *f.dst, err = read(f.idx); err != nil {
 			return s, err

@@ -61,6 +61,7 @@ type socketFentryPendingConn struct {
 const (
 	socketFentryMapEvents              = "events"
 	socketFentryMapPendingConns        = "pending_conns"
+	socketFentryMapPlainSocks          = "plain_socks"
 	socketFentryMapScratch             = "scratch"
 	socketFentryMapStats               = "stats"
 	socketFentryMapTracedCgroups       = "traced_cgroups"
@@ -151,6 +152,7 @@ type socketFentryProgramSpecs struct {
 type socketFentryMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -199,6 +201,7 @@ func (o *socketFentryObjects) Close() error {
 type socketFentryMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -209,6 +212,7 @@ func (m *socketFentryMaps) Close() error {
 	return _SocketFentryClose(
 		m.Events,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.Stats,
 		m.TracedCgroups,

@@ -74,6 +74,7 @@ const (
 	socketKprobeMapEvents                  = "events"
 	socketKprobeMapInflight                = "inflight"
 	socketKprobeMapPendingConns            = "pending_conns"
+	socketKprobeMapPlainSocks              = "plain_socks"
 	socketKprobeMapScratch                 = "scratch"
 	socketKprobeMapStats                   = "stats"
 	socketKprobeMapTlsInflight             = "tls_inflight"
@@ -179,6 +180,7 @@ type socketKprobeMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	Inflight      *ebpf.MapSpec `ebpf:"inflight"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TlsInflight   *ebpf.MapSpec `ebpf:"tls_inflight"`
@@ -230,6 +232,7 @@ type socketKprobeMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	Inflight      *ebpf.Map `ebpf:"inflight"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TlsInflight   *ebpf.Map `ebpf:"tls_inflight"`
@@ -242,6 +245,7 @@ func (m *socketKprobeMaps) Close() error {
 		m.Events,
 		m.Inflight,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.Stats,
 		m.TlsInflight,

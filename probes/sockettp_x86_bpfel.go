@@ -120,10 +120,11 @@ type socketTPPendingConn struct {
 type socketTPStatIndex uint32
 
 const (
-	socketTPStatIndexSTAT_DATA_LOST     socketTPStatIndex = 0
-	socketTPStatIndexSTAT_CONN_LOST     socketTPStatIndex = 1
-	socketTPStatIndexSTAT_PAYLOAD_FAULT socketTPStatIndex = 2
-	socketTPStatIndexSTAT_MAX           socketTPStatIndex = 8
+	socketTPStatIndexSTAT_DATA_LOST      socketTPStatIndex = 0
+	socketTPStatIndexSTAT_CONN_LOST      socketTPStatIndex = 1
+	socketTPStatIndexSTAT_PAYLOAD_FAULT  socketTPStatIndex = 2
+	socketTPStatIndexSTAT_CIPHER_SKIPPED socketTPStatIndex = 3
+	socketTPStatIndexSTAT_MAX            socketTPStatIndex = 8
 )
 
 // Names of all BPF objects in the ELF.
@@ -132,6 +133,7 @@ const (
 const (
 	socketTPMapEvents              = "events"
 	socketTPMapPendingConns        = "pending_conns"
+	socketTPMapPlainSocks          = "plain_socks"
 	socketTPMapScratch             = "scratch"
 	socketTPMapStats               = "stats"
 	socketTPMapTracedCgroups       = "traced_cgroups"
@@ -211,6 +213,7 @@ type socketTPProgramSpecs struct {
 type socketTPMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -258,6 +261,7 @@ func (o *socketTPObjects) Close() error {
 type socketTPMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -268,6 +272,7 @@ func (m *socketTPMaps) Close() error {
 	return _SocketTPClose(
 		m.Events,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.Stats,
 		m.TracedCgroups,

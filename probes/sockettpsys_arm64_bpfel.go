@@ -61,6 +61,7 @@ type socketTPSysPendingConn struct {
 const (
 	socketTPSysMapEvents               = "events"
 	socketTPSysMapPendingConns         = "pending_conns"
+	socketTPSysMapPlainSocks           = "plain_socks"
 	socketTPSysMapScratch              = "scratch"
 	socketTPSysMapStats                = "stats"
 	socketTPSysMapTracedCgroups        = "traced_cgroups"
@@ -152,6 +153,7 @@ type socketTPSysProgramSpecs struct {
 type socketTPSysMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -199,6 +201,7 @@ func (o *socketTPSysObjects) Close() error {
 type socketTPSysMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -209,6 +212,7 @@ func (m *socketTPSysMaps) Close() error {
 	return _SocketTPSysClose(
 		m.Events,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.Stats,
 		m.TracedCgroups,

@@ -91,6 +91,7 @@ func (t *Tracer) loadTLSObjects(spec *ebpf.CollectionSpec, objs any) error {
 		"stats":          t.stats,
 		"traced_cgroups": t.cgroups,
 		"traced_ports":   t.ports,
+		"plain_socks":    t.plainSocks,
 	}})
 	if err != nil {
 		return err

@@ -75,6 +75,7 @@ const (
 	tlsGoMapEvents              = "events"
 	tlsGoMapGoTlsCalls          = "go_tls_calls"
 	tlsGoMapPendingConns        = "pending_conns"
+	tlsGoMapPlainSocks          = "plain_socks"
 	tlsGoMapScratch             = "scratch"
 	tlsGoMapStats               = "stats"
 	tlsGoMapTracedCgroups       = "traced_cgroups"
@@ -155,6 +156,7 @@ type tlsGoMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	GoTlsCalls    *ebpf.MapSpec `ebpf:"go_tls_calls"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	TracedCgroups *ebpf.MapSpec `ebpf:"traced_cgroups"`
@@ -205,6 +207,7 @@ type tlsGoMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	GoTlsCalls    *ebpf.Map `ebpf:"go_tls_calls"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	TracedCgroups *ebpf.Map `ebpf:"traced_cgroups"`
@@ -216,6 +219,7 @@ func (m *tlsGoMaps) Close() error {
 		m.Events,
 		m.GoTlsCalls,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.Stats,
 		m.TracedCgroups,

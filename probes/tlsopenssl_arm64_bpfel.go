@@ -97,6 +97,7 @@ const (
 const (
 	tlsOpenSSLMapEvents              = "events"
 	tlsOpenSSLMapPendingConns        = "pending_conns"
+	tlsOpenSSLMapPlainSocks          = "plain_socks"
 	tlsOpenSSLMapScratch             = "scratch"
 	tlsOpenSSLMapSslCalls            = "ssl_calls"
 	tlsOpenSSLMapSslSocks            = "ssl_socks"
@@ -200,6 +201,7 @@ type tlsOpenSSLProgramSpecs struct {
 type tlsOpenSSLMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	PendingConns  *ebpf.MapSpec `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.MapSpec `ebpf:"plain_socks"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	SslCalls      *ebpf.MapSpec `ebpf:"ssl_calls"`
 	SslSocks      *ebpf.MapSpec `ebpf:"ssl_socks"`
@@ -253,6 +255,7 @@ func (o *tlsOpenSSLObjects) Close() error {
 type tlsOpenSSLMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	PendingConns  *ebpf.Map `ebpf:"pending_conns"`
+	PlainSocks    *ebpf.Map `ebpf:"plain_socks"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	SslCalls      *ebpf.Map `ebpf:"ssl_calls"`
 	SslSocks      *ebpf.Map `ebpf:"ssl_socks"`
@@ -266,6 +269,7 @@ func (m *tlsOpenSSLMaps) Close() error {
 	return _TlsOpenSSLClose(
 		m.Events,
 		m.PendingConns,
+		m.PlainSocks,
 		m.Scratch,
 		m.SslCalls,
 		m.SslSocks,

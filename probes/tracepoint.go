@@ -66,7 +66,7 @@ func (tracepointMode) open(t *Tracer, o *Options) error {
 		return loadErr("tracepoint programs", err)
 	}
 	t.add(&objs)
-	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	t.Events, t.stats, t.cgroups, t.ports, t.plainSocks = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts, objs.PlainSocks
 	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
 		return err
 	}
@@ -127,7 +127,7 @@ func openTPSys(t *Tracer, o *Options) error {
 		return loadErr("tracepoint programs (syscall events)", err)
 	}
 	t.add(&objs)
-	t.Events, t.stats, t.cgroups, t.ports = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts
+	t.Events, t.stats, t.cgroups, t.ports, t.plainSocks = objs.Events, objs.Stats, objs.TracedCgroups, objs.TracedPorts, objs.PlainSocks
 	if err := t.addPayloadVar(objs.PayloadCap); err != nil {
 		return err
 	}

@@ -284,11 +284,37 @@ func TestOpenSSLKernelEvents(t *testing.T) {
 	if s := streams[streamKey{cc, sock, probes.DirSend}]; s != nil && s.first[0] != 0x16 {
 		t.Errorf("curl's first bytes on the socket are not a TLS handshake record: % x", s.first[:5])
 	}
+	// Once a socket's plaintext came from OpenSSL, its own calls (TLS
+	// records after the handshake) are no longer reported: in ring order,
+	// no socket event of either end follows its first OpenSSL event. Each
+	// end has such calls (curl receives the session tickets and the
+	// response, nginx sends the response), which the kernel counted.
+	for what, cookie := range map[string]uint64{"curl": cc, "nginx": sc} {
+		firstPlain := -1
+		for i, d := range r.data {
+			if d.ev.Cookie != cookie {
+				continue
+			}
+			if d.ev.Source == ssl && firstPlain < 0 {
+				firstPlain = i
+			}
+			if d.ev.Source == sock && firstPlain >= 0 {
+				t.Errorf("%s: a socket event of %d bytes (dir %d) after the first OpenSSL event", what, d.ev.Len, d.ev.Dir)
+			}
+		}
+	}
+	ks, err := tr.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ks.CipherSkipped < 2 {
+		t.Errorf("kernel counters %+v: want at least 2 socket calls skipped as ciphertext", ks)
+	}
 	st, err := tt.Stats()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("OpenSSL counters: %+v", st.OpenSSL)
+	t.Logf("OpenSSL counters: %+v; kernel %+v", st.OpenSSL, ks)
 	// nginx: a socket BIO (its descriptor); curl: its own BIO (the socket
 	// of its I/O during the call, or remembered from an earlier call).
 	if st.OpenSSL.ByDescriptor < 2 || st.OpenSSL.ByIO < 2 || st.OpenSSL.Unbound != 0 || st.OpenSSL.BadLayout != 0 {

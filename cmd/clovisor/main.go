@@ -359,7 +359,7 @@ func logKernelStats(log *slog.Logger, tr *probes.Tracer) {
 		log.Warn("reading kernel counters", "err", err)
 		return
 	}
-	log.Info("kernel counters", "component", "probes", "mode", tr.Mode, "data_lost", ks.DataLost, "conn_lost", ks.ConnLost, "payload_faults", ks.PayloadFaults)
+	log.Info("kernel counters", "component", "probes", "mode", tr.Mode, "data_lost", ks.DataLost, "conn_lost", ks.ConnLost, "payload_faults", ks.PayloadFaults, "cipher_skipped", ks.CipherSkipped)
 }
 
 func parsePorts(list []string) ([]uint16, error) {

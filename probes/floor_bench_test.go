@@ -49,7 +49,7 @@ func countingProgram(b *testing.B, runs *ebpf.Map, key int32) *ebpf.Program {
 // BenchmarkOpenSSLFloorWrk: the least that uprobes on nginx's SSL calls
 // can cost, whatever their programs do. The setup of
 // sockets.BenchmarkOpenSSLOverheadWrk (wrk, 8 keep-alive connections,
-// against nginx with TLS, one worker, a 1 KiB file), with no tracer at
+// against nginx with TLS, one worker, a 1 KiB file by default), with no tracer at
 // all: the traced runs only put programs that count their runs (and do
 // nothing else) on the functions TLS tracing probes in nginx's processes
 // (ssl_read_internal and ssl_write_internal, found as the prober finds
@@ -71,8 +71,8 @@ func countingProgram(b *testing.B, runs *ebpf.Map, key int32) *ebpf.Program {
 //	sudo go test -run='^$' -bench=OpenSSLFloorWrk -benchtime=1x ./probes/
 func BenchmarkOpenSSLFloorWrk(b *testing.B) {
 	p := testbed.NewTLSPair(b)
-	p.WriteFile(b, "1k.txt", []byte(strings.Repeat("k", 1024)))
-	url := p.URL("/1k.txt")
+	p.WriteFile(b, "file.txt", []byte(strings.Repeat("k", testbed.WrkFileBytes(b))))
+	url := p.URL("/file.txt")
 
 	path, err := filepath.EvalSymlinks(SystemLibssl)
 	if err != nil {

@@ -188,7 +188,7 @@ func BenchmarkOpenSSLProbeCost(b *testing.B) {
 }
 
 // BenchmarkOpenSSLOverheadWrk: wrk (OpenSSL) against nginx with TLS (one
-// worker, a 1 KiB file, 8 keep-alive connections) between two network
+// worker, a 1 KiB file by default (CLOVISOR_BENCH_FILE_BYTES), 8 keep-alive connections) between two network
 // namespaces, untraced and traced side by side in one run: untraced,
 // traced, untraced, traced, untraced, traced, untraced (4 s each, after a
 // 1 s warm-up), so that drift in the machine's load falls on both sides.
@@ -203,8 +203,8 @@ func BenchmarkOpenSSLProbeCost(b *testing.B) {
 //	sudo go test -run='^$' -bench=OpenSSLOverheadWrk -benchtime=1x ./sockets/
 func BenchmarkOpenSSLOverheadWrk(b *testing.B) {
 	p := testbed.NewTLSPair(b)
-	p.WriteFile(b, "1k.txt", []byte(strings.Repeat("k", 1024)))
-	url := p.URL("/1k.txt")
+	p.WriteFile(b, "file.txt", []byte(strings.Repeat("k", testbed.WrkFileBytes(b))))
+	url := p.URL("/file.txt")
 	runWrk := func(d time.Duration) (int64, float64) {
 		r := p.Wrk(b, d, url)
 		return r.Requests, r.PerSec

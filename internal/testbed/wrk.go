@@ -99,3 +99,20 @@ func (c *Cgroup) CPU(t testing.TB) time.Duration {
 	t.Fatalf("no usage_usec in %s/cpu.stat", c.Dir())
 	return 0
 }
+
+// WrkFileBytes is the size of the file the wrk benchmarks fetch: 1024, or
+// CLOVISOR_BENCH_FILE_BYTES (to see how a fixed per-request cost weighs on
+// larger responses). A value that is not a positive number fails the
+// benchmark.
+func WrkFileBytes(t testing.TB) int {
+	t.Helper()
+	v := os.Getenv("CLOVISOR_BENCH_FILE_BYTES")
+	if v == "" {
+		return 1024
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		t.Fatalf("CLOVISOR_BENCH_FILE_BYTES=%q: want a positive number of bytes", v)
+	}
+	return n
+}

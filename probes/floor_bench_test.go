@@ -1,9 +1,7 @@
 package probes
 
 import (
-	"debug/elf"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -74,17 +72,10 @@ func BenchmarkOpenSSLFloorWrk(b *testing.B) {
 	p.WriteFile(b, "file.txt", []byte(strings.Repeat("k", testbed.WrkFileBytes(b))))
 	url := p.URL("/file.txt")
 
-	path, err := filepath.EvalSymlinks(SystemLibssl)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ef, err := elf.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ef.Close()
-	v, _ := versionOf(&tlsFile{Path: path, Name: path, Root: "/", ELF: ef})
-	rd, wr, err := findOpenSSLInternal(ef, v)
+	tf := systemLibssl(b)
+	path := tf.Path
+	v, _ := versionOf(tf)
+	rd, wr, err := findOpenSSLInternal(tf.ELF, v)
 	if err != nil {
 		b.Fatalf("%s: %v", path, err)
 	}

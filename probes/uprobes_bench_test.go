@@ -45,16 +45,8 @@ func BenchmarkOpenSSLProbeSites(b *testing.B) {
 	}
 	p := pr.(*opensslProber)
 	defer p.Close()
-	path, err := filepath.EvalSymlinks(SystemLibssl)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ef, err := elf.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ef.Close()
-	tf := &tlsFile{Path: path, Name: path, Root: "/", ELF: ef}
+	tf := systemLibssl(b)
+	path, ef := tf.Path, tf.ELF
 	internal, err := p.inspect(tf)
 	if err != nil {
 		b.Fatal(err)
@@ -124,4 +116,20 @@ func BenchmarkOpenSSLProbeSites(b *testing.B) {
 	for unit, v := range sums {
 		b.ReportMetric(v, unit)
 	}
+}
+
+// systemLibssl opens the machine's libssl (SystemLibssl, its links
+// followed) as the prober reads a file; the ELF is closed with the test.
+func systemLibssl(tb testing.TB) *tlsFile {
+	tb.Helper()
+	path, err := filepath.EvalSymlinks(SystemLibssl)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ef, err := elf.Open(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ef.Close() })
+	return &tlsFile{Path: path, Name: path, Root: "/", ELF: ef}
 }

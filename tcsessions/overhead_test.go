@@ -213,32 +213,31 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 // egress of each pod's host veth (variant floor).
 func startFloor(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wireTrace {
 	b.Helper()
-	w := &wireTrace{progs: map[string]*ebpf.Program{}, counts: map[string]*ifaceCounts{}}
-	for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-			Name: "floor_next", Type: ebpf.SchedCLS, License: "GPL",
-			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}, // TCX_NEXT
-		})
-		if err != nil {
-			b.Fatalf("loading the floor program: %v", err)
-		}
-		w.progs[at.String()] = prog
-		for _, p := range pods {
-			err := node.NS.Run(b, func() error {
-				ifc, err := net.InterfaceByName(p.HostVeth)
-				if err != nil {
-					return err
-				}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: "floor_next", Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}, // TCX_NEXT
+	})
+	if err != nil {
+		b.Fatalf("loading the floor program: %v", err)
+	}
+	w := &wireTrace{progs: map[string]*ebpf.Program{"floor_next": prog}, counts: map[string]*ifaceCounts{}}
+	for _, p := range pods {
+		err := node.NS.Run(b, func() error {
+			ifc, err := net.InterfaceByName(p.HostVeth)
+			if err != nil {
+				return err
+			}
+			for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
 				l, err := link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: prog, Attach: at})
 				if err != nil {
 					return err
 				}
 				w.floor = append(w.floor, l)
-				return nil
-			})
-			if err != nil {
-				b.Fatalf("attaching the floor program to %s: %v", p.HostVeth, err)
 			}
+			return nil
+		})
+		if err != nil {
+			b.Fatalf("attaching the floor program to %s: %v", p.HostVeth, err)
 		}
 	}
 	w.cpu0, w.t0 = processCPU(b), time.Now()

@@ -198,3 +198,24 @@ func (c *Cgroup) remove() error {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// CPU is the CPU time the cgroup's processes used so far (their BPF
+// programs and uprobe traps included), from its cpu.stat.
+func (c *Cgroup) CPU(t testing.TB) time.Duration {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(c.Dir(), "cpu.stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
+			us, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return time.Duration(us) * time.Microsecond
+		}
+	}
+	t.Fatalf("no usage_usec in %s/cpu.stat", c.Dir())
+	return 0
+}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -77,27 +76,6 @@ func (p *HTTPPair) Wrk(t testing.TB, d time.Duration, url string) WrkResult {
 		t.Fatalf("wrk: %d requests, %s\n%s", r.Requests, r.Errors, out.String())
 	}
 	return r
-}
-
-// CPU is the CPU time the cgroup's processes used so far (their BPF
-// programs and uprobe traps included), from its cpu.stat.
-func (c *Cgroup) CPU(t testing.TB) time.Duration {
-	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(c.Dir(), "cpu.stat"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
-			us, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return time.Duration(us) * time.Microsecond
-		}
-	}
-	t.Fatalf("no usage_usec in %s/cpu.stat", c.Dir())
-	return 0
 }
 
 // WrkFileBytes is the size of the file the wrk benchmarks fetch: 1024, or

@@ -14,6 +14,8 @@
  *   egress_lookup_table  user -> kernel: server address prefix + port (LPM
  *                        trie) -> protocol id, for connections to peers
  *                        outside the node
+ *   port_marks           user -> kernel: the ports the two tables name, so
+ *                        packets of untraced ports skip every lookup
  *   sessions             kernel: one entry per TCP connection per
  *                        interface (bounded LRU), keyed by the 5-tuple in
  *                        canonical order plus the interface
@@ -311,6 +313,21 @@ struct {
 	__type(value, __u32);
 } dports2proto SEC(".maps");
 
+/* Server ports any table names (a bit per port, 32 per entry): a packet
+ * neither of whose ports is marked cannot belong to a traced connection
+ * unless track_all is set, so it is passed on without the sessions lookup
+ * and the table lookups. Bit 0 (port 0) is set by egress matches of any
+ * port: then every packet takes the full path. User space only ever sets
+ * bits: a port removed from the tables stays marked, so its connections
+ * already traced go on. */
+#define PORT_MARK_WORDS (65536 / 32)
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PORT_MARK_WORDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} port_marks SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 4096);
@@ -514,6 +531,20 @@ static __always_inline void count_workloads(struct pkt *p, __u64 bytes, __u64 pa
 			w->rx_packets += packets;
 		}
 	}
+}
+
+static __always_inline int port_marked(__u16 port)
+{
+	__u32 idx = port >> 5;
+	__u32 *w = bpf_map_lookup_elem(&port_marks, &idx);
+	return w && (*w & (1u << (port & 31)));
+}
+
+/* may_track says whether a TCP packet between these ports can belong to a
+ * connection Clovisor traces (see port_marks). */
+static __always_inline int may_track(__u16 sport, __u16 dport)
+{
+	return track_all || port_marked(sport) || port_marked(dport) || port_marked(0);
 }
 
 /* server_match reports whether (addr, port) is a server Clovisor traces on
@@ -771,6 +802,8 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__u32 payload = p->ip_len - p->l3_hlen - thlen;
 	__u8 tflags = ((__u8 *)&tcp)[13];
 	__u16 sport = bpf_ntohs(tcp.source), dport = bpf_ntohs(tcp.dest);
+	if (!may_track(sport, dport))
+		return;
 	__u32 ifindex = skb->ifindex;
 	int syn = (tflags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 	int synack = (tflags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK);

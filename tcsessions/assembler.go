@@ -3,6 +3,7 @@ package tcsessions
 import (
 	"fmt"
 	"net/netip"
+	"strconv"
 
 	"github.com/clovisor/clovisor/protocols"
 )
@@ -602,11 +603,14 @@ func (a *Assembler) base(c *conn, e *ExchangeEvent, k uint32) *Exchange {
 		ReqSeq0:   e.ReqSeq0,
 	}
 	c.next++
-	x.Interface, x.Role = fmt.Sprint(x.Ifindex), RolePod
+	x.Interface, x.Role = "", RolePod
 	if a.cfg.Interface != nil {
 		if name, role, ok := a.cfg.Interface(x.Ifindex); ok {
 			x.Interface, x.Role = name, role
 		}
+	}
+	if x.Interface == "" {
+		x.Interface = strconv.Itoa(x.Ifindex)
 	}
 	if a.cfg.Workload != nil {
 		in := x.Server.Addr()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -1061,4 +1062,77 @@ func TestPipelinedMarks(t *testing.T) {
 	if len(pl) != 1+64 || pl[64].Mark != 64 || h.stats().MarkLimit != 6 {
 		t.Errorf("%d payloads (last mark %d), stats %+v; want 65, 64 and 6 over the limit", len(pl), pl[len(pl)-1].Mark, h.stats())
 	}
+}
+
+// TestPortMarks: the ports the tables name are marked in port_marks (an
+// ignored port is not; an egress match of any port marks port 0); packets
+// of unmarked ports make no session; a port removed from the table stays
+// marked, so its connection already traced goes on, while a new one is not
+// traced.
+func TestPortMarks(t *testing.T) {
+	cfg := Config{Ports: []Port{{Port: 8080, Protocol: "http"}}, IgnorePorts: []uint16{9},
+		Egress: []EgressMatch{{Prefix: netip.MustParsePrefix("203.0.113.0/24"), Port: 443, Protocol: "tls"}}}
+	h := newHarness(t, cfg, ifaceSessions)
+	marked := func() []uint16 {
+		t.Helper()
+		p, err := h.o.markedPorts()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	if got := marked(); !slices.Equal(got, []uint16{443, 8080}) {
+		t.Fatalf("marked ports %v, want [443 8080]", got)
+	}
+	other := newConv("10.1.0.1:40000", "10.1.0.2:5432")
+	h.handshake(other)
+	h.segs(other.fromClient(fPSH|fACK, "query"), other.fromServer(fPSH|fACK, "rows"))
+	web := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	h.handshake(web)
+	req := web.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n")
+	h.segs(req)
+	s := h.sessions()
+	if len(s) != 1 || s[0].Server != web.server {
+		t.Fatalf("sessions %+v, want the port 8080 connection only", s)
+	}
+	if st := h.stats(); st.SessionsCreated != 1 || st.HeaderFaults != 0 {
+		t.Errorf("stats %+v", st)
+	}
+
+	if err := h.o.deletePort(0, 8080); err != nil {
+		t.Fatal(err)
+	}
+	if got := marked(); !slices.Equal(got, []uint16{443, 8080}) {
+		t.Fatalf("marked ports after removing 8080: %v", got)
+	}
+	resp := web.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n")
+	h.segs(resp)
+	late := newConv("10.1.0.1:40002", "10.1.0.2:8080")
+	h.handshake(late)
+	s = h.sessions()
+	if len(s) != 1 || s[0].Entry.Total[1].PayloadBytes != uint64(len(resp.payload)) || s[0].Phase() != PhaseResponse {
+		t.Fatalf("after removing port 8080: sessions %+v, want the traced connection going on alone", s)
+	}
+
+	// An egress match of any port: every port may be traced.
+	if err := h.o.setEgress(netip.MustParsePrefix("198.51.100.0/24"), 0, mustProtocolID(t, "http")); err != nil {
+		t.Fatal(err)
+	}
+	if got := marked(); !slices.Equal(got, []uint16{0, 443, 8080}) {
+		t.Fatalf("marked ports with an any-port match: %v", got)
+	}
+	ext := newConv("10.1.0.1:40003", "198.51.100.9:5432")
+	h.segs(ext.fromClient(fSYN, ""))
+	if s = h.sessions(); len(s) != 2 || s[1].Server != ext.server {
+		t.Fatalf("sessions %+v, want the any-port egress connection too", s)
+	}
+}
+
+func mustProtocolID(t *testing.T, name string) uint16 {
+	t.Helper()
+	id, err := ProtocolID(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }

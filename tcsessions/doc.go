@@ -27,6 +27,12 @@
 //     protocol id (Protocols; "ignore" never traces).
 //   - egress_lookup_table: LPM trie of server prefix + port (0: any) to
 //     protocol id, for connections to peers outside the node.
+//   - port_marks: a bit per port that either table names with a protocol
+//     (port 0: an egress match of any port). A TCP packet neither of whose
+//     ports is marked is passed on after its headers are read, without the
+//     sessions lookup or the table lookups (unless TrackAll). Bits are only
+//     set: a port removed from the tables stays marked, so its connections
+//     already traced go on to their end.
 //   - sessions: LRU hash of Config.MaxSessions connections, keyed by the
 //     interface and the 5-tuple in canonical order (IPv4 as IPv4-mapped
 //     IPv6), holding each connection's counters and current exchange.

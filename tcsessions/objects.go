@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
 
 	"github.com/cilium/ebpf"
 )
@@ -102,6 +103,8 @@ const maxWorkloads = 4096
 // objects are the loaded programs and maps.
 type objects struct {
 	tcObjects
+	// marksMu serializes the read-modify-write of port_marks words.
+	marksMu sync.Mutex
 }
 
 // loadObjects loads the programs and maps with the configuration's
@@ -175,7 +178,46 @@ func (o *objects) clearInterface(ifindex int) error {
 
 // setPort adds a port to dports2proto (ifindex 0: every interface).
 func (o *objects) setPort(ifindex int, port uint16, proto uint16) error {
+	if proto != ProtocolIgnore {
+		if err := o.markPort(port); err != nil {
+			return err
+		}
+	}
 	return o.Dports2proto.Put(tcPortKey{Ifindex: uint32(ifindex), Port: port}, uint32(proto))
+}
+
+// markPort sets port's bit in port_marks (port 0: an egress match of any
+// port), before the table entry that names it is written. Bits are never
+// cleared (see bpf/tc.h).
+func (o *objects) markPort(port uint16) error {
+	o.marksMu.Lock()
+	defer o.marksMu.Unlock()
+	idx := uint32(port) / 32
+	var w uint32
+	if err := o.PortMarks.Lookup(idx, &w); err != nil {
+		return fmt.Errorf("reading port marks: %w", err)
+	}
+	if bit := uint32(1) << (port % 32); w&bit == 0 {
+		if err := o.PortMarks.Put(idx, w|bit); err != nil {
+			return fmt.Errorf("marking port %d: %w", port, err)
+		}
+	}
+	return nil
+}
+
+// markedPorts lists the ports port_marks has set.
+func (o *objects) markedPorts() ([]uint16, error) {
+	var ports []uint16
+	var idx, w uint32
+	it := o.PortMarks.Iterate()
+	for it.Next(&idx, &w) {
+		for b := range uint32(32) {
+			if w&(1<<b) != 0 {
+				ports = append(ports, uint16(idx*32+b))
+			}
+		}
+	}
+	return ports, it.Err()
 }
 
 // deletePort removes a port from dports2proto.
@@ -201,6 +243,11 @@ func egressKey(p netip.Prefix, port uint16) tcEgressKey {
 
 // setEgress adds an egress match.
 func (o *objects) setEgress(p netip.Prefix, port uint16, proto uint16) error {
+	if proto != ProtocolIgnore {
+		if err := o.markPort(port); err != nil {
+			return err
+		}
+	}
 	return o.EgressLookupTable.Put(egressKey(p, port), uint32(proto))
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/clovisor/clovisor/internal/ring"
 	"github.com/clovisor/clovisor/internal/testbed"
 	"github.com/clovisor/clovisor/protocols"
 	"github.com/clovisor/clovisor/protocols/http1"
@@ -48,8 +49,11 @@ import (
 // records without payload prefixes and analyzers, "floor" attaches no
 // tracer at all but a program that only returns TCX_NEXT, through tcx on
 // ingress and egress of both pods' veths: the least any tc-based tracer
-// costs. The checks that the tracer saw the traffic apply to the agent's
-// configuration only.
+// costs; "read" is the agent's configuration with a Run loop that reads
+// every record and prefix from the ring buffer and drops it (no Assembler,
+// no analyzer): the kernel side and the ring without the user-space
+// analysis. The checks that the tracer saw the traffic apply to the
+// agent's configuration (and, for "read", that records arrived).
 var overheadVariant = os.Getenv("CLOVISOR_OVERHEAD_VARIANT")
 
 // overheadStats (CLOVISOR_OVERHEAD_STATS=0 turns it off) enables the
@@ -57,6 +61,15 @@ var overheadVariant = os.Getenv("CLOVISOR_OVERHEAD_VARIANT")
 // figures need; they cost every program run two clock reads, so the
 // throughput ratios are best taken with them off.
 var overheadStats = os.Getenv("CLOVISOR_OVERHEAD_STATS") != "0"
+
+// overheadWrkConnections is wrk's -c, the keep-alive connections shared by
+// its threads: 8, or CLOVISOR_OVERHEAD_WRK_CONNECTIONS.
+var overheadWrkConnections = func() int {
+	if n, err := strconv.Atoi(os.Getenv("CLOVISOR_OVERHEAD_WRK_CONNECTIONS")); err == nil && n > 0 {
+		return n
+	}
+	return 8
+}()
 
 // overheadRounds is the number of traced runs (untraced runs: one more):
 // 3, or CLOVISOR_OVERHEAD_ROUNDS.
@@ -72,10 +85,8 @@ const (
 	overheadIperfSeconds = 4
 	// overheadWrkSeconds is the length of one wrk run.
 	overheadWrkSeconds = 5
-	// overheadWrkConnections and overheadWrkThreads are wrk's -c and -t:
-	// keep-alive connections shared by the threads.
-	overheadWrkConnections = 8
-	overheadWrkThreads     = 2
+	// overheadWrkThreads is wrk's -t.
+	overheadWrkThreads = 2
 	// overheadFileBytes is the size of the file wrk fetches.
 	overheadFileBytes = 1024
 )
@@ -172,8 +183,9 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 		cfg.Ports = []Port{{Port: 9}}
 	case "records":
 		cfg.PayloadBytes, analyzers = -1, nil
+	case "read":
 	default:
-		b.Fatalf("CLOVISOR_OVERHEAD_VARIANT=%s: want untracked, records or floor", overheadVariant)
+		b.Fatalf("CLOVISOR_OVERHEAD_VARIANT=%s: want untracked, records, read or floor", overheadVariant)
 	}
 	tr, err := Open(cfg)
 	if err != nil {
@@ -191,6 +203,26 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &wireTrace{tr: tr, progs: tr.Programs(), stop: cancel, done: make(chan error, 1), counts: map[string]*ifaceCounts{}}
+	if overheadVariant == "read" {
+		// Count what arrives per interface as records, nothing more.
+		go func() {
+			var e ExchangeEvent
+			w.done <- ring.Read(ctx, tr.objs.TcEvents, func(raw []byte) {
+				if len(raw) == 0 || raw[0] != uint8(tcTcEventKindTC_EVENT_EXCHANGE) || decodeExchangeInto(raw, &e) != nil {
+					return
+				}
+				name, _, _ := tr.interfaceName(int(e.Tuple.Ifindex))
+				c := w.counts[name]
+				if c == nil {
+					c = &ifaceCounts{}
+					w.counts[name] = c
+				}
+				c.exchanges++
+			}, nil)
+		}()
+		w.cpu0, w.t0 = processCPU(b), time.Now()
+		return w
+	}
 	go func() {
 		w.done <- tr.Run(ctx, analyzers, func(x *Exchange) {
 			c := w.counts[x.Interface]

@@ -226,6 +226,7 @@ const (
 	tcMapEgressLookupTable   = "egress_lookup_table"
 	tcMapExchangeScratch     = "exchange_scratch"
 	tcMapIfaces              = "ifaces"
+	tcMapPortMarks           = "port_marks"
 	tcMapSessionInit         = "session_init"
 	tcMapSessions            = "sessions"
 	tcMapTcEvents            = "tc_events"
@@ -304,6 +305,7 @@ type tcMapSpecs struct {
 	EgressLookupTable *ebpf.MapSpec `ebpf:"egress_lookup_table"`
 	ExchangeScratch   *ebpf.MapSpec `ebpf:"exchange_scratch"`
 	Ifaces            *ebpf.MapSpec `ebpf:"ifaces"`
+	PortMarks         *ebpf.MapSpec `ebpf:"port_marks"`
 	SessionInit       *ebpf.MapSpec `ebpf:"session_init"`
 	Sessions          *ebpf.MapSpec `ebpf:"sessions"`
 	TcEvents          *ebpf.MapSpec `ebpf:"tc_events"`
@@ -356,6 +358,7 @@ type tcMaps struct {
 	EgressLookupTable *ebpf.Map `ebpf:"egress_lookup_table"`
 	ExchangeScratch   *ebpf.Map `ebpf:"exchange_scratch"`
 	Ifaces            *ebpf.Map `ebpf:"ifaces"`
+	PortMarks         *ebpf.Map `ebpf:"port_marks"`
 	SessionInit       *ebpf.Map `ebpf:"session_init"`
 	Sessions          *ebpf.Map `ebpf:"sessions"`
 	TcEvents          *ebpf.Map `ebpf:"tc_events"`
@@ -371,6 +374,7 @@ func (m *tcMaps) Close() error {
 		m.EgressLookupTable,
 		m.ExchangeScratch,
 		m.Ifaces,
+		m.PortMarks,
 		m.SessionInit,
 		m.Sessions,
 		m.TcEvents,

@@ -167,7 +167,11 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 	} else {
 		ex.strs = append(ex.strs, '-')
 	}
-	str := string(ex.strs)
+	str := p.lastStrs
+	if string(ex.strs) != str {
+		str = string(ex.strs)
+		p.lastStrs = str
+	}
 	t.Summary = str[ex.sumOff:]
 	method := str[ex.sumOff:ex.methodEnd]
 	if ex.method == "_OTHER" {

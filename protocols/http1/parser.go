@@ -149,6 +149,10 @@ type parser struct {
 	closeTS uint64 // the ts given to Close
 	out     []*protocols.Transaction
 	stats   protocols.ParserStats
+	// lastStrs is the text of the last transaction emitted (its
+	// strings are parts of it): a keep-alive connection often repeats its
+	// request, and then the next transaction shares it.
+	lastStrs string
 }
 
 // Stats reports the bytes dropped and the resynchronisations.

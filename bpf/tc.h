@@ -432,13 +432,37 @@ static __always_inline void map_v4(struct addr16 *dst, __u32 addr)
 	((__u32 *)dst->a)[3] = addr;
 }
 
+/* LOAD_HDR copies the header *dst from offset off of the packet: straight
+ * from the skb's linear data when it holds the header (the usual case: a
+ * typed copy, a few word loads), else with bpf_skb_load_bytes. It is 0 on
+ * success. The offsets of headers are small; the bound lets every verifier
+ * follow the variable offset. */
+#define HDR_DIRECT_MAX 512
+#define LOAD_HDR(skb, off, dst)                                                        \
+	({                                                                             \
+		int __ret = 1;                                                         \
+		__u32 __off = (off);                                                   \
+		if (__off <= HDR_DIRECT_MAX) {                                         \
+			void *__data = (void *)(long)(skb)->data;                      \
+			void *__end = (void *)(long)(skb)->data_end;                   \
+			typeof(dst) __src = __data + __off;                            \
+			if ((void *)(__src + 1) <= __end) {                            \
+				*(dst) = *__src;                                       \
+				__ret = 0;                                             \
+			}                                                              \
+		}                                                                      \
+		if (__ret)                                                             \
+			__ret = bpf_skb_load_bytes((skb), __off, (dst), sizeof(*(dst))); \
+		__ret;                                                                 \
+	})
+
 /* parse_ip reads the IP header (and IPv6 extension headers) of an Ethernet
  * frame. It returns 0 for an IP packet it understood, -1 otherwise. */
 static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 {
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+		if (LOAD_HDR(skb, ETH_HLEN, &ip))
 			goto fault;
 		if (ip.version != 4 || ip.ihl < 5)
 			goto fault;
@@ -461,7 +485,7 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 	}
 	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+		if (LOAD_HDR(skb, ETH_HLEN, &ip6))
 			goto fault;
 		if (ip6.version != 6)
 			goto fault;
@@ -790,7 +814,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 				      int ingress)
 {
 	struct tcphdr tcp;
-	if (bpf_skb_load_bytes(skb, p->l4_off, &tcp, sizeof(tcp))) {
+	if (LOAD_HDR(skb, p->l4_off, &tcp)) {
 		tc_count(TC_STAT_HEADER_FAULT);
 		return;
 	}

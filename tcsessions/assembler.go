@@ -603,7 +603,7 @@ func (a *Assembler) base(c *conn, e *ExchangeEvent, k uint32) *Exchange {
 		ReqSeq0:   e.ReqSeq0,
 	}
 	c.next++
-	x.Interface, x.Role = "", RolePod
+	x.Role = RolePod
 	if a.cfg.Interface != nil {
 		if name, role, ok := a.cfg.Interface(x.Ifindex); ok {
 			x.Interface, x.Role = name, role

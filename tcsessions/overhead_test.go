@@ -64,21 +64,20 @@ var overheadStats = os.Getenv("CLOVISOR_OVERHEAD_STATS") != "0"
 
 // overheadWrkConnections is wrk's -c, the keep-alive connections shared by
 // its threads: 8, or CLOVISOR_OVERHEAD_WRK_CONNECTIONS.
-var overheadWrkConnections = func() int {
-	if n, err := strconv.Atoi(os.Getenv("CLOVISOR_OVERHEAD_WRK_CONNECTIONS")); err == nil && n > 0 {
-		return n
-	}
-	return 8
-}()
+var overheadWrkConnections = envPositive("CLOVISOR_OVERHEAD_WRK_CONNECTIONS", 8)
 
 // overheadRounds is the number of traced runs (untraced runs: one more):
 // 3, or CLOVISOR_OVERHEAD_ROUNDS.
-var overheadRounds = func() int {
-	if n, err := strconv.Atoi(os.Getenv("CLOVISOR_OVERHEAD_ROUNDS")); err == nil && n > 0 {
+var overheadRounds = envPositive("CLOVISOR_OVERHEAD_ROUNDS", 3)
+
+// envPositive is the positive number in the environment variable name, or
+// def when it is unset or not one.
+func envPositive(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
 		return n
 	}
-	return 3
-}()
+	return def
+}
 
 const (
 	// overheadIperfSeconds is the length of one iperf3 run.
@@ -212,12 +211,7 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 					return
 				}
 				name, _, _ := tr.interfaceName(int(e.Tuple.Ifindex))
-				c := w.counts[name]
-				if c == nil {
-					c = &ifaceCounts{}
-					w.counts[name] = c
-				}
-				c.exchanges++
+				w.iface(name).exchanges++
 			}, nil)
 		}()
 		w.cpu0, w.t0 = processCPU(b), time.Now()
@@ -225,11 +219,7 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	}
 	go func() {
 		w.done <- tr.Run(ctx, analyzers, func(x *Exchange) {
-			c := w.counts[x.Interface]
-			if c == nil {
-				c = &ifaceCounts{}
-				w.counts[x.Interface] = c
-			}
+			c := w.iface(x.Interface)
 			c.exchanges++
 			if x.Tx != nil && x.Tx.StatusCode == 200 {
 				c.http++
@@ -239,6 +229,17 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	}()
 	w.cpu0, w.t0 = processCPU(b), time.Now()
 	return w
+}
+
+// iface is the counts of an interface, made at its first record (Run's
+// goroutine only).
+func (w *wireTrace) iface(name string) *ifaceCounts {
+	c := w.counts[name]
+	if c == nil {
+		c = &ifaceCounts{}
+		w.counts[name] = c
+	}
+	return c
 }
 
 // startFloor attaches a program that only returns TCX_NEXT to ingress and

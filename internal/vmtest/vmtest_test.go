@@ -742,3 +742,89 @@ func TestInLoaderDirs(t *testing.T) {
 		}
 	}
 }
+
+// TestVMKernelCrashReported crashes the guest kernel on purpose (sysrq c):
+// the failure shows the kernel's report from its first line, not only the
+// console's tail.
+func TestVMKernelCrashReported(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, DefaultSeries)
+	msg := expectFailure(t, func(tb testing.TB) {
+		Run(tb, k, Options{Args: []string{"sh", "-c", "echo 1 >/proc/sys/kernel/sysrq; echo crashing-now; echo c >/proc/sysrq-trigger"},
+			Modules: []string{}, Timeout: 60 * time.Second})
+	})
+	for _, s := range []string{"crashing-now", "(from the kernel's first report)", "sysrq: Trigger a crash", "Kernel panic"} {
+		if !strings.Contains(msg, s) {
+			t.Errorf("failure message lacks %q:\n%s", s, msg)
+		}
+	}
+	if i, j := strings.Index(msg, "sysrq: Trigger a crash"), strings.Index(msg, "Kernel panic"); i > j {
+		t.Errorf("the report's first line is not before the panic:\n%s", msg)
+	}
+}
+
+// TestVMTextPatchingUnderLoad switches every sched and syscalls tracepoint
+// on and off while both vCPUs run busy loops: each switch rewrites kernel
+// text (static keys, text_poke_bp) under the other vCPU's feet, as
+// attaching tracepoint, kprobe and BPF programs does. Under QEMU's
+// multi-threaded TCG this killed the guest ("Oops: int3") in the first
+// round every time; the harness runs TCG single-threaded, where it must
+// not.
+func TestVMTextPatchingUnderLoad(t *testing.T) {
+	requireHost(t)
+	k := LoadKernel(t, "6.12")
+	const rounds = 8
+	script := `T=/sys/kernel/tracing
+(while :; do :; done) & a=$!
+(while :; do echo x >/dev/null; done) & b=$!
+for i in $(seq 1 ` + strconv.Itoa(rounds) + `); do
+	for g in sched syscalls; do
+		echo 1 >$T/events/$g/enable || exit 1
+		on=$(cat $T/events/$g/enable)
+		echo 0 >$T/events/$g/enable || exit 1
+		echo "$g $on $(cat $T/events/$g/enable)"
+	done
+done
+kill $a $b`
+	res := Run(t, k, Options{Args: []string{"sh", "-c", script}, Modules: []string{}, CPUs: 2, Timeout: 240 * time.Second})
+	want := ""
+	for i := 1; i <= rounds; i++ {
+		want += "sched 1 0\nsyscalls 1 0\n"
+	}
+	if res.Output != want {
+		t.Errorf("guest output %q, want %q", res.Output, want)
+	}
+	for _, m := range kernelTrouble {
+		if strings.Contains(res.Console, m) {
+			t.Errorf("the guest kernel reported %q:%s", m, consoleEvidence(res.Console))
+		}
+	}
+	t.Logf("%d rounds of 2 tracepoint groups switched on and off under load in %v", rounds, res.Duration.Round(time.Millisecond))
+}
+
+func TestConsoleEvidence(t *testing.T) {
+	boot := strings.Repeat("[    0.1] boot line\n", 400)
+	report := "[    2.0] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[    2.0] RIP: 0010:sched_clock_cpu+0x9/0x190\n"
+	after := strings.Repeat("[    2.1] trace line\n", 100) + "[    2.2] Kernel panic - not syncing: Fatal exception\n"
+	got := consoleEvidence(boot + report + after)
+	if !strings.HasPrefix(got, " (from the kernel's first report):\n[...]\n[    0.1] boot line\n") {
+		t.Errorf("does not start at a line before the report:\n%.200s", got)
+	}
+	if !strings.Contains(got, report+after) || !strings.HasSuffix(got, "Fatal exception\n") {
+		t.Errorf("report or its end missing:\n%s", got)
+	}
+	if n := strings.Count(got, "boot line"); n < 50 || n > 80 {
+		t.Errorf("%d boot lines before the report, want the last ~1,500 bytes' worth", n)
+	}
+	// Without a report: the tail.
+	plain := boot + "[    3.0] last line\n"
+	if got := consoleEvidence(plain); got != " (tail):\n"+tail(plain, 4000) {
+		t.Errorf("no report: %.100q", got)
+	}
+	// A long report is cut in the middle, its end kept.
+	long := report + strings.Repeat("[    2.1] trace line\n", 3000) + "[    9.9] the end\n"
+	got = consoleEvidence(long)
+	if !strings.HasPrefix(got, " (from the kernel's first report):\n"+report) || !strings.HasSuffix(got, "the end\n") || !strings.Contains(got, "\n[...]\n") || len(got) > 27000 {
+		t.Errorf("long report: %d bytes, start %.120q, end %q", len(got), got, got[len(got)-40:])
+	}
+}

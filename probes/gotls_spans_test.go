@@ -141,11 +141,11 @@ func TestGoTLSSpans(t *testing.T) {
 					}
 					if attr(tx, "http.request.method") != w.method || attr(tx, "url.path") != w.path || tx.StatusCode != w.status ||
 						attr(tx, "url.scheme") != "https" || tx.Truncated || tx.NoResponse {
-						t.Errorf("kind %d #%d: %s (%+v), want %s %s %d", kind, i, tx.Summary, tx.Attrs, w.method, w.path, w.status)
+						t.Errorf("kind %d #%d: %s (%+v), want %s %s %d", kind, i, tx.Summary, tx.AllAttrs(), w.method, w.path, w.status)
 					}
 					if attr(tx, "http.response.body.size") != fmt.Sprint(w.resBody) ||
 						(w.reqBody > 0 && attr(tx, "http.request.body.size") != fmt.Sprint(w.reqBody)) {
-						t.Errorf("kind %d #%d: body sizes: %+v", kind, i, tx.Attrs)
+						t.Errorf("kind %d #%d: body sizes: %+v", kind, i, tx.AllAttrs())
 					}
 				}
 			}
@@ -183,7 +183,7 @@ func TestGoTLSSpans(t *testing.T) {
 }
 
 func attr(tx *protocols.Transaction, key string) string {
-	for _, kv := range tx.Attrs {
+	for _, kv := range tx.AllAttrs() {
 		if string(kv.Key) == key {
 			return kv.Value.Emit()
 		}

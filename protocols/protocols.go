@@ -70,8 +70,13 @@ type Transaction struct {
 
 	// Attrs are the protocol's attributes per the OpenTelemetry semantic
 	// conventions (e.g. http.request.method, url.path,
-	// http.response.status_code). Secrets are never among them.
+	// http.response.status_code). Secrets are never among them. An
+	// analyzer may leave them to Lazy instead, which makes them only when
+	// they are read: readers use AppendAttrs and NumAttrs, which cover
+	// both.
 	Attrs []attribute.KeyValue
+	// Lazy, when set, makes the attributes that follow Attrs.
+	Lazy AttrSource
 
 	// StatusCode is the protocol's status (HTTP: the response status
 	// code), 0 when there is none.
@@ -89,6 +94,79 @@ type Transaction struct {
 	// NoResponse is set when the connection closed (or the parser was
 	// flushed) before a response was seen.
 	NoResponse bool
+}
+
+// AttrSource makes a transaction's attributes when they are read, so that
+// an analyzer keeps what it parsed in its own compact form and a
+// transaction that no span is made of costs no attribute list.
+type AttrSource interface {
+	// AppendAttrs appends the attributes to dst.
+	AppendAttrs(dst []attribute.KeyValue) []attribute.KeyValue
+	// NumAttrs is the number of attributes AppendAttrs appends.
+	NumAttrs() int
+}
+
+// AppendAttrs appends the transaction's attributes, Attrs and then those
+// of Lazy, to dst.
+func (t *Transaction) AppendAttrs(dst []attribute.KeyValue) []attribute.KeyValue {
+	dst = append(dst, t.Attrs...)
+	if t.Lazy != nil {
+		dst = t.Lazy.AppendAttrs(dst)
+	}
+	return dst
+}
+
+// NumAttrs is the number of attributes AppendAttrs appends.
+func (t *Transaction) NumAttrs() int {
+	n := len(t.Attrs)
+	if t.Lazy != nil {
+		n += t.Lazy.NumAttrs()
+	}
+	return n
+}
+
+// AllAttrs returns the transaction's attributes in one list (a new one
+// when Lazy is set).
+func (t *Transaction) AllAttrs() []attribute.KeyValue {
+	if t.Lazy == nil {
+		return t.Attrs
+	}
+	return t.AppendAttrs(make([]attribute.KeyValue, 0, t.NumAttrs()))
+}
+
+// AttrReplacer is an AttrSource that can change the value of one of its
+// attributes in its own form.
+type AttrReplacer interface {
+	// ReplaceAttr gives the attribute with kv's key kv's value and
+	// reports whether the source has it and took the value.
+	ReplaceAttr(kv attribute.KeyValue) bool
+}
+
+// ReplaceAttr gives the transaction's attribute with kv's key kv's value,
+// and reports whether there was one. Attributes of Lazy that it cannot
+// replace itself (AttrReplacer) are first made into Attrs.
+func (t *Transaction) ReplaceAttr(kv attribute.KeyValue) bool {
+	for i := range t.Attrs {
+		if t.Attrs[i].Key == kv.Key {
+			t.Attrs[i] = kv
+			return true
+		}
+	}
+	if t.Lazy == nil {
+		return false
+	}
+	if r, ok := t.Lazy.(AttrReplacer); ok && r.ReplaceAttr(kv) {
+		return true
+	}
+	n := len(t.Attrs)
+	t.Attrs, t.Lazy = t.AllAttrs(), nil
+	for i := n; i < len(t.Attrs); i++ {
+		if t.Attrs[i].Key == kv.Key {
+			t.Attrs[i] = kv
+			return true
+		}
+	}
+	return false
 }
 
 // Parser parses one connection. It is not safe for concurrent use.

@@ -187,7 +187,7 @@ func describe(ss []*spans.Session) string {
 }
 
 func attr(tx *protocols.Transaction, key string) attribute.Value {
-	for _, kv := range tx.Attrs {
+	for _, kv := range tx.AllAttrs() {
 		if string(kv.Key) == key {
 			return kv.Value
 		}
@@ -272,7 +272,7 @@ func TestCurlNginx(t *testing.T) {
 				if ua := attr(tx, "user_agent.original").AsString(); !strings.HasPrefix(ua, "curl/") {
 					t.Errorf("user_agent.original %q", ua)
 				}
-				for _, kv := range tx.Attrs {
+				for _, kv := range tx.AllAttrs() {
 					if strings.Contains(kv.Value.Emit(), "hunter2") {
 						t.Errorf("cookie leaked in %s", kv.Key)
 					}
@@ -356,7 +356,7 @@ func TestGoKeepAlive(t *testing.T) {
 			if tx.ErrorType != wantErr || tx.ServerFault {
 				t.Errorf("kind %d #%d: error %q fault %v, want %q", kind, i, tx.ErrorType, tx.ServerFault, wantErr)
 			}
-			for _, kv := range tx.Attrs {
+			for _, kv := range tx.AllAttrs() {
 				if strings.Contains(kv.Value.Emit(), "secret-token") {
 					t.Errorf("authorization leaked in %s", kv.Key)
 				}

@@ -898,7 +898,7 @@ func programRuns(t *testing.T, tr *probes.Tracer) map[string]uint64 {
 }
 
 func txAttr(tx *protocols.Transaction, key string) string {
-	for _, kv := range tx.Attrs {
+	for _, kv := range tx.AllAttrs() {
 		if string(kv.Key) == key {
 			return kv.Value.Emit()
 		}

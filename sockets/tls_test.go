@@ -99,7 +99,7 @@ func TestTLSPlaintextFromLibrary(t *testing.T) {
 				t.Errorf("session %s", describeAll(s.got))
 			}
 			if !hasAttr(x, "url.scheme", "https") {
-				t.Errorf("url.scheme not https: %v", x.Tx.Attrs)
+				t.Errorf("url.scheme not https: %v", x.Tx.AllAttrs())
 			}
 			if x.PayloadSource != src.name {
 				t.Errorf("payload source %q, want %q", x.PayloadSource, src.name)
@@ -185,7 +185,7 @@ func TestPlainSocketSource(t *testing.T) {
 }
 
 func hasAttr(s *spans.Session, key, value string) bool {
-	for _, kv := range s.Tx.Attrs {
+	for _, kv := range s.Tx.AllAttrs() {
 		if string(kv.Key) == key && kv.Value.Emit() == value {
 			return true
 		}

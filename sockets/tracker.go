@@ -362,11 +362,7 @@ func (t *Tracker) tlsOf(c *conn) *spans.TLSInfo {
 // httpsScheme: an analyzer reading TLS plaintext took the scheme for
 // "http"; on a TLS connection it is "https".
 func httpsScheme(tx *protocols.Transaction) {
-	for i := range tx.Attrs {
-		if tx.Attrs[i].Key == semconv.URLSchemeKey && tx.Attrs[i].Value.AsString() == "http" {
-			tx.Attrs[i] = semconv.URLSchemeKey.String("https")
-		}
-	}
+	tx.ReplaceAttr(semconv.URLSchemeKey.String("https"))
 }
 
 // sourceNames are the values of clovisor.payload.source.

@@ -22,7 +22,7 @@ func refAttrList(s *Session, errType string, summary bool) []attribute.KeyValue 
 	tx := s.Tx
 	var a []attribute.KeyValue
 	var hasServerAddr, hasServerPort, hasClientAddr, hasClientPort, hasErrType bool
-	for _, kv := range tx.Attrs {
+	for _, kv := range tx.AllAttrs() {
 		switch kv.Key {
 		case semconv.ServerAddressKey:
 			hasServerAddr = true

@@ -163,11 +163,44 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 	server := netip.AddrPortFrom(s.Server.Addr().Unmap(), s.Server.Port())
 	serverOK, clientOK := server.Addr().IsValid(), client.Addr().IsValid()
 
+	// The number of attributes added here, exactly (see below), but for
+	// those the analyzer may have set itself (server.*, client.*,
+	// error.type), counted in full here and less their number below.
+	n := 4 // process.pid, process.executable.name, clovisor.point, clovisor.cgroup.id
+	if s.Wire != nil {
+		n = 1 + wireAttrCount(s) // clovisor.point and the wire attributes (wire.go)
+	}
+	if s.Transport != "" {
+		n++
+	}
+	if server.Addr().Is4() || (!serverOK && client.Addr().Is4()) || server.Addr().Is6() || client.Addr().Is6() {
+		n++ // network.type
+	}
+	if serverOK {
+		n += 4 // server.address and .port, network.peer or .local
+	}
+	if clientOK {
+		n += 2
+		if s.Kind == Server {
+			n += 2 // client.address and .port
+		}
+	}
+	n += b2i(s.Wire == nil && s.PayloadSource != "")
+	if s.TLS != nil {
+		n += 1 + b2i(s.TLS.Version != "") + b2i(s.TLS.Cipher != "") + b2i(s.TLS.ServerName != "")
+	}
+	n += b2i(s.CgroupPath != "") + b2i(tx.Truncated) + b2i(errType != "") + b2i(summary && tx.Summary != "")
+
+	// The analyzer's attributes first, made straight into the span's list.
+	nTx := tx.NumAttrs()
+	a := tx.AppendAttrs(make([]attribute.KeyValue, 0, nTx+n))
+	txAttrs := a[:nTx]
+
 	// First pass: which keys the analyzer set, and whether the list
 	// needs the SDK's rules.
 	var hasServerAddr, hasServerPort, hasClientAddr, hasClientPort, hasErrType bool
-	simple := len(tx.Attrs) <= maxDedupScan
-	for i, kv := range tx.Attrs {
+	simple := nTx <= maxDedupScan
+	for i, kv := range txAttrs {
 		switch kv.Key {
 		case semconv.ServerAddressKey:
 			hasServerAddr = true
@@ -202,49 +235,35 @@ func (b *attrBuilder) build(s *Session, errType string, summary bool) ([]attribu
 			// A duplicate among those sanitize drops is harmless, but
 			// rare enough not to tell apart.
 			for j := range i {
-				if tx.Attrs[j].Key == kv.Key {
+				if txAttrs[j].Key == kv.Key {
 					simple = false
 					break
 				}
 			}
 		}
 	}
-
-	// The number of attributes added here, exactly (see below).
-	n := 4 // process.pid, process.executable.name, clovisor.point, clovisor.cgroup.id
-	if s.Wire != nil {
-		n = 1 + wireAttrCount(s) // clovisor.point and the wire attributes (wire.go)
-	}
-	if s.Transport != "" {
-		n++
-	}
-	if server.Addr().Is4() || (!serverOK && client.Addr().Is4()) || server.Addr().Is6() || client.Addr().Is6() {
-		n++ // network.type
-	}
 	if serverOK {
-		n += 2 + b2i(!hasServerAddr) + b2i(!hasServerPort) // + network.peer or .local
+		n -= b2i(hasServerAddr) + b2i(hasServerPort)
 	}
-	if clientOK {
-		n += 2
-		if s.Kind == Server {
-			n += b2i(!hasClientAddr) + b2i(!hasClientPort)
-		}
+	if clientOK && s.Kind == Server {
+		n -= b2i(hasClientAddr) + b2i(hasClientPort)
 	}
-	n += b2i(s.Wire == nil && s.PayloadSource != "")
-	if s.TLS != nil {
-		n += 1 + b2i(s.TLS.Version != "") + b2i(s.TLS.Cipher != "") + b2i(s.TLS.ServerName != "")
-	}
-	n += b2i(s.CgroupPath != "") + b2i(tx.Truncated) + b2i(errType != "" && !hasErrType) + b2i(summary && tx.Summary != "")
+	n -= b2i(errType != "" && hasErrType)
 
-	a := make([]attribute.KeyValue, 0, len(tx.Attrs)+n)
-	for i := range tx.Attrs {
-		kv := &tx.Attrs[i]
+	// Sanitised in place; the list's capacity is then exactly what it
+	// will hold.
+	k := 0
+	for i := range txAttrs {
+		kv := &txAttrs[i]
 		if !maySanitize(kv.Key) {
-			a = append(a, *kv)
+			a[k] = *kv
+			k++
 		} else if kv, ok := sanitize(*kv); ok {
-			a = append(a, kv)
+			a[k] = kv
+			k++
 		}
 	}
+	a = a[: k : k+n]
 	if s.Transport != "" {
 		a = append(a, semconv.NetworkTransportKey.String(s.Transport))
 	}

@@ -72,7 +72,7 @@ func attrOf(x *Exchange, k string) attribute.Value {
 	if x.Tx == nil {
 		return attribute.Value{}
 	}
-	for _, kv := range x.Tx.Attrs {
+	for _, kv := range x.Tx.AllAttrs() {
 		if string(kv.Key) == k {
 			return kv.Value
 		}
@@ -155,7 +155,7 @@ func TestHTTPKeepAliveExchanges(t *testing.T) {
 				}
 				if attrOf(x, "http.request.method").AsString() != "GET" || attrOf(x, "url.path").AsString() != paths[i] ||
 					attrOf(x, "http.response.status_code").AsInt64() != wantCodes[i] || x.Tx.StatusCode != r.code {
-					t.Errorf("%s #%d: HTTP %v", veth, i, x.Tx.Attrs)
+					t.Errorf("%s #%d: HTTP %v", veth, i, x.Tx.AllAttrs())
 				}
 				if x.Tx.ReqBytes != int64(r.request) || x.Tx.RespBytes != int64(r.header+r.download) {
 					t.Errorf("%s #%d: transaction sizes %d/%d", veth, i, x.Tx.ReqBytes, x.Tx.RespBytes)
@@ -578,7 +578,7 @@ func TestTLSOnTheWire(t *testing.T) {
 		total[i] = map[string]uint64{}
 		for _, x := range xs {
 			s := x.Session()
-			if x.Tx != nil || s.Tx.Protocol != "https" || s.Tx.Name != "https" || len(s.Tx.Attrs) != 0 || s.Wire.Interface != veth {
+			if x.Tx != nil || s.Tx.Protocol != "https" || s.Tx.Name != "https" || s.Tx.NumAttrs() != 0 || s.Wire.Interface != veth {
 				t.Errorf("%s: %s", veth, x)
 			}
 			total[i]["request"] += x.Request.NewBytes

@@ -1,6 +1,8 @@
 package http1
 
 import (
+	"math/bits"
+
 	"go.opentelemetry.io/otel/attribute"
 	semconv "go.opentelemetry.io/otel/semconv/v1.40.0"
 
@@ -147,10 +149,103 @@ func (p *parser) Close(ts uint64, out []*protocols.Transaction) []*protocols.Tra
 // maxAttrs is the number of attributes an exchange can have.
 const maxAttrs = 15
 
-// txBox holds a transaction and its attributes in one allocation.
+// txBox holds a transaction and what its attributes are made of in one
+// allocation.
 type txBox struct {
-	tx    protocols.Transaction
-	attrs [maxAttrs]attribute.KeyValue
+	tx protocols.Transaction
+	at attrs
+}
+
+// attrs is an exchange's attributes in compact form (the strings are parts
+// of the transaction's one text); AppendAttrs makes the list when a span
+// is built.
+type attrs struct {
+	method, methodOriginal, path, query, scheme, version, userAgent, host string
+	status, port                                                          int // 0: none; port -1: none
+	reqBody, respBody, reqBytes, respBytes                                int64
+	has                                                                   attrFlags
+}
+
+// attrFlags says which of the optional attributes an exchange has.
+type attrFlags uint8
+
+const (
+	hasMethodOriginal attrFlags = 1 << iota
+	hasPath
+	hasQuery
+	hasUserAgent
+	hasHost
+	hasReqBody
+	hasRespBody
+	hasResponse // the response was seen: its size (and status, if any)
+)
+
+// NumAttrs implements protocols.AttrSource.
+func (a *attrs) NumAttrs() int {
+	n := 4 + bits.OnesCount8(uint8(a.has)) // + method, scheme, network.protocol.name, request size
+	if a.status > 0 {
+		n++
+	}
+	if a.version != "" {
+		n++
+	}
+	if a.has&hasHost != 0 && a.port >= 0 {
+		n++
+	}
+	return n
+}
+
+// ReplaceAttr implements protocols.AttrReplacer for url.scheme (a TLS
+// connection's plaintext is "https").
+func (a *attrs) ReplaceAttr(kv attribute.KeyValue) bool {
+	if kv.Key != semconv.URLSchemeKey || kv.Value.Type() != attribute.STRING {
+		return false
+	}
+	a.scheme = kv.Value.AsString()
+	return true
+}
+
+// AppendAttrs implements protocols.AttrSource: the attributes in the order
+// the semantic conventions list them.
+func (a *attrs) AppendAttrs(dst []attribute.KeyValue) []attribute.KeyValue {
+	dst = append(dst, semconv.HTTPRequestMethodKey.String(a.method))
+	if a.has&hasMethodOriginal != 0 {
+		dst = append(dst, semconv.HTTPRequestMethodOriginalKey.String(a.methodOriginal))
+	}
+	if a.has&hasPath != 0 {
+		dst = append(dst, semconv.URLPathKey.String(a.path))
+	}
+	if a.has&hasQuery != 0 {
+		dst = append(dst, semconv.URLQueryKey.String(a.query))
+	}
+	dst = append(dst, semconv.URLSchemeKey.String(a.scheme))
+	if a.status > 0 {
+		dst = append(dst, semconv.HTTPResponseStatusCodeKey.Int(a.status))
+	}
+	dst = append(dst, semconv.NetworkProtocolNameKey.String("http"))
+	if a.version != "" {
+		dst = append(dst, semconv.NetworkProtocolVersionKey.String(a.version))
+	}
+	if a.has&hasUserAgent != 0 {
+		dst = append(dst, semconv.UserAgentOriginalKey.String(a.userAgent))
+	}
+	if a.has&hasHost != 0 {
+		dst = append(dst, semconv.ServerAddressKey.String(a.host))
+		if a.port >= 0 {
+			dst = append(dst, semconv.ServerPortKey.Int(a.port))
+		}
+	}
+	if a.has&hasReqBody != 0 {
+		dst = append(dst, semconv.HTTPRequestBodySizeKey.Int64(a.reqBody))
+	}
+	if a.has&hasRespBody != 0 {
+		dst = append(dst, semconv.HTTPResponseBodySizeKey.Int64(a.respBody))
+	}
+	dst = append(dst, semconv.HTTPRequestSizeKey.Int64(a.reqBytes))
+	if a.has&hasResponse != 0 {
+		dst = append(dst, semconv.HTTPResponseSizeKey.Int64(a.respBytes))
+	}
+	return dst
 }
 
 // emit appends the transaction of ex to p.out and recycles ex. respLost
@@ -208,45 +303,44 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 		}
 	}
 
-	a := box.attrs[:0:maxAttrs]
-	a = append(a, semconv.HTTPRequestMethodKey.String(ex.method))
+	a := &box.at
+	*a = attrs{method: ex.method, scheme: ex.scheme, version: ex.version, port: ex.port, reqBytes: ex.reqBytes}
 	if ex.method == "_OTHER" {
-		a = append(a, semconv.HTTPRequestMethodOriginalKey.String(method))
+		a.has |= hasMethodOriginal
+		a.methodOriginal = method
 	}
 	if ex.hasPath {
-		a = append(a, semconv.URLPathKey.String(str[ex.pathOff:ex.pathEnd]))
+		a.has |= hasPath
+		a.path = str[ex.pathOff:ex.pathEnd]
 	}
 	if ex.hasQry {
-		a = append(a, semconv.URLQueryKey.String(str[ex.qOff:ex.qEnd]))
-	}
-	a = append(a, semconv.URLSchemeKey.String(ex.scheme))
-	if seen && ex.status > 0 {
-		a = append(a, semconv.HTTPResponseStatusCodeKey.Int(ex.status))
-	}
-	a = append(a, semconv.NetworkProtocolNameKey.String("http"))
-	if ex.version != "" {
-		a = append(a, semconv.NetworkProtocolVersionKey.String(ex.version))
+		a.has |= hasQuery
+		a.query = str[ex.qOff:ex.qEnd]
 	}
 	if ex.hasUA {
-		a = append(a, semconv.UserAgentOriginalKey.String(str[ex.uaOff:ex.uaEnd]))
+		a.has |= hasUserAgent
+		a.userAgent = str[ex.uaOff:ex.uaEnd]
 	}
 	if ex.hasHost {
-		a = append(a, semconv.ServerAddressKey.String(str[ex.hostOff:ex.hostEnd]))
-		if ex.port >= 0 {
-			a = append(a, semconv.ServerPortKey.Int(ex.port))
-		}
+		a.has |= hasHost
+		a.host = str[ex.hostOff:ex.hostEnd]
 	}
 	if ex.reqHasBody {
-		a = append(a, semconv.HTTPRequestBodySizeKey.Int64(ex.reqBody))
+		a.has |= hasReqBody
+		a.reqBody = ex.reqBody
 	}
-	if seen && ex.respHasBody {
-		a = append(a, semconv.HTTPResponseBodySizeKey.Int64(ex.respBody))
-	}
-	a = append(a, semconv.HTTPRequestSizeKey.Int64(ex.reqBytes))
 	if seen {
-		a = append(a, semconv.HTTPResponseSizeKey.Int64(ex.respBytes))
+		a.has |= hasResponse
+		a.respBytes = ex.respBytes
+		if ex.status > 0 {
+			a.status = ex.status
+		}
+		if ex.respHasBody {
+			a.has |= hasRespBody
+			a.respBody = ex.respBody
+		}
 	}
-	t.Attrs = a
+	t.Lazy = a
 
 	p.out = append(p.out, t)
 	p.free = append(p.free, ex)

@@ -69,10 +69,10 @@ func checkTx(t *testing.T, txs []*protocols.Transaction, now uint64) {
 			t.Fatalf("bad status: %+v", x)
 		case x.StatusCode >= 400 && x.ErrorType == "", x.ServerFault && x.ErrorType == "":
 			t.Fatalf("bad error: %+v", x)
-		case len(x.Attrs) > maxAttrs || len(x.Attrs) < 4:
+		case x.NumAttrs() > maxAttrs || x.NumAttrs() < 4 || len(x.AllAttrs()) != x.NumAttrs():
 			t.Fatalf("bad attributes: %+v", x)
 		}
-		for _, kv := range x.Attrs {
+		for _, kv := range x.AllAttrs() {
 			if !kv.Valid() {
 				t.Fatalf("invalid attribute %v in %+v", kv, x)
 			}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"go.opentelemetry.io/otel/attribute"
+
 	"github.com/clovisor/clovisor/protocols"
 )
 
@@ -51,7 +53,7 @@ func toTx(t *protocols.Transaction) tx {
 		StatusCode: t.StatusCode, ErrorType: t.ErrorType,
 		ServerFault: t.ServerFault, Truncated: t.Truncated, NoResponse: t.NoResponse,
 	}
-	for _, kv := range t.Attrs {
+	for _, kv := range t.AllAttrs() {
 		w.Attrs = append(w.Attrs, string(kv.Key)+"="+kv.Value.Emit())
 	}
 	return w
@@ -961,5 +963,53 @@ func TestChunkSizeForms(t *testing.T) {
 	got, _ = run(t, New(), []step{{req, getReq2, 0, 1}, {resp, rs, 0, 2}}, false)
 	if len(got) != 1 || !got[0].Truncated || got[0].RespBytes != n64(rs) {
 		t.Errorf("got %+v", got)
+	}
+}
+
+// TestLazyAttributes: the transaction carries its attributes in compact
+// form (Lazy, no list) until read; AllAttrs and NumAttrs agree; url.scheme
+// is replaced in place (TLS plaintext), another key makes the list first.
+func TestLazyAttributes(t *testing.T) {
+	p := New().NewParser()
+	out := p.Feed(protocols.Chunk{Dir: protocols.Request, Data: []byte("GET /a?b=1 HTTP/1.1\r\nHost: x:8080\r\nUser-Agent: ua\r\n\r\n"), Len: 53, TS: 1}, nil)
+	out = p.Feed(protocols.Chunk{Dir: protocols.Response, Data: []byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), Len: 40, TS: 2}, out)
+	if len(out) != 1 {
+		t.Fatalf("%d transactions", len(out))
+	}
+	x := out[0]
+	if x.Attrs != nil || x.Lazy == nil {
+		t.Fatalf("Attrs %v, Lazy %v: want the compact form only", x.Attrs, x.Lazy)
+	}
+	emit := func(a []attribute.KeyValue) string {
+		var s []string
+		for _, kv := range a {
+			s = append(s, string(kv.Key)+"="+kv.Value.Emit())
+		}
+		return strings.Join(s, " ")
+	}
+	want := "http.request.method=GET url.path=/a url.query=b=1 url.scheme=http http.response.status_code=200 " +
+		"network.protocol.name=http network.protocol.version=1.1 user_agent.original=ua server.address=x server.port=8080 " +
+		"http.response.body.size=2 http.request.size=53 http.response.size=40"
+	if got := emit(x.AllAttrs()); got != want || x.NumAttrs() != 13 {
+		t.Errorf("attributes (%d):\n got  %s\n want %s", x.NumAttrs(), got, want)
+	}
+	// Appended after attributes already there.
+	if got := x.AppendAttrs([]attribute.KeyValue{attribute.Int("a", 1)}); len(got) != 14 || got[0].Key != "a" || got[1].Key != "http.request.method" {
+		t.Errorf("AppendAttrs: %s", emit(got))
+	}
+	if !x.ReplaceAttr(attribute.String("url.scheme", "https")) || x.Attrs != nil || x.Lazy == nil {
+		t.Fatalf("url.scheme not replaced in place: Attrs %v", x.Attrs)
+	}
+	if got := emit(x.AllAttrs()); got != strings.Replace(want, "url.scheme=http", "url.scheme=https", 1) {
+		t.Errorf("after ReplaceAttr: %s", got)
+	}
+	if !x.ReplaceAttr(attribute.String("server.address", "y")) || x.Lazy != nil || len(x.Attrs) != 13 {
+		t.Fatalf("server.address: Lazy %v, Attrs %d", x.Lazy, len(x.Attrs))
+	}
+	if got := emit(x.AllAttrs()); got != strings.Replace(strings.Replace(want, "url.scheme=http", "url.scheme=https", 1), "server.address=x", "server.address=y", 1) {
+		t.Errorf("after ReplaceAttr of server.address: %s", got)
+	}
+	if x.ReplaceAttr(attribute.String("no.such", "v")) || x.NumAttrs() != 13 {
+		t.Errorf("a missing key was replaced or added")
 	}
 }

@@ -97,17 +97,17 @@ type Result struct {
 // Run boots kernel k under qemu (software emulation) with an initramfs of
 // busybox, k's modules, opts.Programs and opts.Files, runs opts.Args as the
 // guest's only program and powers off. It fails the test, with the
-// command's output and the tail of the serial console, when the VM cannot
+// command's output and the serial console (from the kernel's first crash
+// or bug report when it made one, else its tail), when the VM cannot
 // start, the kernel does not boot, setup in the guest fails, a time limit
 // passes (qemu is killed), the guest reports no exit code, or the command
 // exits non-zero (unless opts.IgnoreExitCode).
 //
 // VM runs share the host's cores through locks in the cache folder, across
-// processes: a VM holds one slot per vCPU (TCG runs a host thread per
-// vCPU) out of one per host CPU, so VMs whose vCPUs add up to more than the
-// host's CPUs run one after the other. With the default 2 vCPUs on a 2-core
-// host, VM runs are serialised; two 1-vCPU VMs may run side by side. The
-// time limits start once the slots are held.
+// processes: QEMU runs all of a VM's vCPUs on one host thread
+// (single-threaded TCG, see run), so a VM holds one slot out of one per
+// host CPU, and as many VMs as the host has CPUs run side by side. The time
+// limits start once the slot is held.
 func Run(t testing.TB, k Kernel, opts Options) Result {
 	t.Helper()
 	testbed.RequireTool(t, "qemu-system-x86_64")

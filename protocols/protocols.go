@@ -158,15 +158,8 @@ func (t *Transaction) ReplaceAttr(kv attribute.KeyValue) bool {
 	if r, ok := t.Lazy.(AttrReplacer); ok && r.ReplaceAttr(kv) {
 		return true
 	}
-	n := len(t.Attrs)
 	t.Attrs, t.Lazy = t.AllAttrs(), nil
-	for i := n; i < len(t.Attrs); i++ {
-		if t.Attrs[i].Key == kv.Key {
-			t.Attrs[i] = kv
-			return true
-		}
-	}
-	return false
+	return t.ReplaceAttr(kv)
 }
 
 // Parser parses one connection. It is not safe for concurrent use.

@@ -161,13 +161,14 @@ type txBox struct {
 // is built.
 type attrs struct {
 	method, methodOriginal, path, query, scheme, version, userAgent, host string
-	status, port                                                          int // 0: none; port -1: none
+	status, port                                                          int
 	reqBody, respBody, reqBytes, respBytes                                int64
 	has                                                                   attrFlags
 }
 
-// attrFlags says which of the optional attributes an exchange has.
-type attrFlags uint8
+// attrFlags says which of the optional attributes an exchange has, one bit
+// each.
+type attrFlags uint16
 
 const (
 	hasMethodOriginal attrFlags = 1 << iota
@@ -177,22 +178,17 @@ const (
 	hasHost
 	hasReqBody
 	hasRespBody
-	hasResponse // the response was seen: its size (and status, if any)
+	hasResponse // the response was seen: its size
+	hasStatus
+	hasVersion
+	hasPort
 )
 
-// NumAttrs implements protocols.AttrSource.
+// NumAttrs implements protocols.AttrSource: the four attributes every
+// exchange has (method, scheme, network.protocol.name, request size) and
+// one per optional attribute.
 func (a *attrs) NumAttrs() int {
-	n := 4 + bits.OnesCount8(uint8(a.has)) // + method, scheme, network.protocol.name, request size
-	if a.status > 0 {
-		n++
-	}
-	if a.version != "" {
-		n++
-	}
-	if a.has&hasHost != 0 && a.port >= 0 {
-		n++
-	}
-	return n
+	return 4 + bits.OnesCount16(uint16(a.has))
 }
 
 // ReplaceAttr implements protocols.AttrReplacer for url.scheme (a TLS
@@ -219,11 +215,11 @@ func (a *attrs) AppendAttrs(dst []attribute.KeyValue) []attribute.KeyValue {
 		dst = append(dst, semconv.URLQueryKey.String(a.query))
 	}
 	dst = append(dst, semconv.URLSchemeKey.String(a.scheme))
-	if a.status > 0 {
+	if a.has&hasStatus != 0 {
 		dst = append(dst, semconv.HTTPResponseStatusCodeKey.Int(a.status))
 	}
 	dst = append(dst, semconv.NetworkProtocolNameKey.String("http"))
-	if a.version != "" {
+	if a.has&hasVersion != 0 {
 		dst = append(dst, semconv.NetworkProtocolVersionKey.String(a.version))
 	}
 	if a.has&hasUserAgent != 0 {
@@ -231,7 +227,7 @@ func (a *attrs) AppendAttrs(dst []attribute.KeyValue) []attribute.KeyValue {
 	}
 	if a.has&hasHost != 0 {
 		dst = append(dst, semconv.ServerAddressKey.String(a.host))
-		if a.port >= 0 {
+		if a.has&hasPort != 0 {
 			dst = append(dst, semconv.ServerPortKey.Int(a.port))
 		}
 	}
@@ -304,7 +300,11 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 	}
 
 	a := &box.at
-	*a = attrs{method: ex.method, scheme: ex.scheme, version: ex.version, port: ex.port, reqBytes: ex.reqBytes}
+	*a = attrs{method: ex.method, scheme: ex.scheme, reqBytes: ex.reqBytes}
+	if ex.version != "" {
+		a.has |= hasVersion
+		a.version = ex.version
+	}
 	if ex.method == "_OTHER" {
 		a.has |= hasMethodOriginal
 		a.methodOriginal = method
@@ -324,6 +324,10 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 	if ex.hasHost {
 		a.has |= hasHost
 		a.host = str[ex.hostOff:ex.hostEnd]
+		if ex.port >= 0 {
+			a.has |= hasPort
+			a.port = ex.port
+		}
 	}
 	if ex.reqHasBody {
 		a.has |= hasReqBody
@@ -333,6 +337,7 @@ func (p *parser) emit(ex *exchange, respLost bool) {
 		a.has |= hasResponse
 		a.respBytes = ex.respBytes
 		if ex.status > 0 {
+			a.has |= hasStatus
 			a.status = ex.status
 		}
 		if ex.respHasBody {

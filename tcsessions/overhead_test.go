@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -338,25 +339,98 @@ func mean(xs []float64) float64 {
 }
 
 // reportOverhead reports the mean untraced and traced figures, their ratio
-// in percent, and the worst round's ratio (a traced run against the mean
-// of the two untraced runs around it).
+// in percent, and the rounds' ratios (a traced run against the mean of the
+// two untraced runs around it): the worst, the median, their mean with its
+// standard error, and the one-sided 95% lower bound of that mean (see
+// roundStats), which says whether a run was long enough to show a target.
 func reportOverhead(b *testing.B, unit string, untraced, traced []float64) {
 	b.Helper()
 	u, t := mean(untraced), mean(traced)
-	var ratios []float64
+	ratios := roundRatios(untraced, traced)
 	var rounds []string
-	for i, x := range traced {
-		r := 100 * x / ((untraced[i] + untraced[i+1]) / 2)
-		ratios = append(ratios, r)
+	for _, r := range ratios {
 		rounds = append(rounds, fmt.Sprintf("%.1f%%", r))
 	}
+	st := roundStats(ratios)
 	b.Logf("untraced %s: %s", unit, figures(untraced))
 	b.Logf("traced   %s: %s", unit, figures(traced))
 	b.Logf("traced/untraced per round: %s; overall %.1f%%", strings.Join(rounds, " "), 100*t/u)
+	b.Logf("rounds: %d, median %.1f%%, mean %.1f%%, SD %.1f, lag-1 correlation %.2f, SE %.2f, 95%% lower bound %.1f%%",
+		len(ratios), st.median, st.mean, st.sd, st.lag1, st.se, st.lower95)
 	b.ReportMetric(u, "untraced-"+unit)
 	b.ReportMetric(t, "traced-"+unit)
 	b.ReportMetric(100*t/u, "traced/untraced-%")
 	b.ReportMetric(slices.Min(ratios), "worst-round-%")
+	b.ReportMetric(st.median, "median-round-%")
+	if len(ratios) > 2 {
+		b.ReportMetric(st.se, "round-se-%")
+		b.ReportMetric(st.lower95, "lower95-%")
+	}
+}
+
+// roundRatios is each traced run's figure in percent of the mean of the
+// untraced runs before and after it (untraced has one more run).
+func roundRatios(untraced, traced []float64) []float64 {
+	ratios := make([]float64, len(traced))
+	for i, x := range traced {
+		ratios[i] = 100 * x / ((untraced[i] + untraced[i+1]) / 2)
+	}
+	return ratios
+}
+
+// ratioStats summarises the rounds' ratios.
+type ratioStats struct {
+	median, mean, sd float64
+	// lag1 is the correlation of neighbouring rounds (clamped at 0): two
+	// neighbours share an untraced run, so they are not independent.
+	lag1 float64
+	// se is the standard error of the mean, widened for lag1:
+	// sd/√n · √(1 + 2·lag1), the variance of the mean of a series whose
+	// neighbours alone are correlated.
+	se float64
+	// lower95 is mean − 1.645·se, the one-sided 95% lower bound of the
+	// mean (normal approximation: meant for tens of rounds or more).
+	lower95 float64
+}
+
+func roundStats(xs []float64) ratioStats {
+	var st ratioStats
+	n := len(xs)
+	if n == 0 {
+		return st
+	}
+	sorted := slices.Sorted(slices.Values(xs))
+	st.median = sorted[n/2]
+	if n%2 == 0 {
+		st.median = (sorted[n/2-1] + sorted[n/2]) / 2
+	}
+	st.mean = mean(xs)
+	if n < 2 {
+		st.lower95 = st.mean
+		return st
+	}
+	var ss, cov float64
+	for i, x := range xs {
+		ss += (x - st.mean) * (x - st.mean)
+		if i > 0 {
+			cov += (x - st.mean) * (xs[i-1] - st.mean)
+		}
+	}
+	st.sd = math.Sqrt(ss / float64(n-1))
+	if ss > 0 {
+		st.lag1 = max(cov/ss, 0)
+	}
+	st.se = st.sd / math.Sqrt(float64(n)) * math.Sqrt(1+2*st.lag1)
+	st.lower95 = st.mean - 1.645*st.se
+	return st
+}
+
+// runLog writes a line about one run to standard error as the run ends:
+// the testing package keeps only the first 10 lines a benchmark logs,
+// which a long run's summary (reportOverhead) needs for itself.
+func runLog(b *testing.B, format string, args ...any) {
+	b.Helper()
+	fmt.Fprintf(os.Stderr, "%s: %s\n", b.Name(), fmt.Sprintf(format, args...))
 }
 
 func figures(xs []float64) string {
@@ -417,7 +491,7 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 		if c := counts[srv.HostVeth]; c != nil {
 			dataBytes = c.maxRequestBytes
 		}
-		b.Logf("traced: %.2f Gbit/s; data connection %d bytes on %s (iperf3 received %d); reader CPU %.1f%%; BPF %v in %d runs (%.0f ns/run, %.0f ns/MB); kernel %+v",
+		runLog(b, "traced: %.2f Gbit/s; data connection %d bytes on %s (iperf3 received %d); reader CPU %.1f%%; BPF %v in %d runs (%.0f ns/run, %.0f ns/MB); kernel %+v",
 			r.End.SumReceived.BitsPerSecond/1e9, dataBytes, srv.HostVeth,
 			r.End.SumReceived.Bytes, w.readerCPU, w.bpfTime, w.bpfRuns, float64(w.bpfTime.Nanoseconds())/float64(max(w.bpfRuns, 1)), perMB, st)
 		return r.End.SumReceived.BitsPerSecond / 1e9
@@ -464,7 +538,7 @@ func BenchmarkOverheadWrk(b *testing.B) {
 			b.Fatalf("wrk: %d requests, %s\n%s", r.Requests, r.Errors, out)
 		}
 		if r.Errors != "" {
-			b.Logf("wrk: %s", r.Errors)
+			runLog(b, "wrk: %s", r.Errors)
 		}
 		return r
 	}
@@ -499,7 +573,7 @@ func BenchmarkOverheadWrk(b *testing.B) {
 		bpfPerReq = append(bpfPerReq, perReq)
 		per10k := w.readerTime.Seconds() / float64(r.Requests) * 1e4
 		readerPer10k = append(readerPer10k, per10k)
-		b.Logf("traced: %.0f requests/s; %s: %d records, %d HTTP 200 (%.1f%% of wrk's %d); %s: %+v; reader CPU %.1f%% (%.3f s per 10k requests); BPF %v in %d runs (%.0f ns/run, %.0f ns/request); kernel %+v (%.1f%% of records lost)",
+		runLog(b, "traced: %.0f requests/s; %s: %d records, %d HTTP 200 (%.1f%% of wrk's %d); %s: %+v; reader CPU %.1f%% (%.3f s per 10k requests); BPF %v in %d runs (%.0f ns/run, %.0f ns/request); kernel %+v (%.1f%% of records lost)",
 			r.PerSec, srv.HostVeth, c.exchanges, c.http, pct, r.Requests, cli.HostVeth, counts[cli.HostVeth], w.readerCPU, per10k,
 			w.bpfTime, w.bpfRuns, float64(w.bpfTime.Nanoseconds())/float64(max(w.bpfRuns, 1)), perReq, st, lostPct)
 		if pct < 10 && overheadVariant == "" {
@@ -514,4 +588,36 @@ func BenchmarkOverheadWrk(b *testing.B) {
 	b.ReportMetric(mean(cpu), "reader-cpu-%")
 	b.ReportMetric(mean(bpfPerReq), "bpf-ns/request")
 	b.ReportMetric(mean(readerPer10k), "reader-cpu-s/10k-requests")
+}
+
+func TestRoundStats(t *testing.T) {
+	if got := roundRatios([]float64{10, 20, 10}, []float64{15, 12}); !slices.Equal(got, []float64{100, 80}) {
+		t.Errorf("roundRatios = %v, want [100 80]", got)
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	for _, c := range []struct {
+		xs   []float64
+		want ratioStats
+	}{
+		// Independent-looking rounds: no widening.
+		{[]float64{90, 100, 110, 100}, ratioStats{median: 100, mean: 100, sd: math.Sqrt(200.0 / 3), se: math.Sqrt(200.0/3) / 2,
+			lower95: 100 - 1.645*math.Sqrt(200.0/3)/2}},
+		// Neighbours alike (lag-1 correlation 100/400): se² = (400/3)/4 · 1.5 = 50.
+		{[]float64{90, 90, 110, 110}, ratioStats{median: 100, mean: 100, sd: math.Sqrt(400.0 / 3), lag1: 0.25, se: math.Sqrt(50),
+			lower95: 100 - 1.645*math.Sqrt(50)}},
+		// Neighbours opposite: the correlation is clamped at 0, never narrows.
+		{[]float64{90, 110, 90, 110}, ratioStats{median: 100, mean: 100, sd: math.Sqrt(400.0 / 3), se: math.Sqrt(400.0/3) / 2,
+			lower95: 100 - 1.645*math.Sqrt(400.0/3)/2}},
+		// Odd count: the middle one.
+		{[]float64{97, 95, 120}, ratioStats{median: 97, mean: 104, sd: math.Sqrt(((104.0-97)*(104-97) + 81 + 256) / 2),
+			se:      math.Sqrt(((104.0-97)*(104-97)+81+256)/2) / math.Sqrt(3),
+			lower95: 104 - 1.645*math.Sqrt(((104.0-97)*(104-97)+81+256)/2)/math.Sqrt(3)}},
+		{[]float64{98}, ratioStats{median: 98, mean: 98, lower95: 98}},
+	} {
+		got := roundStats(c.xs)
+		if !near(got.median, c.want.median) || !near(got.mean, c.want.mean) || !near(got.sd, c.want.sd) ||
+			!near(got.lag1, c.want.lag1) || !near(got.se, c.want.se) || !near(got.lower95, c.want.lower95) {
+			t.Errorf("roundStats(%v) = %+v, want %+v", c.xs, got, c.want)
+		}
+	}
 }

@@ -6,7 +6,6 @@ import (
 	"maps"
 	"os"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -138,26 +137,17 @@ func BenchmarkGoTLSUprobeCost(b *testing.B) {
 			}
 			perReq := float64(hits) / float64(n*rounds)
 			b.ReportMetric(perReq, "hits/req")
-			b.ReportMetric(median(off[0]), "client-ns/req")
-			b.ReportMetric(median(on[0]), "+gotls-client-ns/req")
-			b.ReportMetric(median(off[1]), "cpu-ns/req")
-			b.ReportMetric(median(on[1]), "+gotls-cpu-ns/req")
-			b.ReportMetric(median(diffs[0])/perReq, "ns/hit")
-			b.ReportMetric(median(diffs[1])/perReq, "cpu-ns/hit")
+			b.ReportMetric(testbed.Median(off[0]), "client-ns/req")
+			b.ReportMetric(testbed.Median(on[0]), "+gotls-client-ns/req")
+			b.ReportMetric(testbed.Median(off[1]), "cpu-ns/req")
+			b.ReportMetric(testbed.Median(on[1]), "+gotls-cpu-ns/req")
+			b.ReportMetric(testbed.Median(diffs[0])/perReq, "ns/hit")
+			b.ReportMetric(testbed.Median(diffs[1])/perReq, "cpu-ns/hit")
 			if ks, _ := tr.Stats(); ks.DataLost != 0 {
 				b.Errorf("%d data events lost", ks.DataLost)
 			}
 		})
 	}
-}
-
-func median(xs []float64) float64 {
-	s := slices.Clone(xs)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 func runStats(b *testing.B, progs map[string]*ebpf.Program, names []string) []*ebpf.ProgramStats {

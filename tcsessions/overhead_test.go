@@ -399,11 +399,7 @@ func roundStats(xs []float64) ratioStats {
 	if n == 0 {
 		return st
 	}
-	sorted := slices.Sorted(slices.Values(xs))
-	st.median = sorted[n/2]
-	if n%2 == 0 {
-		st.median = (sorted[n/2-1] + sorted[n/2]) / 2
-	}
+	st.median = testbed.Median(xs)
 	st.mean = mean(xs)
 	if n < 2 {
 		st.lower95 = st.mean

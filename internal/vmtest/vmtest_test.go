@@ -438,6 +438,30 @@ func TestParseOutput(t *testing.T) {
 	}
 }
 
+// TestConsoleMarkers: when the output port lost /init's last lines (seen
+// once in CI: the command's output ended, then no end or exit marker),
+// the console's copies of the markers stand in; the output stays the
+// port's, and a port that has its markers is left as it is.
+func TestConsoleMarkers(t *testing.T) {
+	console := parseOutput("[    3.1] boot\n" + markerStart + " uptime=3.28\n" + markerEnd + " uptime=4.69\n" + markerExit + "0\n[    4.7] reboot: Power down\n")
+	port := parseOutput(markerStart + " uptime=3.28\n--- serve\nhello\n--- done\n")
+	p, took := withConsoleMarkers(port, console)
+	if !took || !p.started || !p.exited || p.exit != 0 || p.output != "--- serve\nhello\n--- done\n" ||
+		p.run != 1410*time.Millisecond || p.boot != 3280*time.Millisecond {
+		t.Errorf("lost exit marker: took %v, %+v", took, p)
+	}
+	whole := parseOutput(markerStart + " uptime=3.28\nout\n" + markerEnd + " uptime=4.69\n" + markerExit + "3\n")
+	if p, took := withConsoleMarkers(whole, console); took || p.exit != 3 || p.output != "out\n" {
+		t.Errorf("port with its markers: took %v, %+v", took, p)
+	}
+	if p, took := withConsoleMarkers(parseOutput(""), parseOutput(markerSetup+"insmod tls\n")); !took || p.setupErr != "insmod tls" || p.started {
+		t.Errorf("setup error on the console only: took %v, %+v", took, p)
+	}
+	if p, took := withConsoleMarkers(port, parseOutput(markerStart+" uptime=3.28\n[  5.0] Kernel panic\n")); took || p.exited {
+		t.Errorf("no exit marker anywhere: took %v, %+v", took, p)
+	}
+}
+
 func TestOptionsLimits(t *testing.T) {
 	for _, c := range []struct {
 		o           Options

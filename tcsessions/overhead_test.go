@@ -67,6 +67,25 @@ var overheadStats = os.Getenv("CLOVISOR_OVERHEAD_STATS") != "0"
 // its threads: 8, or CLOVISOR_OVERHEAD_WRK_CONNECTIONS.
 var overheadWrkConnections = envPositive("CLOVISOR_OVERHEAD_WRK_CONNECTIONS", 8)
 
+// overheadTraced (CLOVISOR_OVERHEAD_TRACED) says whose veths a traced run
+// traces: "both" (or unset) both pods' veths, as the agent's default
+// selection does; "server" the server pod's veth only, so that the traffic
+// crosses one traced veth instead of two (the tracer's pod interfaces are
+// that veth alone; the node NIC is selected as by default).
+var overheadTraced = os.Getenv("CLOVISOR_OVERHEAD_TRACED")
+
+// tracedPods is the pods whose veths a traced run traces (overheadTraced).
+func tracedPods(b testing.TB, cli, srv *testbed.Pod) []*testbed.Pod {
+	switch overheadTraced {
+	case "", "both":
+		return []*testbed.Pod{cli, srv}
+	case "server":
+		return []*testbed.Pod{srv}
+	}
+	b.Fatalf("CLOVISOR_OVERHEAD_TRACED=%s: want both or server", overheadTraced)
+	return nil
+}
+
 // overheadRounds is the number of traced runs (untraced runs: one more):
 // 3, or CLOVISOR_OVERHEAD_ROUNDS.
 var overheadRounds = envPositive("CLOVISOR_OVERHEAD_ROUNDS", 3)
@@ -167,7 +186,9 @@ func processCPU(b testing.TB) time.Duration {
 
 // startWireTrace opens a tracer on the node with the agent's default
 // interface selection (every host-side veth, the default-route NIC) and
-// ports, checks that both pods' veths are attached, and starts Run.
+// ports, checks that the pods' veths are attached, and starts Run. With
+// overheadTraced "server", the pod interfaces are the given pods' veths
+// only, and no other veth may be attached.
 func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wireTrace {
 	b.Helper()
 	if overheadVariant == "floor" {
@@ -176,6 +197,11 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 	log, _ := testLogger(b)
 	cfg := Config{Netns: node.NS.Path(), StateDir: b.TempDir(), Logger: log,
 		Ports: []Port{{Port: 5201}, {Port: 8080, Protocol: "http"}}}
+	if overheadTraced == "server" {
+		for _, p := range pods {
+			cfg.PodInterfaces = append(cfg.PodInterfaces, p.HostVeth)
+		}
+	}
 	analyzers := protocols.NewRegistry(http1.New())
 	switch overheadVariant {
 	case "":
@@ -199,6 +225,13 @@ func startWireTrace(b testing.TB, node *testbed.Node, pods ...*testbed.Pod) *wir
 		if !attached[p.HostVeth] {
 			tr.Close()
 			b.Fatalf("%s is not attached as a pod veth: %+v", p.HostVeth, tr.Interfaces())
+		}
+		delete(attached, p.HostVeth)
+	}
+	for name, pod := range attached {
+		if pod && len(cfg.PodInterfaces) > 0 {
+			tr.Close()
+			b.Fatalf("%s is attached as a pod veth, but only %v were selected", name, cfg.PodInterfaces)
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -441,13 +474,14 @@ func figures(xs []float64) string {
 // pod to server pod, overheadIperfSeconds each) with and without tracing,
 // alternating; the figure is the receiver's rate
 // (end.sum_received.bits_per_second). Each traced transfer's data
-// connection must be in the records of both veths with at least the bytes
-// the receiver read.
+// connection must be in the records of each traced veth (both, or the
+// server's: overheadTraced) with at least the bytes the receiver read.
 func BenchmarkOverheadIperf3(b *testing.B) {
 	testbed.RequireRoot(b)
 	testbed.RequireTool(b, "iperf3")
 	node := testbed.NewNode(b, testbed.Bridged)
 	cli, srv := node.AddPod(b, "cli"), node.AddPod(b, "srv")
+	pods := tracedPods(b, cli, srv)
 	testbed.StartIperf3(b, srv.NS, srv.IP, 5201)
 	run := func(seconds int) overheadIperf {
 		out := cli.NS.Exec(b, "iperf3", "-c", srv.IP.String(), "-p", "5201", "-t", strconv.Itoa(seconds), "-J")
@@ -468,10 +502,11 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 		if !tracing {
 			return run(overheadIperfSeconds).End.SumReceived.BitsPerSecond / 1e9
 		}
-		w := startWireTrace(b, node, cli, srv)
+		w := startWireTrace(b, node, pods...)
 		r := run(overheadIperfSeconds)
 		counts, st := w.close(b)
-		for _, veth := range []string{cli.HostVeth, srv.HostVeth} {
+		for _, p := range pods {
+			veth := p.HostVeth
 			c := counts[veth]
 			if overheadVariant == "untracked" || overheadVariant == "floor" {
 				break
@@ -516,6 +551,7 @@ func BenchmarkOverheadWrk(b *testing.B) {
 	testbed.RequireTool(b, "nginx")
 	node := testbed.NewNode(b, testbed.Bridged)
 	cli, srv := node.AddPod(b, "cli"), node.AddPod(b, "srv")
+	pods := tracedPods(b, cli, srv)
 	root := b.TempDir()
 	body := strings.Repeat("clovisor overhead benchmark.....\n", overheadFileBytes/33+1)[:overheadFileBytes-1] + "\n"
 	if err := os.WriteFile(filepath.Join(root, "small.html"), []byte(body), 0o644); err != nil {
@@ -546,7 +582,7 @@ func BenchmarkOverheadWrk(b *testing.B) {
 		if !tracing {
 			return run(overheadWrkSeconds).PerSec
 		}
-		w := startWireTrace(b, node, cli, srv)
+		w := startWireTrace(b, node, pods...)
 		r := run(overheadWrkSeconds)
 		counts, st := w.close(b)
 		c := counts[srv.HostVeth]

@@ -343,12 +343,25 @@ struct {
 	__type(value, struct session);
 } sessions SEC(".maps");
 
+/* What the programs do on an interface, by ifindex: an array for the
+ * indexes below IFACES_ARRAY (a lookup the verifier inlines: every packet
+ * of every attached interface makes it), a hash for the rare higher ones
+ * (a node's ifindexes only grow as interfaces come and go). flags 0:
+ * nothing. */
+#define IFACES_ARRAY 32768
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, IFACES_ARRAY);
 	__type(key, __u32);
 	__type(value, struct iface_cfg);
 } ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct iface_cfg);
+} ifaces_high SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1075,8 +1088,17 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
 	__u32 ifindex = skb->ifindex;
-	struct iface_cfg *cfg = bpf_map_lookup_elem(&ifaces, &ifindex);
-	if (!cfg)
+	struct iface_cfg *cfg;
+	if (ifindex < IFACES_ARRAY) {
+		cfg = bpf_map_lookup_elem(&ifaces, &ifindex);
+	} else {
+		cfg = bpf_map_lookup_elem(&ifaces_high, &ifindex);
+		/* Keeps the compiler from merging the two lookups into one
+		 * call site: the verifier inlines a site only when it sees
+		 * one array map there. */
+		asm volatile("" ::: "memory");
+	}
+	if (!cfg || !cfg->flags)
 		return TC_PASS;
 	__u32 flags = cfg->flags;
 

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -15,6 +17,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/clovisor/clovisor/internal/testbed"
 )
@@ -35,6 +39,9 @@ type harness struct {
 	gsoSegs uint32
 	// egress runs every packet through the egress program.
 	egress bool
+	// ifindex, when set, is the skb's interface (it must exist in the
+	// calling thread's network namespace); else loopback.
+	ifindex uint32
 }
 
 // egressSegs runs segments through the egress program.
@@ -115,10 +122,13 @@ func (h *harness) run(frames ...[]byte) {
 			prog = h.o.ClvTcEgress
 		}
 		opts := &ebpf.RunOptions{Data: f}
-		if h.gsoSegs != 0 {
+		if h.gsoSegs != 0 || h.ifindex != 0 {
 			var ctx skbCtx
-			ctx.GsoSegs = h.gsoSegs
-			ctx.GsoSize = 1000
+			if h.gsoSegs != 0 {
+				ctx.GsoSegs = h.gsoSegs
+				ctx.GsoSize = 1000
+			}
+			ctx.Ifindex = h.ifindex
 			opts.Context = ctx
 		}
 		ret, err := prog.Run(opts)
@@ -1135,4 +1145,93 @@ func mustProtocolID(t *testing.T, name string) uint16 {
 		t.Fatal(err)
 	}
 	return id
+}
+
+// TestInterfaceIndexes checks the ifaces tables: interfaces below
+// ifacesArray are found in the array, higher ones in the hash, an
+// interface in neither is not traced, and a cleared one is traced no
+// more (in either table). The packets run on veths of chosen
+// indexes in a new network namespace of the test's thread (netlink: the
+// VM guests have no ip netns).
+func TestInterfaceIndexes(t *testing.T) {
+	h := newHarness(t, httpPorts, 0)
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	ns, err := netns.New() // the thread is in it from here
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	defer func() {
+		// A thread that cannot go back stays locked and dies with
+		// the test's goroutine.
+		if err := netns.Set(orig); err != nil {
+			t.Errorf("restoring the network namespace: %v", err)
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+	low, high, other := uint32(ifacesArray-1), uint32(ifacesArray), uint32(ifacesArray+7)
+	for _, ix := range []uint32{low, high, other} {
+		// A veth (the VM kernels have no dummy or bridge built in);
+		// its peer gets a low index of its own.
+		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: fmt.Sprintf("x%d", ix), Index: int(ix)},
+			PeerName: fmt.Sprintf("y%d", ix)}
+		if err := netlink.LinkAdd(v); err != nil {
+			t.Fatalf("adding %s with index %d: %v", v.Name, ix, err)
+		}
+	}
+	for _, ix := range []uint32{low, high} {
+		if err := h.o.setInterface(int(ix), ifaceSessions); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// One connection per interface and round, each a handshake and a
+	// request.
+	port := 40000
+	open := func(ix uint32) {
+		t.Helper()
+		h.ifindex = ix
+		c := newConv(fmt.Sprintf("10.1.0.1:%d", port), "10.1.0.2:8080")
+		h.handshake(c)
+		h.segs(c.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n"))
+		port++
+	}
+	byIfindex := func() map[int]int {
+		t.Helper()
+		n := map[int]int{}
+		for _, s := range h.sessions() {
+			n[s.Ifindex]++
+		}
+		return n
+	}
+	for _, ix := range []uint32{low, high, other} {
+		open(ix)
+	}
+	if got, want := byIfindex(), map[int]int{int(low): 1, int(high): 1}; !maps.Equal(got, want) {
+		t.Fatalf("sessions by interface %v, want %v", got, want)
+	}
+	for _, ix := range []uint32{low, high} {
+		if err := h.o.clearInterface(int(ix)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, ix := range []uint32{low, high, other} {
+		open(ix)
+	}
+	if got, want := byIfindex(), map[int]int{int(low): 1, int(high): 1}; !maps.Equal(got, want) {
+		t.Fatalf("sessions by interface after clearing %v, want %v (nothing new)", got, want)
+	}
+	if err := h.o.clearInterface(int(other)); err != nil {
+		t.Errorf("clearing an interface never set: %v", err)
+	}
+	if err := h.o.setInterface(0, ifaceSessions); err == nil {
+		t.Errorf("interface index 0 accepted")
+	}
 }

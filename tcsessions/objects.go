@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"sync"
 
@@ -162,14 +163,27 @@ func fromAddr16(b [16]byte) netip.Addr {
 	return netip.AddrFrom16(b).Unmap()
 }
 
+// ifacesArray is IFACES_ARRAY of bpf/tc.h: interfaces with a lower index
+// are in the ifaces array, the others in the ifaces_high hash.
+const ifacesArray = 32768
+
 // setInterface tells the programs what to do on an interface.
 func (o *objects) setInterface(ifindex int, flags uint32) error {
-	return o.Ifaces.Put(uint32(ifindex), tcIfaceCfg{Flags: flags})
+	if ifindex <= 0 || int64(ifindex) > math.MaxUint32 {
+		return fmt.Errorf("interface index %d out of range", ifindex)
+	}
+	if ifindex < ifacesArray {
+		return o.Ifaces.Put(uint32(ifindex), tcIfaceCfg{Flags: flags})
+	}
+	return o.IfacesHigh.Put(uint32(ifindex), tcIfaceCfg{Flags: flags})
 }
 
 // clearInterface forgets an interface.
 func (o *objects) clearInterface(ifindex int) error {
-	err := o.Ifaces.Delete(uint32(ifindex))
+	if ifindex > 0 && ifindex < ifacesArray {
+		return o.Ifaces.Put(uint32(ifindex), tcIfaceCfg{})
+	}
+	err := o.IfacesHigh.Delete(uint32(ifindex))
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil
 	}

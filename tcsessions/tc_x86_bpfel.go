@@ -226,6 +226,7 @@ const (
 	tcMapEgressLookupTable   = "egress_lookup_table"
 	tcMapExchangeScratch     = "exchange_scratch"
 	tcMapIfaces              = "ifaces"
+	tcMapIfacesHigh          = "ifaces_high"
 	tcMapPortMarks           = "port_marks"
 	tcMapSessionInit         = "session_init"
 	tcMapSessions            = "sessions"
@@ -305,6 +306,7 @@ type tcMapSpecs struct {
 	EgressLookupTable *ebpf.MapSpec `ebpf:"egress_lookup_table"`
 	ExchangeScratch   *ebpf.MapSpec `ebpf:"exchange_scratch"`
 	Ifaces            *ebpf.MapSpec `ebpf:"ifaces"`
+	IfacesHigh        *ebpf.MapSpec `ebpf:"ifaces_high"`
 	PortMarks         *ebpf.MapSpec `ebpf:"port_marks"`
 	SessionInit       *ebpf.MapSpec `ebpf:"session_init"`
 	Sessions          *ebpf.MapSpec `ebpf:"sessions"`
@@ -358,6 +360,7 @@ type tcMaps struct {
 	EgressLookupTable *ebpf.Map `ebpf:"egress_lookup_table"`
 	ExchangeScratch   *ebpf.Map `ebpf:"exchange_scratch"`
 	Ifaces            *ebpf.Map `ebpf:"ifaces"`
+	IfacesHigh        *ebpf.Map `ebpf:"ifaces_high"`
 	PortMarks         *ebpf.Map `ebpf:"port_marks"`
 	SessionInit       *ebpf.Map `ebpf:"session_init"`
 	Sessions          *ebpf.Map `ebpf:"sessions"`
@@ -374,6 +377,7 @@ func (m *tcMaps) Close() error {
 		m.EgressLookupTable,
 		m.ExchangeScratch,
 		m.Ifaces,
+		m.IfacesHigh,
 		m.PortMarks,
 		m.SessionInit,
 		m.Sessions,

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -481,8 +482,15 @@ func TestFollowsInterfaces(t *testing.T) {
 			if got := names(); got != node.NIC+"=node_nic,"+first.HostVeth+"=pod_veth" {
 				t.Fatalf("interfaces %s", got)
 			}
-			later := node.AddPod(t, "later")
+			// The later veth's index is above the ifaces array: the
+			// programs find it in the ifaces_high hash.
+			later := node.AddPodAt(t, "later", ifacesArray+100)
 			waitFor("the new pod's veth", func() bool { return strings.Contains(names(), later.HostVeth+"=pod_veth") })
+			if i := slices.IndexFunc(c.tr.Interfaces(), func(i Interface) bool {
+				return i.Name == later.HostVeth && i.Index == ifacesArray+100
+			}); i < 0 {
+				t.Fatalf("the later veth is not at index %d: %+v", ifacesArray+100, c.tr.Interfaces())
+			}
 			root := t.TempDir()
 			randomFile(t, root, "f", 10)
 			testbed.StartNginx(t, later.NS, 8080, root, later.IP)

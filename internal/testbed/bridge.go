@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -142,11 +143,21 @@ func NewNode(t testing.TB, topo Topology) *Node {
 // veth is named clvp<random> (each in the node's namespace).
 func (n *Node) AddPod(t testing.TB, name string) *Pod {
 	t.Helper()
+	return n.AddPodAt(t, name, 0)
+}
+
+// AddPodAt is AddPod with the node-side veth at interface index hostIndex
+// (0: any), as on a node where many interfaces came and went.
+func (n *Node) AddPodAt(t testing.TB, name string, hostIndex int) *Pod {
+	t.Helper()
 	n.pods++
 	idx := 10 + n.pods
 	p := &Pod{Name: name, NS: NewNetns(t, "pod-"+name), HostVeth: "clvp" + randSuffix(8)}
-	ipIn(t, nil, "link", "add", "name", p.HostVeth, "netns", n.NS.Name, "type", "veth",
-		"peer", "name", "eth0", "netns", p.NS.Name)
+	args := []string{"link", "add", "name", p.HostVeth, "netns", n.NS.Name}
+	if hostIndex != 0 {
+		args = append(args, "index", strconv.Itoa(hostIndex))
+	}
+	ipIn(t, nil, append(args, "type", "veth", "peer", "name", "eth0", "netns", p.NS.Name)...)
 	switch n.Topology {
 	case Bridged:
 		p.IP, p.IP6 = nth(bridgeNet4, idx), nth(bridgeNet6, idx)

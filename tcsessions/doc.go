@@ -36,7 +36,10 @@
 //   - sessions: LRU hash of Config.MaxSessions connections, keyed by the
 //     interface and the 5-tuple in canonical order (IPv4 as IPv4-mapped
 //     IPv6), holding each connection's counters and current exchange.
-//   - ifaces: what to do on each interface (sessions; workload counts).
+//   - ifaces, ifaces_high: what to do on each interface (sessions;
+//     workload counts), by ifindex: an array for indexes below 32768
+//     (every packet looks its interface up; an array lookup is inlined),
+//     a hash for higher ones.
 //   - workload_ips, workload_traffic: IP address to workload slot, and
 //     per-CPU bytes and packets in and out per workload, counted on node
 //     NICs (Tracer.WorkloadTraffic). The workloads are those at the other

@@ -30,6 +30,10 @@ import (
 
 const loIfindex = 1
 
+// ifacesArray is IFACES_ARRAY of bpf/tc.h, the size of the ifaces array:
+// the tests put interfaces on both sides of it.
+const ifacesArray = 32768
+
 // harness holds loaded objects and a ring-buffer reader.
 type harness struct {
 	t  *testing.T

@@ -163,16 +163,18 @@ func fromAddr16(b [16]byte) netip.Addr {
 	return netip.AddrFrom16(b).Unmap()
 }
 
-// ifacesArray is IFACES_ARRAY of bpf/tc.h: interfaces with a lower index
-// are in the ifaces array, the others in the ifaces_high hash.
-const ifacesArray = 32768
+// inIfacesArray says whether an interface is in the ifaces array (its
+// size is IFACES_ARRAY of bpf/tc.h) rather than the ifaces_high hash.
+func (o *objects) inIfacesArray(ifindex int) bool {
+	return ifindex > 0 && int64(ifindex) < int64(o.Ifaces.MaxEntries())
+}
 
 // setInterface tells the programs what to do on an interface.
 func (o *objects) setInterface(ifindex int, flags uint32) error {
 	if ifindex <= 0 || int64(ifindex) > math.MaxUint32 {
 		return fmt.Errorf("interface index %d out of range", ifindex)
 	}
-	if ifindex < ifacesArray {
+	if o.inIfacesArray(ifindex) {
 		return o.Ifaces.Put(uint32(ifindex), tcIfaceCfg{Flags: flags})
 	}
 	return o.IfacesHigh.Put(uint32(ifindex), tcIfaceCfg{Flags: flags})
@@ -180,7 +182,7 @@ func (o *objects) setInterface(ifindex int, flags uint32) error {
 
 // clearInterface forgets an interface.
 func (o *objects) clearInterface(ifindex int) error {
-	if ifindex > 0 && ifindex < ifacesArray {
+	if o.inIfacesArray(ifindex) {
 		return o.Ifaces.Put(uint32(ifindex), tcIfaceCfg{})
 	}
 	err := o.IfacesHigh.Delete(uint32(ifindex))

@@ -69,6 +69,14 @@ enum data_dir {
 	DIR_RECV = 2,
 };
 
+/* Flags of conn_event and data_event. */
+enum event_flags {
+	/* conn_event: send_seq is set. */
+	FLAG_SEND_SEQ = 1,
+	/* data_event: sent_seq is set. */
+	FLAG_SENT_SEQ = 2,
+};
+
 /* Where a data event's payload comes from. Only SOURCE_SOCKET events carry
  * TCP sequence numbers; the others are plaintext whose stream position
  * user space counts itself. */
@@ -101,8 +109,10 @@ struct conn_event {
 	__u8 kind; /* EVENT_CONN_OPEN or EVENT_CONN_CLOSE */
 	__u8 role; /* enum conn_role (open events) */
 	__u8 old_state;
-	__u8 _pad0;
-	__u32 _pad1;
+	__u8 flags; /* FLAG_SEND_SEQ */
+	/* Open events: the sequence number of the first byte the socket will
+	 * send (tp->write_seq when it opened, past the SYN). */
+	__u32 send_seq;
 	__u64 ts;        /* bpf_ktime_get_ns(): open: when the connection was established */
 	__u64 cookie;    /* socket cookie */
 	__u64 cgroup_id; /* cgroup v2 id of the socket's owner */
@@ -123,7 +133,7 @@ struct data_event {
 	__u8 kind;   /* EVENT_DATA */
 	__u8 dir;    /* enum data_dir */
 	__u8 source; /* enum payload_source */
-	__u8 _pad0;
+	__u8 flags;  /* FLAG_SENT_SEQ */
 	__u32 seq;       /* TCP sequence number of the first byte (wraps); SOURCE_SOCKET only */
 	__u64 ts;        /* bpf_ktime_get_ns() when the call returned */
 	__u64 cookie;    /* socket cookie */
@@ -136,7 +146,12 @@ struct data_event {
 	 * when the source knows it, else 0. */
 	__u16 tls_version;
 	__u16 _pad1;
-	__u32 _pad2;
+	/* DIR_RECV, SOURCE_SOCKET: the end of the socket's send stream
+	 * (tp->write_seq) when the bytes were read. A thread's send returns,
+	 * and its event is written, after its bytes left: another thread may
+	 * read the reply and write its event first. This tells user space
+	 * which sends a receive came after. */
+	__u32 sent_seq;
 	__u8 comm[16];
 	struct conn_tuple tuple;
 	__u8 data[MAX_PAYLOAD];
@@ -240,6 +255,7 @@ const struct data_event *unused_data_event __attribute__((unused));
 const enum event_kind *unused_event_kind __attribute__((unused));
 const enum conn_role *unused_conn_role __attribute__((unused));
 const enum data_dir *unused_data_dir __attribute__((unused));
+const enum event_flags *unused_event_flags __attribute__((unused));
 const enum payload_source *unused_payload_source __attribute__((unused));
 const enum stat_index *unused_stat_index __attribute__((unused));
 
@@ -421,7 +437,13 @@ static __always_inline void emit_conn_event(struct sock *sk, __u64 cookie, __u64
 		__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
 	}
 	read_tuple(sk, &e->tuple);
-	if (kind == EVENT_CONN_CLOSE) {
+	if (kind == EVENT_CONN_OPEN) {
+		/* Through a probe read: sk may be the accept hook's read-only
+		 * cast, which bpf_skc_to_tcp_sock does not take. Opens are of
+		 * TCP sockets only. */
+		if (!BPF_CORE_READ_INTO(&e->send_seq, (struct tcp_sock *)sk, write_seq))
+			e->flags = FLAG_SEND_SEQ;
+	} else {
 		struct tcp_sock *tp = TCP_SK(sk);
 		if (tp) {
 			e->bytes_sent = KREAD(tp, bytes_sent);
@@ -615,8 +637,10 @@ static __always_inline struct data_event *data_begin(struct sock *sk, __u8 dir, 
 	e->kind = EVENT_DATA;
 	e->dir = dir;
 	e->source = source;
+	e->flags = 0;
 	e->tls_version = 0;
 	e->seq = 0;
+	e->sent_seq = 0;
 	e->ts = bpf_ktime_get_ns();
 	e->cgroup_id = cgid;
 	e->tgid = tgid;
@@ -776,10 +800,10 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 	struct data_event *e = data_begin(sk, dir, SOURCE_SOCKET);
 	if (!e)
 		return;
+	struct tcp_sock *tp = TCP_SK(sk);
+	if (!tp)
+		return;
 	if (!have_seq) {
-		struct tcp_sock *tp = TCP_SK(sk);
-		if (!tp)
-			return;
 #ifndef CLOVISOR_KTLS_HOOKS
 		const void *ctx = ktls_ctx(tp);
 		if (ctx && ktls_on(ctx, dir)) {
@@ -799,6 +823,10 @@ static __always_inline void emit_data_at(struct sock *sk, __u32 len, __u8 dir, i
 	}
 	e->seq = seq;
 	e->len = len;
+	if (dir == DIR_RECV) {
+		e->sent_seq = KREAD(tp, write_seq);
+		e->flags = FLAG_SENT_SEQ;
+	}
 	__u32 want = payload_prefix(len);
 	data_submit(e, copy_payload(e->data, want, off));
 }

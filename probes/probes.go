@@ -44,6 +44,11 @@ const (
 	DirSend = uint8(socketTPDataDirDIR_SEND)
 	DirRecv = uint8(socketTPDataDirDIR_RECV)
 
+	// Flags: ConnEvent.SendSeq is set (open events); DataEvent.SentSeq
+	// is set (receives of SourceSocket).
+	FlagSendSeq = uint8(socketTPEventFlagsFLAG_SEND_SEQ)
+	FlagSentSeq = uint8(socketTPEventFlagsFLAG_SENT_SEQ)
+
 	// Payload sources (data_event.source).
 	SourceSocket  = uint8(socketTPPayloadSourceSOURCE_SOCKET)
 	SourceOpenSSL = uint8(socketTPPayloadSourceSOURCE_OPENSSL)

@@ -20,7 +20,7 @@ type socketFentryDataScratch struct {
 		Kind       uint8
 		Dir        uint8
 		Source     uint8
-		Pad0       uint8
+		Flags      uint8
 		Seq        uint32
 		Ts         uint64
 		Cookie     uint64
@@ -31,7 +31,7 @@ type socketFentryDataScratch struct {
 		Cap        uint32
 		TlsVersion uint16
 		Pad1       uint16
-		Pad2       uint32
+		SentSeq    uint32
 		Comm       [16]uint8
 		Tuple      struct {
 			_      structs.HostLayout
@@ -86,6 +86,7 @@ const (
 	socketFentryVarUnusedConnRole      = "unused_conn_role"
 	socketFentryVarUnusedDataDir       = "unused_data_dir"
 	socketFentryVarUnusedDataEvent     = "unused_data_event"
+	socketFentryVarUnusedEventFlags    = "unused_event_flags"
 	socketFentryVarUnusedEventKind     = "unused_event_kind"
 	socketFentryVarUnusedPayloadSource = "unused_payload_source"
 	socketFentryVarUnusedStatIndex     = "unused_stat_index"
@@ -173,6 +174,7 @@ type socketFentryVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
@@ -234,6 +236,7 @@ type socketFentryVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`

@@ -32,7 +32,7 @@ type socketKprobeDataScratch struct {
 		Kind       uint8
 		Dir        uint8
 		Source     uint8
-		Pad0       uint8
+		Flags      uint8
 		Seq        uint32
 		Ts         uint64
 		Cookie     uint64
@@ -43,7 +43,7 @@ type socketKprobeDataScratch struct {
 		Cap        uint32
 		TlsVersion uint16
 		Pad1       uint16
-		Pad2       uint32
+		SentSeq    uint32
 		Comm       [16]uint8
 		Tuple      struct {
 			_      structs.HostLayout
@@ -107,6 +107,7 @@ const (
 	socketKprobeVarUnusedConnRole          = "unused_conn_role"
 	socketKprobeVarUnusedDataDir           = "unused_data_dir"
 	socketKprobeVarUnusedDataEvent         = "unused_data_event"
+	socketKprobeVarUnusedEventFlags        = "unused_event_flags"
 	socketKprobeVarUnusedEventKind         = "unused_event_kind"
 	socketKprobeVarUnusedPayloadSource     = "unused_payload_source"
 	socketKprobeVarUnusedStatIndex         = "unused_stat_index"
@@ -203,6 +204,7 @@ type socketKprobeVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
@@ -269,6 +271,7 @@ type socketKprobeVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`

@@ -18,8 +18,8 @@ type socketTPConnEvent struct {
 	Kind     uint8
 	Role     uint8
 	OldState uint8
-	Pad0     uint8
-	Pad1     uint32
+	Flags    uint8
+	SendSeq  uint32
 	Ts       uint64
 	Cookie   uint64
 	CgroupId uint64
@@ -61,7 +61,7 @@ type socketTPDataEvent struct {
 	Kind       uint8
 	Dir        uint8
 	Source     uint8
-	Pad0       uint8
+	Flags      uint8
 	Seq        uint32
 	Ts         uint64
 	Cookie     uint64
@@ -72,7 +72,7 @@ type socketTPDataEvent struct {
 	Cap        uint32
 	TlsVersion uint16
 	Pad1       uint16
-	Pad2       uint32
+	SentSeq    uint32
 	Comm       [16]uint8
 	Tuple      struct {
 		_      structs.HostLayout
@@ -91,6 +91,13 @@ type socketTPDataScratch struct {
 	Ev    socketTPDataEvent
 	Spill [8192]uint8
 }
+
+type socketTPEventFlags uint32
+
+const (
+	socketTPEventFlagsFLAG_SEND_SEQ socketTPEventFlags = 1
+	socketTPEventFlagsFLAG_SENT_SEQ socketTPEventFlags = 2
+)
 
 type socketTPEventKind uint32
 
@@ -152,6 +159,7 @@ const (
 	socketTPVarUnusedConnRole      = "unused_conn_role"
 	socketTPVarUnusedDataDir       = "unused_data_dir"
 	socketTPVarUnusedDataEvent     = "unused_data_event"
+	socketTPVarUnusedEventFlags    = "unused_event_flags"
 	socketTPVarUnusedEventKind     = "unused_event_kind"
 	socketTPVarUnusedPayloadSource = "unused_payload_source"
 	socketTPVarUnusedStatIndex     = "unused_stat_index"
@@ -233,6 +241,7 @@ type socketTPVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
@@ -293,6 +302,7 @@ type socketTPVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`

@@ -20,7 +20,7 @@ type socketTPSysDataScratch struct {
 		Kind       uint8
 		Dir        uint8
 		Source     uint8
-		Pad0       uint8
+		Flags      uint8
 		Seq        uint32
 		Ts         uint64
 		Cookie     uint64
@@ -31,7 +31,7 @@ type socketTPSysDataScratch struct {
 		Cap        uint32
 		TlsVersion uint16
 		Pad1       uint16
-		Pad2       uint32
+		SentSeq    uint32
 		Comm       [16]uint8
 		Tuple      struct {
 			_      structs.HostLayout
@@ -86,6 +86,7 @@ const (
 	socketTPSysVarUnusedConnRole       = "unused_conn_role"
 	socketTPSysVarUnusedDataDir        = "unused_data_dir"
 	socketTPSysVarUnusedDataEvent      = "unused_data_event"
+	socketTPSysVarUnusedEventFlags     = "unused_event_flags"
 	socketTPSysVarUnusedEventKind      = "unused_event_kind"
 	socketTPSysVarUnusedPayloadSource  = "unused_payload_source"
 	socketTPSysVarUnusedStatIndex      = "unused_stat_index"
@@ -173,6 +174,7 @@ type socketTPSysVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
@@ -233,6 +235,7 @@ type socketTPSysVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`

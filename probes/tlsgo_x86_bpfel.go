@@ -20,7 +20,7 @@ type tlsGoDataScratch struct {
 		Kind       uint8
 		Dir        uint8
 		Source     uint8
-		Pad0       uint8
+		Flags      uint8
 		Seq        uint32
 		Ts         uint64
 		Cookie     uint64
@@ -31,7 +31,7 @@ type tlsGoDataScratch struct {
 		Cap        uint32
 		TlsVersion uint16
 		Pad1       uint16
-		Pad2       uint32
+		SentSeq    uint32
 		Comm       [16]uint8
 		Tuple      struct {
 			_      structs.HostLayout
@@ -95,6 +95,7 @@ const (
 	tlsGoVarUnusedConnRole      = "unused_conn_role"
 	tlsGoVarUnusedDataDir       = "unused_data_dir"
 	tlsGoVarUnusedDataEvent     = "unused_data_event"
+	tlsGoVarUnusedEventFlags    = "unused_event_flags"
 	tlsGoVarUnusedEventKind     = "unused_event_kind"
 	tlsGoVarUnusedPayloadSource = "unused_payload_source"
 	tlsGoVarUnusedStatIndex     = "unused_stat_index"
@@ -178,6 +179,7 @@ type tlsGoVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.VariableSpec `ebpf:"unused_stat_index"`
@@ -242,6 +244,7 @@ type tlsGoVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedStatIndex     *ebpf.Variable `ebpf:"unused_stat_index"`

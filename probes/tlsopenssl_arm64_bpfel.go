@@ -20,7 +20,7 @@ type tlsOpenSSLDataScratch struct {
 		Kind       uint8
 		Dir        uint8
 		Source     uint8
-		Pad0       uint8
+		Flags      uint8
 		Seq        uint32
 		Ts         uint64
 		Cookie     uint64
@@ -31,7 +31,7 @@ type tlsOpenSSLDataScratch struct {
 		Cap        uint32
 		TlsVersion uint16
 		Pad1       uint16
-		Pad2       uint32
+		SentSeq    uint32
 		Comm       [16]uint8
 		Tuple      struct {
 			_      structs.HostLayout
@@ -130,6 +130,7 @@ const (
 	tlsOpenSSLVarUnusedConnRole      = "unused_conn_role"
 	tlsOpenSSLVarUnusedDataDir       = "unused_data_dir"
 	tlsOpenSSLVarUnusedDataEvent     = "unused_data_event"
+	tlsOpenSSLVarUnusedEventFlags    = "unused_event_flags"
 	tlsOpenSSLVarUnusedEventKind     = "unused_event_kind"
 	tlsOpenSSLVarUnusedPayloadSource = "unused_payload_source"
 	tlsOpenSSLVarUnusedSslStat       = "unused_ssl_stat"
@@ -226,6 +227,7 @@ type tlsOpenSSLVariableSpecs struct {
 	UnusedConnRole      *ebpf.VariableSpec `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.VariableSpec `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.VariableSpec `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.VariableSpec `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.VariableSpec `ebpf:"unused_payload_source"`
 	UnusedSslStat       *ebpf.VariableSpec `ebpf:"unused_ssl_stat"`
@@ -295,6 +297,7 @@ type tlsOpenSSLVariables struct {
 	UnusedConnRole      *ebpf.Variable `ebpf:"unused_conn_role"`
 	UnusedDataDir       *ebpf.Variable `ebpf:"unused_data_dir"`
 	UnusedDataEvent     *ebpf.Variable `ebpf:"unused_data_event"`
+	UnusedEventFlags    *ebpf.Variable `ebpf:"unused_event_flags"`
 	UnusedEventKind     *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedPayloadSource *ebpf.Variable `ebpf:"unused_payload_source"`
 	UnusedSslStat       *ebpf.Variable `ebpf:"unused_ssl_stat"`

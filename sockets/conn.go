@@ -21,6 +21,14 @@ type conn struct {
 
 	// streams[0] is what the socket sent, streams[1] what it received.
 	streams [2]stream
+	// sendBase is the sequence number of the first byte the socket sends
+	// (known when its open event said so).
+	sendBase      uint32
+	sendBaseKnown bool
+	// held are receives waiting for the events of sends they came after;
+	// heldListed: the connection is in Tracker.heldConns.
+	held       []socketCall
+	heldListed bool
 
 	// plainSrc is the source of the plaintext the analyzer reads (a
 	// probes.Source* value): SourceSocket until a TLS library's or kernel

@@ -54,6 +54,8 @@ func TestKernelEvents(t *testing.T) {
 		open, close   *probes.ConnEvent
 		sent, recvd   uint64
 		dataProcesses map[uint32]bool
+		// the data events' stream positions, in ring order
+		sends, recvs []probes.DataEvent
 	}
 	sides := map[uint64]*side{}
 	get := func(cookie uint64) *side {
@@ -91,8 +93,10 @@ func TestKernelEvents(t *testing.T) {
 			s.dataProcesses[ev.Tgid] = true
 			if ev.Dir == probes.DirSend {
 				s.sent += uint64(ev.Len)
+				s.sends = append(s.sends, ev)
 			} else {
 				s.recvd += uint64(ev.Len)
+				s.recvs = append(s.recvs, ev)
 			}
 		}
 	}
@@ -133,6 +137,7 @@ func TestKernelEvents(t *testing.T) {
 		if o.Ts == 0 || c.Ts < o.Ts {
 			t.Errorf("open at %d, close at %d", o.Ts, c.Ts)
 		}
+		checkSendPositions(t, mode, o, s.sends, s.recvs)
 		// bytes_received counts the peer's FIN too (it takes a sequence
 		// number) once it has arrived; both ends here close with FINs,
 		// curl first (it closes on exit; nginx keeps the connection
@@ -156,5 +161,36 @@ func TestKernelEvents(t *testing.T) {
 	}
 	if len(roles) != 2 {
 		t.Errorf("roles %v", roles)
+	}
+}
+
+// checkSendPositions checks the send stream positions the kernel reports
+// on one socket that made one exchange (curl's request, nginx's response):
+// the open event's first send position, each send's, and on each receive
+// the send stream's end when it was read (the client reads only after its
+// whole request went out; the server sends nothing before it read the
+// request).
+func checkSendPositions(t *testing.T, mode string, o *probes.ConnEvent, sends, recvs []probes.DataEvent) {
+	t.Helper()
+	if o.Flags&probes.FlagSendSeq == 0 {
+		t.Errorf("%s mode, role %d: open event without its send position", mode, o.Role)
+		return
+	}
+	pos := o.SendSeq
+	for i, ev := range sends {
+		if ev.Seq != pos {
+			t.Errorf("%s mode, role %d: send %d at %d, want %d (open at %d)", mode, o.Role, i, ev.Seq, pos, o.SendSeq)
+		}
+		pos = ev.Seq + ev.Len
+	}
+	wantSent := pos // client: all of its request
+	if o.Role == probes.RoleServer {
+		wantSent = o.SendSeq
+	}
+	for i, ev := range recvs {
+		if ev.Flags&probes.FlagSentSeq == 0 || ev.SentSeq != wantSent {
+			t.Errorf("%s mode, role %d: receive %d (flags %#x) read with the send stream at %d, want %d (open at %d)",
+				mode, o.Role, i, ev.Flags, ev.SentSeq, wantSent, o.SendSeq)
+		}
 	}
 }

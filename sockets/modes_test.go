@@ -256,6 +256,14 @@ func runModeEquivalence(t *testing.T) map[string][]sessionKey {
 			}
 			got := c.wait(t, 10)
 			c.close(t)
+			// Go's client writes requests and reads responses on two
+			// threads: a response's event may come first and wait for its
+			// request's (Stats.HeldReceives). None may wait in vain.
+			st := c.tracker.Stats()
+			t.Logf("%s: %d receives waited for their sends", mode, st.HeldReceives)
+			if st.HeldTimedOut != 0 || st.GarbageBytes != 0 || st.Reordered != 0 || st.GapBytes != 0 {
+				t.Errorf("tracker %+v", st)
+			}
 			var keys []sessionKey
 			for _, s := range got {
 				keys = append(keys, keyOf(s))

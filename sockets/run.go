@@ -25,6 +25,7 @@ func Run(ctx context.Context, events *ebpf.Map, t *Tracker) error {
 	const expireEvery = 500 * time.Millisecond
 	lastExpire := time.Now()
 	err := ring.Read(ctx, events, t.Handle, func() {
+		t.Release(MonotonicNow())
 		if time.Since(lastExpire) >= expireEvery {
 			t.Expire(MonotonicNow())
 			lastExpire = time.Now()

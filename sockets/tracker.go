@@ -45,16 +45,22 @@ type Config struct {
 
 // Stats counts what the tracker did and dropped.
 type Stats struct {
-	Events        uint64 // records read
-	BadEvents     uint64 // records that could not be decoded
-	Sessions      uint64 // sessions emitted
-	Conns         int    // connections in the table now
-	ConnsEvicted  uint64 // dropped because the table was full
-	ConnsExpired  uint64 // dropped because they were idle
-	Unrecognized  uint64 // connections whose protocol no analyzer knew
-	GapBytes      uint64 // bytes the kernel saw but never reached us (lost events)
-	Reordered     uint64 // data events that arrived behind their stream position
-	GarbageBytes  int64  // bytes analyzers could not parse
+	Events       uint64 // records read
+	BadEvents    uint64 // records that could not be decoded
+	Sessions     uint64 // sessions emitted
+	Conns        int    // connections in the table now
+	ConnsEvicted uint64 // dropped because the table was full
+	ConnsExpired uint64 // dropped because they were idle
+	Unrecognized uint64 // connections whose protocol no analyzer knew
+	GapBytes     uint64 // bytes the kernel saw but never reached us (lost events)
+	Reordered    uint64 // data events that arrived behind their stream position
+	// HeldReceives counts receives that arrived before the events of
+	// sends they came after (another thread's send, whose event is written
+	// when its call returns); each waited for those sends. HeldTimedOut
+	// counts those given to the analyzer after HoldTimeout without them.
+	HeldReceives  uint64
+	HeldTimedOut  uint64
+	GarbageBytes  int64 // bytes analyzers could not parse
 	ParserResyncs int64
 	// TLSConns counts connections whose socket bytes were TLS records.
 	TLSConns uint64
@@ -76,8 +82,11 @@ type Tracker struct {
 	procs procCache
 	txs   []*protocols.Transaction
 	stats Stats
-	data  probes.DataEvent // decode buffer
-	ce    probes.ConnEvent
+	// Connections with held receives, and how many are held in all.
+	heldConns []*conn
+	heldCount int
+	data      probes.DataEvent // decode buffer
+	ce        probes.ConnEvent
 }
 
 // NewTracker makes a tracker.
@@ -161,6 +170,9 @@ func (t *Tracker) handleConn(ev *probes.ConnEvent) {
 		c := t.newConn(ev.Cookie, ev.Ts)
 		c.role = ev.Role
 		c.fromStart = true
+		if ev.Flags&probes.FlagSendSeq != 0 {
+			c.sendBase, c.sendBaseKnown = ev.SendSeq, true
+		}
 		c.cgroup = ev.CgroupId
 		c.local, c.remote = endpoints(ev.Tuple.Family, &ev.Tuple.Saddr, &ev.Tuple.Daddr, ev.Tuple.Sport, ev.Tuple.Dport)
 		if ev.Tgid != 0 {
@@ -190,6 +202,7 @@ func (t *Tracker) newConn(cookie, ts uint64) *conn {
 
 // finish flushes a connection's pending transaction and forgets it.
 func (t *Tracker) finish(c *conn, ts uint64) {
+	t.releaseHeld(c, 0, true)
 	if c.parser != nil {
 		t.txs = c.parser.Close(ts, t.txs[:0])
 		t.emit(c, t.txs)
@@ -226,21 +239,148 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 		return
 	}
 
+	call := socketCall{dir: ev.Dir, seq: ev.Seq, len: ev.Len, ts: ev.Ts, sent: ev.SentSeq, payload: payload}
+	if ev.Dir == probes.DirRecv {
+		// A receive that came after sends not seen yet waits for them,
+		// and so does every receive behind it.
+		if ev.Flags&probes.FlagSentSeq != 0 && (len(c.held) > 0 || t.sendsMissing(c, ev.SentSeq)) {
+			t.hold(c, &call)
+			return
+		}
+		t.socketData(c, &call)
+		return
+	}
+	// A send: first the receives that came before it, then the send,
+	// then those that waited for it.
+	if len(c.held) > 0 {
+		t.releaseHeld(c, call.seq, false)
+		if len(c.held) > 0 && int32(c.held[0].sent-(call.seq+call.len)) <= 0 && c.held[0].ts < call.ts {
+			// The call returned after its bytes were answered: they
+			// were out by the time the answer was read.
+			call.ts = c.held[0].ts
+		}
+	}
+	t.socketData(c, &call)
+	if len(c.held) > 0 {
+		t.releaseHeld(c, call.seq+call.len, false)
+	}
+}
+
+// socketCall is one send or receive of a socket's own bytes, as its data
+// event reported it.
+type socketCall struct {
+	dir      uint8
+	seq, len uint32
+	ts       uint64
+	sent     uint32 // receives: the send stream's end when the bytes were read
+	payload  []byte
+}
+
+// HoldTimeout is how long a receive waits for the events of sends it came
+// after (see Stats.HeldReceives) before it is analyzed without them. Such
+// events are written microseconds apart; they never come when they were
+// lost, or made by a call the tracer does not see.
+const HoldTimeout = 200 * time.Millisecond
+
+// Bounds on held receives: per connection, and in all.
+const (
+	maxHeldPerConn = 16
+	maxHeld        = 4096
+)
+
+// sendsMissing reports whether the socket had sent bytes up to sent whose
+// events have not arrived.
+func (t *Tracker) sendsMissing(c *conn, sent uint32) bool {
+	pos := c.sendBase
+	if st := &c.streams[0]; st.started {
+		pos = st.next
+	} else if !c.sendBaseKnown {
+		return false
+	}
+	return int32(sent-pos) > 0
+}
+
+// hold keeps a receive (with a copy of its payload) until the sends it
+// came after arrive.
+func (t *Tracker) hold(c *conn, call *socketCall) {
+	if len(c.held) == 0 && t.heldCount >= maxHeld {
+		t.socketData(c, call) // no room: analyzed as it came
+		return
+	}
+	t.stats.HeldReceives++
+	if len(c.held) >= maxHeldPerConn || t.heldCount >= maxHeld {
+		t.releaseFirst(c)
+	}
+	call.payload = append([]byte(nil), call.payload...)
+	if !c.heldListed {
+		t.heldConns = append(t.heldConns, c)
+		c.heldListed = true
+	}
+	c.held = append(c.held, *call)
+	t.heldCount++
+}
+
+// releaseHeld analyzes, in order, the connection's held receives that
+// came after no sent byte from pos on (all of them: all).
+func (t *Tracker) releaseHeld(c *conn, pos uint32, all bool) {
+	for len(c.held) > 0 && (all || int32(c.held[0].sent-pos) <= 0) {
+		t.releaseFirst(c)
+	}
+}
+
+func (t *Tracker) releaseFirst(c *conn) {
+	call := c.held[0]
+	c.held[0] = socketCall{}
+	c.held = c.held[1:]
+	if len(c.held) == 0 {
+		c.held = nil
+	}
+	t.heldCount--
+	t.socketData(c, &call)
+}
+
+// Release analyzes the receives held since before now-HoldTimeout (now in
+// kernel monotonic ns) without the sends they wait for. Run calls it on
+// every poll of the ring buffer.
+func (t *Tracker) Release(now uint64) {
+	if len(t.heldConns) == 0 {
+		return
+	}
+	limit := uint64(HoldTimeout.Nanoseconds())
+	kept := t.heldConns[:0]
+	for _, c := range t.heldConns {
+		for len(c.held) > 0 && c.held[0].ts+limit <= now {
+			t.stats.HeldTimedOut++
+			t.releaseFirst(c)
+		}
+		if len(c.held) > 0 {
+			kept = append(kept, c)
+		} else {
+			c.heldListed = false
+		}
+	}
+	clear(t.heldConns[len(kept):])
+	t.heldConns = kept
+}
+
+// socketData follows a call's stream position and gives its bytes to the
+// connection's analyzer.
+func (t *Tracker) socketData(c *conn, ev *socketCall) {
 	// Keep each direction in step with the kernel's stream position.
 	st := &c.streams[0]
-	if ev.Dir == probes.DirRecv {
+	if ev.dir == probes.DirRecv {
 		st = &c.streams[1]
 	}
-	if !st.started && c.fromStart && c.role != probes.RoleUnknown && t.direction(c, ev.Dir) == protocols.Request {
+	if !st.started && c.fromStart && c.role != probes.RoleUnknown && t.direction(c, ev.dir) == protocols.Request {
 		// The TCP sequence number of the first request byte is the same
 		// at both ends of the connection: it tells the client's and the
 		// server's view of one connection apart from another's with the
 		// same addresses.
-		c.tag = 1<<32 | uint64(ev.Seq)
+		c.tag = 1<<32 | uint64(ev.seq)
 	}
 	gap := 0
 	if st.started {
-		d := int32(ev.Seq - st.next)
+		d := int32(ev.seq - st.next)
 		if d < 0 {
 			t.stats.Reordered++
 			return
@@ -248,13 +388,13 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 		gap = int(d)
 	}
 	st.started = true
-	st.next = ev.Seq + ev.Len
+	st.next = ev.seq + ev.len
 
 	if c.tls || c.plainSrc != probes.SourceSocket {
 		// Ciphertext: only the handshake's clear facts are read; the
 		// plaintext comes from a TLS source.
 		if c.tls && (!c.hello.ClientHello || !c.hello.ServerHello) {
-			t.readHello(c, ev.Dir, payload)
+			t.readHello(c, ev.dir, ev.payload)
 		}
 		return
 	}
@@ -262,29 +402,29 @@ func (t *Tracker) handleData(ev *probes.DataEvent, payload []byte) {
 		return
 	}
 	if c.parser == nil {
-		if tlsrec.IsRecord(payload) {
+		if tlsrec.IsRecord(ev.payload) {
 			c.tls = true
 			t.stats.TLSConns++
-			t.readHello(c, ev.Dir, payload)
+			t.readHello(c, ev.dir, ev.payload)
 			return
 		}
-		if !t.detect(c, ev.Dir, payload) {
+		if !t.detect(c, ev.dir, ev.payload) {
 			return
 		}
 	}
-	t.feed(c, ev, payload, gap)
+	t.feed(c, ev.dir, ev.payload, ev.len, ev.ts, gap)
 }
 
 // feed gives the analyzer one call's bytes (after gap bytes that were not
 // seen) and emits the transactions it completes.
-func (t *Tracker) feed(c *conn, ev *probes.DataEvent, payload []byte, gap int) {
-	dir := t.direction(c, ev.Dir)
+func (t *Tracker) feed(c *conn, kdir uint8, payload []byte, n uint32, ts uint64, gap int) {
+	dir := t.direction(c, kdir)
 	txs := t.txs[:0]
 	if gap > 0 {
 		t.stats.GapBytes += uint64(gap)
-		txs = c.parser.Feed(protocols.Chunk{Dir: dir, Len: gap, TS: ev.Ts}, txs)
+		txs = c.parser.Feed(protocols.Chunk{Dir: dir, Len: gap, TS: ts}, txs)
 	}
-	txs = c.parser.Feed(protocols.Chunk{Dir: dir, Data: payload, Len: int(ev.Len), TS: ev.Ts}, txs)
+	txs = c.parser.Feed(protocols.Chunk{Dir: dir, Data: payload, Len: int(n), TS: ts}, txs)
 	t.txs = txs
 	t.emit(c, txs)
 }
@@ -318,7 +458,7 @@ func (t *Tracker) handlePlain(c *conn, ev *probes.DataEvent, payload []byte) {
 	if c.parser == nil && !t.detect(c, ev.Dir, payload) {
 		return
 	}
-	t.feed(c, ev, payload, 0)
+	t.feed(c, ev.Dir, payload, ev.Len, ev.Ts, 0)
 }
 
 // readHello reads the clear part of a TLS handshake from the socket's

@@ -204,6 +204,170 @@ func TestReorderedEventIsDropped(t *testing.T) {
 	}
 }
 
+// openRecord is an open event that knows the socket's first send position.
+func openRecord(role uint8, cookie, ts uint64, sendSeq uint32, local, remote netip.AddrPort) []byte {
+	b := connRecord(probes.EventConnOpen, role, cookie, ts, local, remote)
+	ev := (*probes.ConnEvent)(unsafe.Pointer(unsafe.SliceData(b)))
+	ev.Flags, ev.SendSeq = probes.FlagSendSeq, sendSeq
+	return b
+}
+
+// recvRecord is a receive that says where the socket's send stream ended
+// when it read its bytes.
+func recvRecord(cookie, ts uint64, seq uint32, payload string, sent uint32, local, remote netip.AddrPort) []byte {
+	b := dataRecord(probes.DirRecv, cookie, ts, seq, len(payload), []byte(payload), local, remote)
+	ev := (*probes.DataEvent)(unsafe.Pointer(unsafe.SliceData(b)))
+	ev.Flags, ev.SentSeq = probes.FlagSentSeq, sent
+	return b
+}
+
+// A client sends each request from one thread and reads the responses in
+// another (Go's HTTP client does). The send's event is written when its
+// call returns, which can be after the other thread read the response:
+// the response's event comes first. It must wait for the request.
+func TestReceiveBeforeItsSend(t *testing.T) {
+	tk, s := newTestTracker(Config{})
+	const base = 1000
+	n := uint32(len(req))
+	tk.Handle(openRecord(probes.RoleClient, 1, 100, base, cliAddr, srvAddr))
+	// Exchange 1: the response (read at 200, after the request's bytes
+	// up to base+n were sent) before the request's event (returned at 300).
+	tk.Handle(recvRecord(1, 200, 7000, resp, base+n, cliAddr, srvAddr))
+	if len(s.got) != 0 || tk.Stats().HeldReceives != 1 {
+		t.Fatalf("the response was not held: %s %+v", describeAll(s.got), tk.Stats())
+	}
+	tk.Handle(dataRecord(probes.DirSend, 1, 300, base, len(req), []byte(req), cliAddr, srvAddr))
+	// Exchange 2 in order; its response was read with nothing more sent.
+	tk.Handle(dataRecord(probes.DirSend, 1, 400, base+n, len(req), []byte(req), cliAddr, srvAddr))
+	tk.Handle(recvRecord(1, 500, 7000+uint32(len(resp)), resp, base+2*n, cliAddr, srvAddr))
+	if len(s.got) != 2 {
+		t.Fatalf("%d sessions, want 2: %s", len(s.got), describeAll(s.got))
+	}
+	for i, x := range s.got {
+		if x.Kind != spans.Client || x.Index != i || x.Tx.StatusCode != 200 || x.Tx.ReqBytes != int64(n) ||
+			x.Tx.RespBytes != int64(len(resp)) || x.Tx.NoResponse {
+			t.Errorf("session %d: %s", i, describeAll(s.got[i:i+1]))
+		}
+	}
+	// The first request's bytes were out by the time their answer was
+	// read (200): its send cannot be later.
+	if tx := s.got[0].Tx; tx.ReqStart != 200 || tx.RespEnd != 200 {
+		t.Errorf("exchange 1: request at %d, response end %d, want 200 and 200", tx.ReqStart, tx.RespEnd)
+	}
+	if tx := s.got[1].Tx; tx.ReqStart != 400 || tx.RespEnd != 500 {
+		t.Errorf("exchange 2: request at %d, response end %d, want 400 and 500", tx.ReqStart, tx.RespEnd)
+	}
+	if st := tk.Stats(); st.HeldReceives != 1 || st.HeldTimedOut != 0 || st.Reordered != 0 || st.GapBytes != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// A receive is held only for sends not seen: the server's first read
+// comes before it sent anything, and a connection that predates the agent
+// (no open event, no send seen) has no position to wait for.
+func TestReceiveNotHeldWithoutMissingSends(t *testing.T) {
+	tk, s := newTestTracker(Config{})
+	tk.Handle(openRecord(probes.RoleServer, 1, 100, 5000, srvAddr, cliAddr))
+	tk.Handle(recvRecord(1, 200, 1000, req, 5000, srvAddr, cliAddr))
+	tk.Handle(dataRecord(probes.DirSend, 1, 300, 5000, len(resp), []byte(resp), srvAddr, cliAddr))
+	// Predates the agent: the role comes from the payload.
+	tk.Handle(dataRecord(probes.DirSend, 2, 400, 10, len(req), []byte(req), cliAddr, srvAddr))
+	tk.Handle(recvRecord(2, 500, 90, resp, 10+uint32(len(req)), cliAddr, srvAddr))
+	if len(s.got) != 2 || s.got[0].Kind != spans.Server || s.got[1].Kind != spans.Client || s.got[1].Index != -1 {
+		t.Fatalf("%s", describeAll(s.got))
+	}
+	if st := tk.Stats(); st.HeldReceives != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// The sends a receive waits for may never come (their events were lost):
+// after HoldTimeout, or when the connection ends, it is analyzed without
+// them. Receives behind a held one wait too, in their order.
+func TestHeldReceiveTimesOut(t *testing.T) {
+	for _, end := range []string{"timeout", "close"} {
+		t.Run(end, func(t *testing.T) {
+			tk, s := newTestTracker(Config{})
+			n := uint32(len(req))
+			tk.Handle(openRecord(probes.RoleClient, 1, 100, 0, cliAddr, srvAddr))
+			tk.Handle(dataRecord(probes.DirSend, 1, 200, 0, len(req), []byte(req), cliAddr, srvAddr))
+			// The response came after 40 more bytes were sent, whose
+			// event never arrives; then half of a second response.
+			tk.Handle(recvRecord(1, 300, 0, resp, n+40, cliAddr, srvAddr))
+			tk.Handle(recvRecord(1, 310, uint32(len(resp)), resp[:10], n, cliAddr, srvAddr))
+			if len(s.got) != 0 {
+				t.Fatalf("not held: %s", describeAll(s.got))
+			}
+			hold := uint64(HoldTimeout.Nanoseconds())
+			tk.Release(300 + hold - 1)
+			if len(s.got) != 0 {
+				t.Fatalf("released early: %s", describeAll(s.got))
+			}
+			if end == "timeout" {
+				tk.Release(300 + hold)
+				if len(s.got) != 1 || tk.heldCount != 1 || tk.Stats().HeldTimedOut != 1 {
+					t.Fatalf("after the first's timeout: %d held, %+v%s", tk.heldCount, tk.Stats(), describeAll(s.got))
+				}
+				tk.Release(310 + hold)
+			} else {
+				tk.Handle(connRecord(probes.EventConnClose, 0, 1, 400, cliAddr, srvAddr))
+			}
+			if len(s.got) != 1 || s.got[0].Tx.StatusCode != 200 || s.got[0].Tx.RespEnd != 300 || s.got[0].Tx.ReqStart != 200 {
+				t.Fatalf("%s", describeAll(s.got))
+			}
+			st := tk.Stats()
+			wantTimedOut := map[string]uint64{"timeout": 2, "close": 0}[end]
+			if st.HeldReceives != 2 || st.HeldTimedOut != wantTimedOut || tk.heldCount != 0 {
+				t.Errorf("stats %+v, %d held", st, tk.heldCount)
+			}
+			if end == "timeout" && (len(tk.heldConns) != 0 || len(tk.conns[1].held) != 0) {
+				t.Errorf("held receives left: %d connections", len(tk.heldConns))
+			}
+		})
+	}
+}
+
+// Held receives are bounded per connection: past maxHeldPerConn the
+// oldest is analyzed without waiting.
+func TestHeldReceivesBounded(t *testing.T) {
+	tk, _ := newTestTracker(Config{})
+	tk.Handle(openRecord(probes.RoleClient, 1, 100, 0, cliAddr, srvAddr))
+	for i := 0; i < maxHeldPerConn+5; i++ {
+		tk.Handle(recvRecord(1, uint64(200+i), uint32(i), "x", 1, cliAddr, srvAddr))
+	}
+	if got := len(tk.conns[1].held); got != maxHeldPerConn || tk.heldCount != maxHeldPerConn {
+		t.Fatalf("%d held on the connection, %d in all, want %d", got, tk.heldCount, maxHeldPerConn)
+	}
+	// The first 5 were analyzed in order (their stream positions 0-4).
+	if st := tk.conns[1].streams[1]; !st.started || st.next != 5 {
+		t.Errorf("receive stream at %+v, want next 5", st)
+	}
+
+	// And in all: fill the table up to maxHeld.
+	last := uint64(1 + (maxHeld-maxHeldPerConn)/maxHeldPerConn)
+	for cookie := uint64(2); cookie <= last; cookie++ {
+		tk.Handle(openRecord(probes.RoleClient, cookie, 100, 0, cliAddr, srvAddr))
+		for i := 0; i < maxHeldPerConn; i++ {
+			tk.Handle(recvRecord(cookie, uint64(200+i), uint32(i), "x", 1, cliAddr, srvAddr))
+		}
+	}
+	if tk.heldCount != maxHeld {
+		t.Fatalf("%d held, want %d", tk.heldCount, maxHeld)
+	}
+	held := tk.Stats().HeldReceives
+	// A connection with none held: its receive is analyzed as it came.
+	tk.Handle(openRecord(probes.RoleClient, last+1, 100, 0, cliAddr, srvAddr))
+	tk.Handle(recvRecord(last+1, 300, 0, "x", 1, cliAddr, srvAddr))
+	if c := tk.conns[last+1]; len(c.held) != 0 || c.streams[1].next != 1 || tk.heldCount != maxHeld || tk.Stats().HeldReceives != held {
+		t.Errorf("receive with the table full: %d held on it, stream %+v, %d held in all", len(c.held), c.streams[1], tk.heldCount)
+	}
+	// One with some held: its oldest makes room.
+	tk.Handle(recvRecord(2, 301, maxHeldPerConn, "x", 1, cliAddr, srvAddr))
+	if c := tk.conns[2]; len(c.held) != maxHeldPerConn || c.streams[1].next != 1 || tk.heldCount != maxHeld {
+		t.Errorf("connection 2: %d held, stream %+v, %d held in all", len(c.held), c.streams[1], tk.heldCount)
+	}
+}
+
 func TestIPv6MappedAddresses(t *testing.T) {
 	local, remote := netip.MustParseAddrPort("[::ffff:10.0.0.1]:80"), netip.MustParseAddrPort("[::ffff:10.0.0.2]:5555")
 	tk, s := newTestTracker(Config{})

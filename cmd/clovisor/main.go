@@ -332,6 +332,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	log.Info("user-space counters", "component", "sockets", "events", st.Events, "bad_events", st.BadEvents,
 		"sessions", st.Sessions, "conns_evicted", st.ConnsEvicted, "conns_expired", st.ConnsExpired,
 		"unrecognized_conns", st.Unrecognized, "gap_bytes", st.GapBytes, "reordered", st.Reordered,
+		"held_receives", st.HeldReceives, "held_timed_out", st.HeldTimedOut,
 		"garbage_bytes", st.GarbageBytes, "tls_conns", st.TLSConns, "plaintext_events", st.PlaintextEvents,
 		"duplicate_plaintext", st.DuplicatePlaintext)
 

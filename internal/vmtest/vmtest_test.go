@@ -768,13 +768,17 @@ func TestInLoaderDirs(t *testing.T) {
 }
 
 // TestVMKernelCrashReported crashes the guest kernel on purpose (sysrq c):
-// the failure shows the kernel's report from its first line, not only the
-// console's tail.
+// the failure shows the command's output and the kernel's report from its
+// first line, not only the console's tail. The command's line reaches the
+// host only once the guest's serial driver has sent it (it writes from its
+// buffer on transmit interrupts): a panic right after the write can take
+// the unsent bytes with it, so the command drains the port first
+// (stty's tcsetattr(TCSADRAIN)), as /init does before powering off.
 func TestVMKernelCrashReported(t *testing.T) {
 	requireHost(t)
 	k := LoadKernel(t, DefaultSeries)
 	msg := expectFailure(t, func(tb testing.TB) {
-		Run(tb, k, Options{Args: []string{"sh", "-c", "echo 1 >/proc/sys/kernel/sysrq; echo crashing-now; echo c >/proc/sysrq-trigger"},
+		Run(tb, k, Options{Args: []string{"sh", "-c", "echo 1 >/proc/sys/kernel/sysrq; echo crashing-now; stty -F " + guestOut + " -echo; echo c >/proc/sysrq-trigger"},
 			Modules: []string{}, Timeout: 60 * time.Second})
 	})
 	for _, s := range []string{"crashing-now", "(from the kernel's first report)", "sysrq: Trigger a crash", "Kernel panic"} {

@@ -24,8 +24,14 @@ const PollInterval = ring.PollInterval
 func Run(ctx context.Context, events *ebpf.Map, t *Tracker) error {
 	const expireEvery = 500 * time.Millisecond
 	lastExpire := time.Now()
+	seen := t.stats.Events
 	err := ring.Read(ctx, events, t.Handle, func() {
-		t.Release(MonotonicNow())
+		// The tick runs before each read: no record since the last one
+		// means that read found the ring buffer empty.
+		if t.stats.Events == seen && t.heldCount > 0 {
+			t.Release(MonotonicNow())
+		}
+		seen = t.stats.Events
 		if time.Since(lastExpire) >= expireEvery {
 			t.Expire(MonotonicNow())
 			lastExpire = time.Now()

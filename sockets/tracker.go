@@ -85,6 +85,7 @@ type Tracker struct {
 	// Connections with held receives, and how many are held in all.
 	heldConns []*conn
 	heldCount int
+	newest    uint64           // the newest event's time
 	data      probes.DataEvent // decode buffer
 	ce        probes.ConnEvent
 }
@@ -140,6 +141,7 @@ func (t *Tracker) Handle(raw []byte) {
 			return
 		}
 		t.handleConn(&t.ce)
+		t.newest = max(t.newest, t.ce.Ts)
 	case probes.EventData:
 		payload, err := decodeData(raw, &t.data)
 		if err != nil {
@@ -147,8 +149,14 @@ func (t *Tracker) Handle(raw []byte) {
 			return
 		}
 		t.handleData(&t.data, payload)
+		t.newest = max(t.newest, t.data.Ts)
 	default:
 		t.stats.BadEvents++
+	}
+	if t.heldCount > 0 {
+		// Events this much newer than a held receive are in: the
+		// sends it waits for, written microseconds after it, would be.
+		t.Release(t.newest)
 	}
 }
 
@@ -340,8 +348,10 @@ func (t *Tracker) releaseFirst(c *conn) {
 }
 
 // Release analyzes the receives held since before now-HoldTimeout (now in
-// kernel monotonic ns) without the sends they wait for. Run calls it on
-// every poll of the ring buffer.
+// kernel monotonic ns) without the sends they wait for. Handle calls it
+// with the newest event's time (a reader that lags behind the kernel
+// still finds the sends right behind their receives); Run calls it with
+// the clock when it found the ring buffer empty.
 func (t *Tracker) Release(now uint64) {
 	if len(t.heldConns) == 0 {
 		return

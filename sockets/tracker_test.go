@@ -282,10 +282,11 @@ func TestReceiveNotHeldWithoutMissingSends(t *testing.T) {
 }
 
 // The sends a receive waits for may never come (their events were lost):
-// after HoldTimeout, or when the connection ends, it is analyzed without
-// them. Receives behind a held one wait too, in their order.
+// after HoldTimeout (by the clock, with the ring buffer empty, or by the
+// time of later events), or when the connection ends, it is analyzed
+// without them. Receives behind a held one wait too, in their order.
 func TestHeldReceiveTimesOut(t *testing.T) {
-	for _, end := range []string{"timeout", "close"} {
+	for _, end := range []string{"clock", "later events", "close"} {
 		t.Run(end, func(t *testing.T) {
 			tk, s := newTestTracker(Config{})
 			n := uint32(len(req))
@@ -299,28 +300,37 @@ func TestHeldReceiveTimesOut(t *testing.T) {
 				t.Fatalf("not held: %s", describeAll(s.got))
 			}
 			hold := uint64(HoldTimeout.Nanoseconds())
-			tk.Release(300 + hold - 1)
-			if len(s.got) != 0 {
-				t.Fatalf("released early: %s", describeAll(s.got))
+			// Time passes (by the clock, or by another connection's
+			// events): the first receive's timeout, then the second's.
+			release := func(now uint64) {
+				if end == "clock" {
+					tk.Release(now)
+				} else {
+					tk.Handle(connRecord(probes.EventConnOpen, probes.RoleClient, now, now, cliAddr, srvAddr))
+				}
 			}
-			if end == "timeout" {
-				tk.Release(300 + hold)
+			if end == "close" {
+				tk.Handle(connRecord(probes.EventConnClose, 0, 1, 400, cliAddr, srvAddr))
+			} else {
+				release(300 + hold - 1)
+				if len(s.got) != 0 {
+					t.Fatalf("released early: %s", describeAll(s.got))
+				}
+				release(300 + hold)
 				if len(s.got) != 1 || tk.heldCount != 1 || tk.Stats().HeldTimedOut != 1 {
 					t.Fatalf("after the first's timeout: %d held, %+v%s", tk.heldCount, tk.Stats(), describeAll(s.got))
 				}
-				tk.Release(310 + hold)
-			} else {
-				tk.Handle(connRecord(probes.EventConnClose, 0, 1, 400, cliAddr, srvAddr))
+				release(310 + hold)
 			}
 			if len(s.got) != 1 || s.got[0].Tx.StatusCode != 200 || s.got[0].Tx.RespEnd != 300 || s.got[0].Tx.ReqStart != 200 {
 				t.Fatalf("%s", describeAll(s.got))
 			}
 			st := tk.Stats()
-			wantTimedOut := map[string]uint64{"timeout": 2, "close": 0}[end]
+			wantTimedOut := map[string]uint64{"clock": 2, "later events": 2, "close": 0}[end]
 			if st.HeldReceives != 2 || st.HeldTimedOut != wantTimedOut || tk.heldCount != 0 {
 				t.Errorf("stats %+v, %d held", st, tk.heldCount)
 			}
-			if end == "timeout" && (len(tk.heldConns) != 0 || len(tk.conns[1].held) != 0) {
+			if end != "close" && (len(tk.heldConns) != 0 || len(tk.conns[1].held) != 0) {
 				t.Errorf("held receives left: %d connections", len(tk.heldConns))
 			}
 		})

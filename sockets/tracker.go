@@ -1,7 +1,10 @@
 // Package sockets turns the socket tracer's kernel events into sessions:
 // it reads the ring buffer, keeps a table of connections keyed by socket
 // cookie, reassembles each direction of each connection by the kernel's
-// true byte counts, and feeds the bytes to the protocol analyzers.
+// true byte counts, puts each receive after the sends it came after (a
+// send's event is written when its call returns, possibly after another
+// thread read the answer: see Stats.HeldReceives), and feeds the bytes to
+// the protocol analyzers.
 package sockets
 
 import (

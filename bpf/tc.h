@@ -113,7 +113,7 @@ enum conn_flag {
 	CONN_FIN_REQUEST = 1 << 0,  /* the client sent FIN */
 	CONN_FIN_RESPONSE = 1 << 1, /* the server sent FIN */
 	CONN_CLOSED = 1 << 2,       /* the final record was made */
-	CONN_HIGH_REQUEST = 1 << 3, /* high_end[TC_DIR_REQUEST] is set */
+	CONN_HIGH_REQUEST = 1 << 3, /* dir[TC_DIR_REQUEST].high_end is set */
 	CONN_HIGH_RESPONSE = 1 << 4,
 	CONN_FROM_SYN = 1 << 5,      /* first seen: the client's SYN */
 	CONN_FROM_SYNACK = 1 << 6,   /* first seen: the server's SYN-ACK */
@@ -173,29 +173,51 @@ struct dir_counters {
 				* retransmissions, or packets reordered (between CPUs, too) */
 };
 
-struct session {
-	struct dir_counters total[2]; /* whole connection, by enum tc_dir; only added to */
-	struct dir_counters base[2];  /* total[] when the current exchange began */
-	__u64 state;     /* exchange index << 8 | enum tc_phase; changed by cmpxchg only */
-	__u64 first_ts;  /* when the connection was first seen: with the tuple, its identity */
-	__u64 syn_ts;    /* the client's (latest) SYN, 0 if not seen */
-	__u64 synack_ts; /* the server's first SYN-ACK, 0 if not seen */
-	/* the current exchange: first and last new payload per direction */
-	__u64 req_first_ts;
-	__u64 req_last_ts;
-	__u64 resp_first_ts;
-	__u64 resp_last_ts;
-	__u32 high_end[2]; /* per direction: the highest sequence seen (SYN + 1, or the end of
-			    * the highest payload); only raised, by compare-and-exchange */
-	__u32 flags[2];    /* TCP flags seen in the current exchange per direction */
-	__u32 conn_flags;  /* enum conn_flag */
-	__u16 proto;       /* protocol id from the table that matched (0 if none) */
-	__u8 client_is_lo; /* the client is flow_key's lo endpoint */
-	__u8 _pad;
-	__u32 req_seq0;    /* the sequence number of the client's first byte (CONN_SEQ0) */
-	__u32 marks[2];    /* message-start captures in the current exchange per direction */
-	__u32 _pad1;
+/* One direction of a connection. The fields every packet of the direction
+ * writes (the second half) are kept more than a cache line away from those
+ * of the other direction, and from the fields every packet reads (the head
+ * of struct session, the table's key): the two directions of a connection
+ * usually run on two CPUs at once, and a line that one CPU writes and the
+ * other reads moves between their caches on every packet. */
+struct dir_state {
+	/* Written when an exchange begins or ends (64 bytes). */
+	struct dir_counters base; /* total when the current exchange began */
+	__u64 first_ts;  /* the current exchange's first new payload, 0 if none yet */
+	__u64 open_ts;   /* request: the client's (latest) SYN; response: the server's first
+			  * SYN-ACK; 0 if not seen */
+	__u32 marks;     /* message-start captures in the current exchange */
+	__u32 _pad;
+	/* Written by every packet of the direction (56 bytes). */
+	struct dir_counters total; /* whole connection; only added to */
+	__u64 last_ts;   /* the current exchange's last new payload */
+	__u32 high_end;  /* the highest sequence seen (SYN + 1, or the end of the highest
+			  * payload); only raised, by compare-and-exchange (CONN_HIGH_*) */
+	__u32 flags;     /* TCP flags seen in the current exchange */
 };
+
+struct session {
+	/* Read by every packet, written rarely (16 bytes). */
+	__u64 state;      /* exchange index << 8 | enum tc_phase; changed by cmpxchg only */
+	__u32 conn_flags; /* enum conn_flag */
+	__u16 proto;      /* protocol id from the table that matched (0 if none) */
+	__u8 client_is_lo;/* the client is flow_key's lo endpoint */
+	__u8 _pad;
+	struct dir_state dir[2]; /* by enum tc_dir */
+	/* Written once; with the padding, the response direction's live
+	 * fields stay a line away from the next entry of the table. */
+	__u64 first_ts;   /* when the connection was first seen: with the tuple, its identity */
+	__u32 req_seq0;   /* the sequence number of the client's first byte (CONN_SEQ0) */
+	__u32 _pad1;
+	__u64 _gap[6];
+};
+
+/* The layout above, checked: more than 63 bytes between what one
+ * direction writes per packet and anything else touched per packet. */
+#define DIR_LIVE_START(d) (__builtin_offsetof(struct session, dir[d].total))
+#define DIR_LIVE_END(d) (__builtin_offsetof(struct session, dir[d].flags) + sizeof(__u32))
+_Static_assert(DIR_LIVE_START(0) - __builtin_offsetof(struct session, dir) >= 64, "head and request live fields share a line");
+_Static_assert(DIR_LIVE_START(1) - DIR_LIVE_END(0) >= 64, "the two directions' live fields share a line");
+_Static_assert(sizeof(struct session) - DIR_LIVE_END(1) >= 64, "response live fields and the next entry share a line");
 
 /* The connection of an event, in client/server order. */
 struct conn_tuple {
@@ -652,12 +674,12 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		e->req_seq0 = s->req_seq0;
 		e->_pad2 = 0;
 		e->first_ts = s->first_ts;
-		e->syn_ts = s->syn_ts;
-		e->synack_ts = s->synack_ts;
-		e->req_first_ts = s->req_first_ts;
-		e->req_last_ts = s->req_last_ts;
-		e->resp_first_ts = s->resp_first_ts;
-		e->resp_last_ts = s->resp_last_ts;
+		e->syn_ts = s->dir[TC_DIR_REQUEST].open_ts;
+		e->synack_ts = s->dir[TC_DIR_RESPONSE].open_ts;
+		e->req_first_ts = s->dir[TC_DIR_REQUEST].first_ts;
+		e->req_last_ts = s->dir[TC_DIR_REQUEST].last_ts;
+		e->resp_first_ts = s->dir[TC_DIR_RESPONSE].first_ts;
+		e->resp_last_ts = s->dir[TC_DIR_RESPONSE].last_ts;
 		e->end_ts = now;
 	}
 #pragma unroll
@@ -665,21 +687,21 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		/* Read each total once: what is added after the read belongs
 		 * to the next exchange. */
 		struct dir_counters cur;
-		cur.bytes = *(volatile __u64 *)&s->total[d].bytes;
-		cur.packets = *(volatile __u64 *)&s->total[d].packets;
-		cur.payload_bytes = *(volatile __u64 *)&s->total[d].payload_bytes;
-		cur.new_bytes = *(volatile __u64 *)&s->total[d].new_bytes;
-		cur.retrans_packets = *(volatile __u64 *)&s->total[d].retrans_packets;
-		__u32 flags = __sync_lock_test_and_set(&s->flags[d], 0);
+		cur.bytes = *(volatile __u64 *)&s->dir[d].total.bytes;
+		cur.packets = *(volatile __u64 *)&s->dir[d].total.packets;
+		cur.payload_bytes = *(volatile __u64 *)&s->dir[d].total.payload_bytes;
+		cur.new_bytes = *(volatile __u64 *)&s->dir[d].total.new_bytes;
+		cur.retrans_packets = *(volatile __u64 *)&s->dir[d].total.retrans_packets;
+		__u32 flags = __sync_lock_test_and_set(&s->dir[d].flags, 0);
 		if (e) {
 			e->flags[d] = flags;
-			e->dir[d].bytes = cur.bytes - s->base[d].bytes;
-			e->dir[d].packets = cur.packets - s->base[d].packets;
-			e->dir[d].payload_bytes = cur.payload_bytes - s->base[d].payload_bytes;
-			e->dir[d].new_bytes = cur.new_bytes - s->base[d].new_bytes;
-			e->dir[d].retrans_packets = cur.retrans_packets - s->base[d].retrans_packets;
+			e->dir[d].bytes = cur.bytes - s->dir[d].base.bytes;
+			e->dir[d].packets = cur.packets - s->dir[d].base.packets;
+			e->dir[d].payload_bytes = cur.payload_bytes - s->dir[d].base.payload_bytes;
+			e->dir[d].new_bytes = cur.new_bytes - s->dir[d].base.new_bytes;
+			e->dir[d].retrans_packets = cur.retrans_packets - s->dir[d].base.retrans_packets;
 		}
-		s->base[d] = cur;
+		s->dir[d].base = cur;
 	}
 	if (!e || bpf_ringbuf_output(&tc_events, e, sizeof(*e), tc_ringbuf_flags()))
 		tc_count(TC_STAT_EXCHANGE_LOST);
@@ -715,12 +737,12 @@ static __always_inline void capture(struct __sk_buff *skb, struct session *s, co
 	e->mark = mark;
 	e->proto = s->proto;
 	e->_pad1 = 0;
-	e->at.bytes = s->total[d].bytes - s->base[d].bytes - c->bytes;
-	e->at.packets = s->total[d].packets - s->base[d].packets - c->packets;
-	e->at.payload_bytes = s->total[d].payload_bytes - s->base[d].payload_bytes - c->payload;
-	e->at.new_bytes = s->total[d].new_bytes - s->base[d].new_bytes - c->advance;
-	e->at.retrans_packets = s->total[d].retrans_packets - s->base[d].retrans_packets - (c->old > 0);
-	e->peer_new_bytes = s->total[d ^ 1].new_bytes - s->base[d ^ 1].new_bytes;
+	e->at.bytes = s->dir[d].total.bytes - s->dir[d].base.bytes - c->bytes;
+	e->at.packets = s->dir[d].total.packets - s->dir[d].base.packets - c->packets;
+	e->at.payload_bytes = s->dir[d].total.payload_bytes - s->dir[d].base.payload_bytes - c->payload;
+	e->at.new_bytes = s->dir[d].total.new_bytes - s->dir[d].base.new_bytes - c->advance;
+	e->at.retrans_packets = s->dir[d].total.retrans_packets - s->dir[d].base.retrans_packets - (c->old > 0);
+	e->peer_new_bytes = s->dir[d ^ 1].total.new_bytes - s->dir[d ^ 1].base.new_bytes;
 	__u32 want = len < dcap ? len : dcap;
 	if (want > MAX_PREFIX)
 		want = MAX_PREFIX;
@@ -924,15 +946,15 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__u8 dir = from_lo == s->client_is_lo ? TC_DIR_REQUEST : TC_DIR_RESPONSE;
 	__u32 seq = bpf_ntohl(tcp.seq);
 	if (syn && dir == TC_DIR_REQUEST) {
-		s->syn_ts = now;
+		s->dir[TC_DIR_REQUEST].open_ts = now;
 		if (!(s->conn_flags & CONN_SEQ0)) {
 			s->req_seq0 = seq + 1;
 			__sync_fetch_and_or(&s->conn_flags, CONN_SEQ0);
 		}
 	}
 	if (synack && dir == TC_DIR_RESPONSE) {
-		if (s->synack_ts == 0)
-			s->synack_ts = now;
+		if (s->dir[TC_DIR_RESPONSE].open_ts == 0)
+			s->dir[TC_DIR_RESPONSE].open_ts = now;
 		if (!(s->conn_flags & CONN_SEQ0)) {
 			/* It acknowledges the client's SYN: the first request
 			 * byte comes next. */
@@ -949,7 +971,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__u32 d1 = dir & 1;
 	__u32 hbit = dir == TC_DIR_REQUEST ? CONN_HIGH_REQUEST : CONN_HIGH_RESPONSE;
 	if ((syn || synack) && !(s->conn_flags & hbit)) {
-		s->high_end[d1] = seq + 1; /* the stream starts after the SYN */
+		s->dir[d1].high_end = seq + 1; /* the stream starts after the SYN */
 		__sync_fetch_and_or(&s->conn_flags, hbit);
 	}
 	__u32 fresh = 0, old = 0;
@@ -960,15 +982,15 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		__u32 end = seq + payload;
 		if (!(s->conn_flags & hbit)) {
 			/* Picked up midstream: the stream starts here. */
-			s->high_end[d1] = seq;
+			s->dir[d1].high_end = seq;
 			__sync_fetch_and_or(&s->conn_flags, hbit);
 		}
-		__u32 high = *(volatile __u32 *)&s->high_end[d1];
+		__u32 high = *(volatile __u32 *)&s->dir[d1].high_end;
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
 			if ((__s32)(end - high) <= 0)
 				break;
-			__u32 prev = __sync_val_compare_and_swap(&s->high_end[d1], high, end);
+			__u32 prev = __sync_val_compare_and_swap(&s->dir[d1].high_end, high, end);
 			if (prev == high) {
 				advance = end - high;
 				break;
@@ -1003,7 +1025,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			__u64 next;
 			if (dir == TC_DIR_REQUEST) {
 				if (phase == PHASE_REQUEST) {
-					s->req_last_ts = now;
+					s->dir[TC_DIR_REQUEST].last_ts = now;
 					done = cont = 1;
 					break;
 				}
@@ -1017,23 +1039,23 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 					end_exchange(s, &k, index, phase, END_NEXT_REQUEST, now);
 					index++;
 				}
-				s->req_first_ts = now;
-				s->req_last_ts = now;
-				s->resp_first_ts = 0;
-				s->resp_last_ts = 0;
-				s->marks[0] = 0;
-				s->marks[1] = 0;
+				s->dir[TC_DIR_REQUEST].first_ts = now;
+				s->dir[TC_DIR_REQUEST].last_ts = now;
+				s->dir[TC_DIR_RESPONSE].first_ts = 0;
+				s->dir[TC_DIR_RESPONSE].last_ts = 0;
+				s->dir[0].marks = 0;
+				s->dir[1].marks = 0;
 			} else {
 				if (phase == PHASE_RESPONSE) {
-					s->resp_last_ts = now;
+					s->dir[TC_DIR_RESPONSE].last_ts = now;
 					done = cont = 1;
 					break;
 				}
 				next = ((__u64)index << 8) | PHASE_RESPONSE;
 				if (__sync_val_compare_and_swap(&s->state, st, next) != st)
 					continue;
-				s->resp_first_ts = now;
-				s->resp_last_ts = now;
+				s->dir[TC_DIR_RESPONSE].first_ts = now;
+				s->dir[TC_DIR_RESPONSE].last_ts = now;
 			}
 			cap = 1;
 			done = 1;
@@ -1045,7 +1067,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			    http_start(skb, poff, fresh, dir))
 				__sync_fetch_and_or(&s->conn_flags, CONN_HTTP);
 			if (cont && old == 0 && (s->conn_flags & CONN_HTTP) && http_start(skb, poff, fresh, dir)) {
-				__u32 n = __sync_fetch_and_add(&s->marks[d1], 1) + 1;
+				__u32 n = __sync_fetch_and_add(&s->dir[d1].marks, 1) + 1;
 				if (n <= MAX_MARKS) {
 					cap = 1;
 					mark = n;
@@ -1056,7 +1078,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		}
 	}
 
-	struct dir_counters *t = &s->total[d1];
+	struct dir_counters *t = &s->dir[d1].total;
 	__sync_fetch_and_add(&t->bytes, wire_bytes);
 	__sync_fetch_and_add(&t->packets, segs);
 	if (payload > 0)
@@ -1066,8 +1088,8 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	if (old > 0)
 		__sync_fetch_and_add(&t->retrans_packets, 1);
 	/* A plain read first: most packets bring no flag not seen yet. */
-	if ((s->flags[d1] & tflags) != tflags)
-		__sync_fetch_and_or(&s->flags[d1], tflags);
+	if ((s->dir[d1].flags & tflags) != tflags)
+		__sync_fetch_and_or(&s->dir[d1].flags, tflags);
 
 	if (cap && dcap) {
 		struct pkt_counts pc = {wire_bytes, segs, payload, advance, old};

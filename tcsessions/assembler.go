@@ -748,7 +748,8 @@ func (a *Assembler) FlushIdle(sessions []SessionInfo, now, idle uint64) []*Excha
 		if s.Phase() != PhaseResponse || e.ConnFlags&ConnClosed != 0 {
 			continue
 		}
-		last := max(e.ReqLastTs, e.RespLastTs)
+		req, resp := &e.Dir[dirRequest], &e.Dir[dirResponse]
+		last := max(req.LastTs, resp.LastTs)
 		if last == 0 || last+idle > now {
 			continue
 		}
@@ -757,12 +758,13 @@ func (a *Assembler) FlushIdle(sessions []SessionInfo, now, idle uint64) []*Excha
 		}
 		ev := ExchangeEvent{
 			Kind: eventExchange, End: uint8(EndIdle), Phase: uint8(PhaseResponse), Proto: e.Proto,
-			Index: s.Index(), ConnFlags: e.ConnFlags, ReqSeq0: e.ReqSeq0, FirstTs: e.FirstTs, SynTs: e.SynTs,
-			SynackTs: e.SynackTs, ReqFirstTs: e.ReqFirstTs, ReqLastTs: e.ReqLastTs, RespFirstTs: e.RespFirstTs,
-			RespLastTs: e.RespLastTs, EndTs: now, Flags: e.Flags, Tuple: tu,
+			Index: s.Index(), ConnFlags: e.ConnFlags, ReqSeq0: e.ReqSeq0, FirstTs: e.FirstTs, SynTs: req.OpenTs,
+			SynackTs: resp.OpenTs, ReqFirstTs: req.FirstTs, ReqLastTs: req.LastTs, RespFirstTs: resp.FirstTs,
+			RespLastTs: resp.LastTs, EndTs: now, Tuple: tu,
 		}
 		for d := range 2 {
-			ev.Dir[d] = subCounters(e.Total[d], e.Base[d])
+			ev.Dir[d] = subCounters(e.Dir[d].Total, e.Dir[d].Base)
+			ev.Flags[d] = e.Dir[d].Flags
 		}
 		a.stats.IdleFlushed++
 		out = a.record(&ev, out)

@@ -313,20 +313,20 @@ func TestKeepAliveExchangesIPv4(t *testing.T) {
 		e.Entry.State != 0 || e.Entry.ReqSeq0 != c.clientISN+1 {
 		t.Errorf("entry proto %d flags %#x state %#x seq0 %d", e.Entry.Proto, e.Entry.ConnFlags, e.Entry.State, e.Entry.ReqSeq0)
 	}
-	if e.Entry.HighEnd != [2]uint32{c.clientISN + 1, c.serverISN + 1} {
-		t.Errorf("stream starts %v, want the ISNs + 1", e.Entry.HighEnd)
+	if h := [2]uint32{e.Entry.Dir[0].HighEnd, e.Entry.Dir[1].HighEnd}; h != [2]uint32{c.clientISN + 1, c.serverISN + 1} {
+		t.Errorf("stream starts %v, want the ISNs + 1", h)
 	}
-	if e.Entry.SynTs == 0 || e.Entry.SynackTs <= e.Entry.SynTs {
-		t.Errorf("handshake times syn %d synack %d", e.Entry.SynTs, e.Entry.SynackTs)
+	if e.Entry.Dir[0].OpenTs == 0 || e.Entry.Dir[1].OpenTs <= e.Entry.Dir[0].OpenTs {
+		t.Errorf("handshake times syn %d synack %d", e.Entry.Dir[0].OpenTs, e.Entry.Dir[1].OpenTs)
 	}
-	if want := dc(sum(syn, ack), 2, 0, 0, 0); e.Entry.Total[0] != want {
-		t.Errorf("request totals %+v, want %+v", e.Entry.Total[0], want)
+	if want := dc(sum(syn, ack), 2, 0, 0, 0); e.Entry.Dir[0].Total != want {
+		t.Errorf("request totals %+v, want %+v", e.Entry.Dir[0].Total, want)
 	}
-	if want := dc(sum(synack), 1, 0, 0, 0); e.Entry.Total[1] != want {
-		t.Errorf("response totals %+v, want %+v", e.Entry.Total[1], want)
+	if want := dc(sum(synack), 1, 0, 0, 0); e.Entry.Dir[1].Total != want {
+		t.Errorf("response totals %+v, want %+v", e.Entry.Dir[1].Total, want)
 	}
-	if e.Entry.Flags != [2]uint32{fSYN | fACK, fSYN | fACK} {
-		t.Errorf("flags %#x", e.Entry.Flags)
+	if f := [2]uint32{e.Entry.Dir[0].Flags, e.Entry.Dir[1].Flags}; f != [2]uint32{fSYN | fACK, fSYN | fACK} {
+		t.Errorf("flags %#x", f)
 	}
 
 	req1 := c.fromClient(fPSH|fACK, "GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -607,11 +607,11 @@ func TestMidstream(t *testing.T) {
 		t.Fatalf("sessions %+v", s)
 	}
 	if s[0].Client != c.client || s[0].Entry.ConnFlags&^(ConnHighRequest|ConnHighResponse) != ConnFromMidstream|ConnClientIngress|ConnHTTP ||
-		s[0].Entry.SynTs != 0 || s[0].Index() != 0 || s[0].Phase() != PhaseResponse {
+		s[0].Entry.Dir[0].OpenTs != 0 || s[0].Index() != 0 || s[0].Phase() != PhaseResponse {
 		t.Errorf("request-first entry %+v", s[0])
 	}
-	if want := dc(sum(req), 1, uint64(len(req.payload)), uint64(len(req.payload)), 0); s[0].Entry.Total[0] != want {
-		t.Errorf("request-first totals %+v, want %+v (the ACK before the session is not counted)", s[0].Entry.Total[0], want)
+	if want := dc(sum(req), 1, uint64(len(req.payload)), uint64(len(req.payload)), 0); s[0].Entry.Dir[0].Total != want {
+		t.Errorf("request-first totals %+v, want %+v (the ACK before the session is not counted)", s[0].Entry.Dir[0].Total, want)
 	}
 	if s[1].Client != d.client || s[1].Index() != 1 || s[1].Phase() != PhaseRequest {
 		t.Errorf("response-first entry %+v", s[1])
@@ -717,7 +717,7 @@ func TestPortReuse(t *testing.T) {
 		t.Fatalf("records %+v", ex)
 	}
 	s := h.sessions()
-	if len(s) != 1 || s[0].Entry.Total[0] != dc(2*ipLen(syn), 2, 0, 0, 0) || s[0].Entry.FirstTs <= ex[0].FirstTs {
+	if len(s) != 1 || s[0].Entry.Dir[0].Total != dc(2*ipLen(syn), 2, 0, 0, 0) || s[0].Entry.FirstTs <= ex[0].FirstTs {
 		t.Errorf("new session %+v", s)
 	}
 	if st := h.stats(); st.SessionsCreated != 2 || st.SessionsClosed != 1 {
@@ -741,14 +741,14 @@ func TestGSO(t *testing.T) {
 	h.gsoSegs = 0
 	s := h.sessions()
 	want := ipLen(big) + 2*40
-	if len(s) != 1 || s[0].Entry.Total[0].Packets != 2+3 || s[0].Entry.Total[0].PayloadBytes != 3000 {
+	if len(s) != 1 || s[0].Entry.Dir[0].Total.Packets != 2+3 || s[0].Entry.Dir[0].Total.PayloadBytes != 3000 {
 		t.Fatalf("sessions %+v", s)
 	}
 	tr, _ := w.traffic()
 	if tr["server"].RxPackets != 2+3 || tr["server"].RxBytes != 2*40+want {
 		t.Errorf("server traffic %+v, want 5 packets, %d bytes", tr["server"], 2*40+want)
 	}
-	if got := s[0].Entry.Total[0].Bytes; got != 2*40+want {
+	if got := s[0].Entry.Dir[0].Total.Bytes; got != 2*40+want {
 		t.Errorf("request bytes %d, want %d", got, 2*40+want)
 	}
 }
@@ -895,12 +895,12 @@ func TestReorderingAndGaps(t *testing.T) {
 	if len(s) != 1 {
 		t.Fatalf("sessions %+v", s)
 	}
-	got := s[0].Entry.Total[0]
+	got := s[0].Entry.Dir[0].Total
 	if got.PayloadBytes != 10+20+5+10+20 || got.NewBytes != 35 || got.RetransPackets != 3 {
 		t.Errorf("request totals %+v: want payload 65, new 35, 3 packets of old data", got)
 	}
-	if s[0].Entry.HighEnd[0] != c.cseq {
-		t.Errorf("high %d, want %d", s[0].Entry.HighEnd[0], c.cseq)
+	if s[0].Entry.Dir[0].HighEnd != c.cseq {
+		t.Errorf("high %d, want %d", s[0].Entry.Dir[0].HighEnd, c.cseq)
 	}
 	// The first packet seen (b) is the exchange's first; its prefix is
 	// what is captured.
@@ -1124,7 +1124,7 @@ func TestPortMarks(t *testing.T) {
 	late := newConv("10.1.0.1:40002", "10.1.0.2:8080")
 	h.handshake(late)
 	s = h.sessions()
-	if len(s) != 1 || s[0].Entry.Total[1].PayloadBytes != uint64(len(resp.payload)) || s[0].Phase() != PhaseResponse {
+	if len(s) != 1 || s[0].Entry.Dir[1].Total.PayloadBytes != uint64(len(resp.payload)) || s[0].Phase() != PhaseResponse {
 		t.Fatalf("after removing port 8080: sessions %+v, want the traced connection going on alone", s)
 	}
 

@@ -53,6 +53,19 @@ type tcDirCounters struct {
 	RetransPackets uint64
 }
 
+type tcDirState struct {
+	_       structs.HostLayout
+	Base    tcDirCounters
+	FirstTs uint64
+	OpenTs  uint64
+	Marks   uint32
+	Pad     uint32
+	Total   tcDirCounters
+	LastTs  uint64
+	HighEnd uint32
+	Flags   uint32
+}
+
 type tcEgressKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -149,26 +162,17 @@ type tcPortKey struct {
 }
 
 type tcSession struct {
-	_           structs.HostLayout
-	Total       [2]tcDirCounters
-	Base        [2]tcDirCounters
-	State       uint64
-	FirstTs     uint64
-	SynTs       uint64
-	SynackTs    uint64
-	ReqFirstTs  uint64
-	ReqLastTs   uint64
-	RespFirstTs uint64
-	RespLastTs  uint64
-	HighEnd     [2]uint32
-	Flags       [2]uint32
-	ConnFlags   uint32
-	Proto       uint16
-	ClientIsLo  uint8
-	Pad         uint8
-	ReqSeq0     uint32
-	Marks       [2]uint32
-	Pad1        uint32
+	_          structs.HostLayout
+	State      uint64
+	ConnFlags  uint32
+	Proto      uint16
+	ClientIsLo uint8
+	Pad        uint8
+	Dir        [2]tcDirState
+	FirstTs    uint64
+	ReqSeq0    uint32
+	Pad1       uint32
+	Gap        [6]uint64
 }
 
 type tcTcDir uint32

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -86,9 +87,21 @@ func tracedPods(b testing.TB, cli, srv *testbed.Pod) []*testbed.Pod {
 	return nil
 }
 
+// overheadIperfAffinity (CLOVISOR_OVERHEAD_IPERF_AFFINITY=n,m) pins
+// iperf3's client to CPU n and its server's test to CPU m (iperf3 -A n,m),
+// so that every run has the same placement; unset, the scheduler places
+// them (the default, as in a cluster).
+var overheadIperfAffinity = os.Getenv("CLOVISOR_OVERHEAD_IPERF_AFFINITY")
+
 // overheadRounds is the number of traced runs (untraced runs: one more):
 // 3, or CLOVISOR_OVERHEAD_ROUNDS.
 var overheadRounds = envPositive("CLOVISOR_OVERHEAD_ROUNDS", 3)
+
+// isCPU says whether s is a CPU number this machine has.
+func isCPU(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n >= 0 && n < runtime.NumCPU()
+}
 
 // envPositive is the positive number in the environment variable name, or
 // def when it is unset or not one.
@@ -483,8 +496,15 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 	cli, srv := node.AddPod(b, "cli"), node.AddPod(b, "srv")
 	pods := tracedPods(b, cli, srv)
 	testbed.StartIperf3(b, srv.NS, srv.IP, 5201)
+	args := []string{"-c", srv.IP.String(), "-p", "5201", "-J"}
+	if a := overheadIperfAffinity; a != "" {
+		if n, m, ok := strings.Cut(a, ","); !ok || !isCPU(n) || !isCPU(m) {
+			b.Fatalf("CLOVISOR_OVERHEAD_IPERF_AFFINITY=%s: want two CPU numbers, client,server", a)
+		}
+		args = append(args, "-A", a)
+	}
 	run := func(seconds int) overheadIperf {
-		out := cli.NS.Exec(b, "iperf3", "-c", srv.IP.String(), "-p", "5201", "-t", strconv.Itoa(seconds), "-J")
+		out := cli.NS.Exec(b, "iperf3", append(args, "-t", strconv.Itoa(seconds))...)
 		var r overheadIperf
 		if err := json.Unmarshal([]byte(out), &r); err != nil {
 			b.Fatalf("iperf3 JSON: %v\n%s", err, out)

@@ -504,7 +504,7 @@ func BenchmarkOverheadIperf3(b *testing.B) {
 		args = append(args, "-A", a)
 	}
 	run := func(seconds int) overheadIperf {
-		out := cli.NS.Exec(b, "iperf3", append(args, "-t", strconv.Itoa(seconds))...)
+		out := cli.NS.Exec(b, "iperf3", slices.Concat(args, []string{"-t", strconv.Itoa(seconds)})...)
 		var r overheadIperf
 		if err := json.Unmarshal([]byte(out), &r); err != nil {
 			b.Fatalf("iperf3 JSON: %v\n%s", err, out)

@@ -550,6 +550,17 @@ func TestIdleFlush(t *testing.T) {
 	if s := xs[1].Session(); s.Wire.End != "idle" {
 		t.Errorf("wire end %q", s.Wire.End)
 	}
+	// The idle record is made from the sessions table's entry: the
+	// handshake, the exchange's times and flags come from its fields.
+	if x, x0 := xs[1], xs[0]; x.SYN == 0 || x.SYN != x0.SYN || x.SYNACK != x0.SYNACK || x.SYNACK <= x.SYN ||
+		x.ReqFirst <= x0.RespLast || x.ReqLast < x.ReqFirst || x.RespFirst <= x.ReqLast ||
+		x.RespLast < x.RespFirst || x.EndTS <= x.RespLast {
+		t.Errorf("idle exchange times: SYN %d SYN-ACK %d request %d..%d response %d..%d end %d (first exchange: SYN %d SYN-ACK %d response end %d)",
+			x.SYN, x.SYNACK, x.ReqFirst, x.ReqLast, x.RespFirst, x.RespLast, x.EndTS, x0.SYN, x0.SYNACK, x0.RespLast)
+	}
+	if f := [2]uint8{xs[1].Request.Flags, xs[1].Response.Flags}; f != [2]uint8{0x18, 0x18} {
+		t.Errorf("idle exchange flags %#x, want PSH|ACK both ways", f)
+	}
 	<-done
 	time.Sleep(3 * PollInterval)
 	if got := c.wait(t, 2, 0, onIface(srv.HostVeth)); len(got) != 2 {

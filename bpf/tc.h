@@ -148,6 +148,7 @@ enum tc_stat_index {
 	TC_STAT_SESSION_FULL = 8,   /* sessions entries that could not be made */
 	TC_STAT_STATE_RACE = 9,     /* exchange transitions lost to a concurrent one twice */
 	TC_STAT_MARK_LIMIT = 10,    /* message starts not captured: MAX_MARKS reached in one exchange */
+	TC_STAT_KEY_COLLISION = 11, /* packets of a connection whose fingerprint another connection's entry holds */
 	TC_STAT_MAX = 16,
 };
 
@@ -196,12 +197,13 @@ struct dir_state {
 };
 
 struct session {
-	/* Read by every packet, written rarely (16 bytes). */
+	/* Read by every packet, written rarely (56 bytes). */
 	__u64 state;      /* exchange index << 8 | enum tc_phase; changed by cmpxchg only */
 	__u32 conn_flags; /* enum conn_flag */
 	__u16 proto;      /* protocol id from the table that matched (0 if none) */
 	__u8 client_is_lo;/* the client is flow_key's lo endpoint */
 	__u8 _pad;
+	struct flow_key key; /* the connection: the table's key is its fingerprint (flow_fp) */
 	struct dir_state dir[2]; /* by enum tc_dir */
 	/* Written once; with the padding, the response direction's live
 	 * fields stay a line away from the next entry of the table. */
@@ -315,6 +317,7 @@ volatile const __u8 track_all = 0;       /* track connections no table matches *
 /* Events are written without waking the reader, which polls; only a ring
  * filled beyond this many bytes wakes it at once. */
 volatile const __u64 wakeup_bytes = 1 << 20;
+volatile const __u64 fp_seed = 0; /* random, set when the programs are loaded */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -358,10 +361,13 @@ struct {
 	__type(value, __u32);
 } egress_lookup_table SEC(".maps");
 
+/* Sessions are keyed by a 64-bit fingerprint of their flow_key (flow_fp),
+ * and each entry holds the whole key, which every lookup compares: the
+ * table hashes 8 bytes instead of 40 on every packet. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 32768);
-	__type(key, struct flow_key);
+	__type(key, __u64);
 	__type(value, struct session);
 } sessions SEC(".maps");
 
@@ -757,6 +763,9 @@ static __always_inline void capture(struct __sk_buff *skb, struct session *s, co
 	}
 	e->cap = want;
 	__u64 size = offsetof(struct payload_event, data) + want;
+	/* Keeps clang from folding the test below into the tests of want
+	 * above: older verifiers lose a bound tested on a register's copy. */
+	asm volatile("" : "+r"(size));
 	if (size > sizeof(*e))
 		size = sizeof(*e);
 	if (bpf_ringbuf_output(&tc_events, e, size, tc_ringbuf_flags()))
@@ -808,11 +817,40 @@ static __always_inline int addr_cmp(const struct addr16 *a, const struct addr16 
 	return 0;
 }
 
+/* flow_fp is the sessions table's key for a connection: each of the
+ * flow_key's five words is mixed into a seeded multiply-xorshift state.
+ * Every step is a bijection of the state, so two keys that differ only in
+ * their last word never collide; others do with a chance of about 2^-64,
+ * and the seed is random per load, so collisions cannot be made on
+ * purpose. flow_eq tells a collision from the connection itself. */
+#define FP_MUL 0x9E3779B97F4A7C15ull
+static __always_inline __u64 flow_fp(const struct flow_key *k)
+{
+	const __u64 *w = (const __u64 *)k;
+	__u64 x = fp_seed;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*k) / 8); i++) {
+		x = (x ^ w[i]) * FP_MUL;
+		x ^= x >> 32;
+	}
+	return x;
+}
+_Static_assert(sizeof(struct flow_key) % 8 == 0, "flow_fp reads the key as u64 words");
+
+static __always_inline int flow_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	/* One test, not five: fewer branches for the verifier to follow. */
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+_Static_assert(sizeof(struct flow_key) == 40, "flow_eq compares five words");
+
 /* new_session makes the entry of a connection first seen now, or finds the
  * one a concurrent packet made. */
 static __always_inline struct session *new_session(const struct flow_key *k, __u8 client_is_lo, __u32 proto,
 						   __u32 origin, __u64 now)
 {
+	__u64 fp = flow_fp(k);
 	__u32 zero = 0;
 	struct session *init = bpf_map_lookup_elem(&session_init, &zero);
 	if (!init)
@@ -822,11 +860,19 @@ static __always_inline struct session *new_session(const struct flow_key *k, __u
 	init->client_is_lo = client_is_lo;
 	init->proto = proto;
 	init->conn_flags = origin;
-	if (bpf_map_update_elem(&sessions, k, init, BPF_NOEXIST) == 0)
+	init->key = *k;
+	if (bpf_map_update_elem(&sessions, &fp, init, BPF_NOEXIST) == 0)
 		tc_count(TC_STAT_SESSION_CREATED);
-	struct session *s = bpf_map_lookup_elem(&sessions, k);
-	if (!s)
+	struct session *s = bpf_map_lookup_elem(&sessions, &fp);
+	if (!s) {
 		tc_count(TC_STAT_SESSION_FULL);
+		return 0;
+	}
+	if (!flow_eq(&s->key, k)) {
+		/* A concurrent packet of a colliding connection made it. */
+		tc_count(TC_STAT_KEY_COLLISION);
+		return 0;
+	}
 	return s;
 }
 
@@ -839,7 +885,8 @@ static __always_inline void close_session(struct session *s, const struct flow_k
 		return;
 	__u64 st = *(volatile __u64 *)&s->state;
 	end_exchange(s, k, st >> 8, st & 0xff, end, now);
-	bpf_map_delete_elem(&sessions, k);
+	__u64 fp = flow_fp(k);
+	bpf_map_delete_elem(&sessions, &fp);
 	tc_count(TC_STAT_SESSION_CLOSED);
 }
 
@@ -887,7 +934,14 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	}
 	k.ifindex = ifindex;
 
-	struct session *s = bpf_map_lookup_elem(&sessions, &k);
+	__u64 fp = flow_fp(&k);
+	struct session *s = bpf_map_lookup_elem(&sessions, &fp);
+	if (s && !flow_eq(&s->key, &k)) {
+		/* Another connection holds the fingerprint: this one is not
+		 * traced while it does. */
+		tc_count(TC_STAT_KEY_COLLISION);
+		return;
+	}
 	if (!s && !syn && !synack && payload == 0)
 		return; /* only a SYN, a SYN-ACK or payload opens a session */
 	/* A pure ACK of a known connection needs no time. */

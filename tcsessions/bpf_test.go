@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"reflect"
 	"runtime"
 	"slices"
 	"sort"
@@ -927,6 +928,128 @@ func TestSessionsBounded(t *testing.T) {
 		t.Errorf("%d entries, stats %+v", n, st)
 	}
 	t.Logf("%d entries kept, %d forgotten", n, st.SessionsCreated-st.SessionsClosed-uint64(n))
+}
+
+// flowKeyOf is the sessions entry's key of c's connection on lo: its
+// endpoints in canonical order (the address that compares lower as two
+// native u64 first, then the port), as track_tcp makes it.
+func flowKeyOf(c *conv) FlowKey {
+	a, b := addr16(c.client.Addr()), addr16(c.server.Addr())
+	ap, bp := c.client.Port(), c.server.Port()
+	words := func(x [16]byte) [2]uint64 {
+		return [2]uint64{binary.NativeEndian.Uint64(x[:8]), binary.NativeEndian.Uint64(x[8:])}
+	}
+	wa, wb := words(a), words(b)
+	less := wa[0] < wb[0] || wa[0] == wb[0] && (wa[1] < wb[1] || wa[1] == wb[1] && ap <= bp)
+	if !less {
+		a, b, ap, bp = b, a, bp, ap
+	}
+	return FlowKey{AddrLo: a, AddrHi: b, PortLo: ap, PortHi: bp, Ifindex: loIfindex}
+}
+
+// flowFingerprint is flow_fp of bpf/tc.h: the sessions table's key.
+func flowFingerprint(k *FlowKey, seed uint64) uint64 {
+	var b [40]byte
+	copy(b[0:16], k.AddrLo[:])
+	copy(b[16:32], k.AddrHi[:])
+	binary.NativeEndian.PutUint16(b[32:], k.PortLo)
+	binary.NativeEndian.PutUint16(b[34:], k.PortHi)
+	binary.NativeEndian.PutUint32(b[36:], k.Ifindex)
+	x := seed
+	for i := 0; i < len(b); i += 8 {
+		x = (x ^ binary.NativeEndian.Uint64(b[i:])) * 0x9E3779B97F4A7C15
+		x ^= x >> 32
+	}
+	return x
+}
+
+func (h *harness) seed() uint64 {
+	h.t.Helper()
+	var seed uint64
+	if err := h.o.FpSeed.Get(&seed); err != nil {
+		h.t.Fatal(err)
+	}
+	return seed
+}
+
+// TestSessionsFingerprint: the sessions table's key is the seeded
+// fingerprint of the connection's flow key, which its entry holds; the
+// seed differs from one load to the next.
+func TestSessionsFingerprint(t *testing.T) {
+	h := newHarness(t, httpPorts, ifaceSessions)
+	convs := []*conv{
+		newConv("10.1.0.1:40000", "10.1.0.2:8080"),
+		newConv("10.1.0.9:40000", "10.1.0.2:8080"), // the server's address is the lower one
+		newConv("[fd00::1]:40000", "[fd00::2]:8080"),
+	}
+	want := map[uint64]FlowKey{}
+	for _, c := range convs {
+		h.segs(c.fromClient(fSYN, ""))
+		k := flowKeyOf(c)
+		want[flowFingerprint(&k, h.seed())] = k
+	}
+	got := map[uint64]FlowKey{}
+	var (
+		fp uint64
+		v  SessionEntry
+	)
+	it := h.o.Sessions.Iterate()
+	for it.Next(&fp, &v) {
+		got[fp] = v.Key
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("sessions table %+v, want %+v", got, want)
+	}
+	if st := h.stats(); st.SessionsCreated != 3 || st.KeyCollisions != 0 {
+		t.Errorf("stats %+v", st)
+	}
+	if h2 := newHarness(t, httpPorts, ifaceSessions); h2.seed() == h.seed() {
+		t.Errorf("two loads, one seed %#x", h.seed())
+	}
+}
+
+// TestKeyCollision: when another connection's entry holds a connection's
+// fingerprint, the connection's packets leave that entry alone, make no
+// record and are counted; once the entry is gone, the connection is
+// picked up.
+func TestKeyCollision(t *testing.T) {
+	h := newHarness(t, httpPorts, ifaceSessions)
+	c := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	other := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	k := flowKeyOf(c)
+	fp := flowFingerprint(&k, h.seed())
+	holder := SessionEntry{Key: flowKeyOf(other), State: 3<<8 | uint64(PhaseResponse), ConnFlags: ConnFromSYN}
+	holder.Dir[dirResponse].Total = dc(1, 1, 0, 0, 0)
+	if err := h.o.Sessions.Update(fp, &holder, ebpf.UpdateNoExist); err != nil {
+		t.Fatal(err)
+	}
+	h.handshake(c)
+	req := c.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n")
+	h.segs(req)
+	ex, pl := h.events()
+	if len(ex) != 0 || len(pl) != 0 {
+		t.Errorf("%d records, %d payloads from a colliding connection", len(ex), len(pl))
+	}
+	var v SessionEntry
+	if err := h.o.Sessions.Lookup(fp, &v); err != nil || v != holder {
+		t.Errorf("the holder's entry: %+v (%v), want %+v", v, err, holder)
+	}
+	if st := h.stats(); st.KeyCollisions != 4 || st.SessionsCreated != 0 {
+		t.Errorf("stats %+v, want 4 collisions, no session", st)
+	}
+
+	if err := h.o.Sessions.Delete(fp); err != nil {
+		t.Fatal(err)
+	}
+	resp := c.fromServer(fPSH|fACK, "HTTP/1.1 204 No Content\r\n\r\n")
+	h.segs(resp)
+	s := h.sessions()
+	if len(s) != 1 || s[0].Entry.Key != k || s[0].Client != c.client || s[0].Entry.Dir[dirResponse].Total.PayloadBytes != uint64(len(resp.payload)) {
+		t.Errorf("sessions after the holder left: %+v", s)
+	}
 }
 
 // TestFastOpen: data on the SYN (TCP Fast Open) is the stream's first

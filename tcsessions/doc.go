@@ -33,9 +33,15 @@
 //     sessions lookup or the table lookups (unless TrackAll). Bits are only
 //     set: a port removed from the tables stays marked, so its connections
 //     already traced go on to their end.
-//   - sessions: LRU hash of Config.MaxSessions connections, keyed by the
-//     interface and the 5-tuple in canonical order (IPv4 as IPv4-mapped
-//     IPv6), holding each connection's counters and current exchange.
+//   - sessions: LRU hash of Config.MaxSessions connections, one per
+//     interface and 5-tuple in canonical order (IPv4 as IPv4-mapped IPv6).
+//     Its key is a seeded 64-bit fingerprint of the interface and tuple,
+//     and each entry holds the tuple itself, which every lookup compares:
+//     hashing 8 bytes instead of 40 makes the lookup that every traced
+//     packet pays cheaper. A connection whose fingerprint another
+//     connection's entry holds (a chance of about 2^-64 per pair, seed
+//     random per load) is not traced and counted (Stats.KeyCollisions).
+//     Each entry holds the connection's counters and current exchange.
 //   - ifaces, ifaces_high: what to do on each interface (sessions;
 //     workload counts), by ifindex: an array for indexes below 32768
 //     (every packet looks its interface up; an array lookup is inlined),

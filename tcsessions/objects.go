@@ -1,6 +1,7 @@
 package tcsessions
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -17,7 +18,8 @@ type (
 	ExchangeEvent = tcExchangeEvent
 	// PayloadEvent is a captured payload prefix.
 	PayloadEvent = tcPayloadEvent
-	// FlowKey is a key of the sessions table.
+	// FlowKey is a connection on one interface (SessionEntry.Key); the
+	// sessions table is keyed by its 64-bit fingerprint.
 	FlowKey = tcFlowKey
 	// SessionEntry is a value of the sessions table.
 	SessionEntry = tcSession
@@ -115,11 +117,17 @@ func loadObjects(cfg *Config) (*objects, error) {
 	if err != nil {
 		return nil, err
 	}
+	var sb [8]byte
+	if _, err := rand.Read(sb[:]); err != nil {
+		return nil, fmt.Errorf("seeding the sessions fingerprint: %w", err)
+	}
+	seed := binary.LittleEndian.Uint64(sb[:])
 	set := map[string]any{
 		"payload_cap":      uint32(cfg.PayloadBytes),
 		"payload_cap_resp": uint32(cfg.ResponsePayloadBytes),
 		"track_all":        boolByte(cfg.TrackAll),
 		"wakeup_bytes":     uint64(cfg.RingBytes / 8),
+		"fp_seed":          seed,
 	}
 	for name, v := range set {
 		vs, ok := spec.Variables[name]
@@ -303,6 +311,10 @@ type Stats struct {
 	// MarkLimit counts packets that began an HTTP message but were not
 	// captured: the exchange had MAX_MARKS (64) of them already.
 	MarkLimit uint64
+	// KeyCollisions counts packets not traced because their connection's
+	// 64-bit fingerprint (the sessions table's key) belonged to another
+	// connection's entry.
+	KeyCollisions uint64
 }
 
 // readStats sums the kernel's counters.
@@ -323,6 +335,7 @@ func (o *objects) readStats() (Stats, error) {
 		{tcTcStatIndexTC_STAT_SESSION_FULL, &s.SessionsFull},
 		{tcTcStatIndexTC_STAT_STATE_RACE, &s.StateRaces},
 		{tcTcStatIndexTC_STAT_MARK_LIMIT, &s.MarkLimit},
+		{tcTcStatIndexTC_STAT_KEY_COLLISION, &s.KeyCollisions},
 	} {
 		var per []uint64
 		if err := o.TcStats.Lookup(uint32(f.idx), &per); err != nil {
@@ -361,14 +374,14 @@ func orient(k *FlowKey, clientIsLo bool) (client, server netip.AddrPort) {
 // readSessions returns the entries of the sessions table.
 func (o *objects) readSessions() ([]SessionInfo, error) {
 	var (
-		k   FlowKey
+		fp  uint64
 		v   SessionEntry
 		out []SessionInfo
 	)
 	it := o.Sessions.Iterate()
-	for it.Next(&k, &v) {
-		c, s := orient(&k, v.ClientIsLo != 0)
-		out = append(out, SessionInfo{Ifindex: int(k.Ifindex), Client: c, Server: s, Entry: v})
+	for it.Next(&fp, &v) {
+		c, s := orient(&v.Key, v.ClientIsLo != 0)
+		out = append(out, SessionInfo{Ifindex: int(v.Key.Ifindex), Client: c, Server: s, Entry: v})
 	}
 	return out, it.Err()
 }

@@ -168,6 +168,7 @@ type tcSession struct {
 	Proto      uint16
 	ClientIsLo uint8
 	Pad        uint8
+	Key        tcFlowKey
 	Dir        [2]tcDirState
 	FirstTs    uint64
 	ReqSeq0    uint32
@@ -211,6 +212,7 @@ const (
 	tcTcStatIndexTC_STAT_SESSION_FULL    tcTcStatIndex = 8
 	tcTcStatIndexTC_STAT_STATE_RACE      tcTcStatIndex = 9
 	tcTcStatIndexTC_STAT_MARK_LIMIT      tcTcStatIndex = 10
+	tcTcStatIndexTC_STAT_KEY_COLLISION   tcTcStatIndex = 11
 	tcTcStatIndexTC_STAT_MAX             tcTcStatIndex = 16
 )
 
@@ -241,6 +243,7 @@ const (
 	tcMapWorkloadTraffic     = "workload_traffic"
 	tcProgClvTcEgress        = "clv_tc_egress"
 	tcProgClvTcIngress       = "clv_tc_ingress"
+	tcVarFpSeed              = "fp_seed"
 	tcVarPayloadCap          = "payload_cap"
 	tcVarPayloadCapResp      = "payload_cap_resp"
 	tcVarTrackAll            = "track_all"
@@ -325,6 +328,7 @@ type tcMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcVariableSpecs struct {
+	FpSeed              *ebpf.VariableSpec `ebpf:"fp_seed"`
 	PayloadCap          *ebpf.VariableSpec `ebpf:"payload_cap"`
 	PayloadCapResp      *ebpf.VariableSpec `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.VariableSpec `ebpf:"track_all"`
@@ -397,6 +401,7 @@ func (m *tcMaps) Close() error {
 //
 // It can be passed to loadTcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcVariables struct {
+	FpSeed              *ebpf.Variable `ebpf:"fp_seed"`
 	PayloadCap          *ebpf.Variable `ebpf:"payload_cap"`
 	PayloadCapResp      *ebpf.Variable `ebpf:"payload_cap_resp"`
 	TrackAll            *ebpf.Variable `ebpf:"track_all"`

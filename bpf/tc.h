@@ -824,6 +824,7 @@ static __always_inline int addr_cmp(const struct addr16 *a, const struct addr16 
  * and the seed is random per load, so collisions cannot be made on
  * purpose. flow_eq tells a collision from the connection itself. */
 #define FP_MUL 0x9E3779B97F4A7C15ull
+_Static_assert(sizeof(struct flow_key) == 40, "flow_fp and flow_eq read the key as five u64 words");
 static __always_inline __u64 flow_fp(const struct flow_key *k)
 {
 	const __u64 *w = (const __u64 *)k;
@@ -835,7 +836,6 @@ static __always_inline __u64 flow_fp(const struct flow_key *k)
 	}
 	return x;
 }
-_Static_assert(sizeof(struct flow_key) % 8 == 0, "flow_fp reads the key as u64 words");
 
 static __always_inline int flow_eq(const struct flow_key *a, const struct flow_key *b)
 {
@@ -843,13 +843,15 @@ static __always_inline int flow_eq(const struct flow_key *a, const struct flow_k
 	/* One test, not five: fewer branches for the verifier to follow. */
 	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
 }
-_Static_assert(sizeof(struct flow_key) == 40, "flow_eq compares five words");
 
 /* new_session makes the entry of a connection first seen now, or finds the
  * one a concurrent packet made. */
 static __always_inline struct session *new_session(const struct flow_key *k, __u8 client_is_lo, __u32 proto,
 						   __u32 origin, __u64 now)
 {
+	/* track_tcp has the fingerprint already; computing it again here, on
+	 * the rare path, keeps it from living across track_tcp, which took
+	 * the 6.1 verifier past its instruction limit. */
 	__u64 fp = flow_fp(k);
 	__u32 zero = 0;
 	struct session *init = bpf_map_lookup_elem(&session_init, &zero);

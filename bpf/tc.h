@@ -606,10 +606,13 @@ static __always_inline int port_marked(__u16 port)
 }
 
 /* may_track says whether a TCP packet between these ports can belong to a
- * connection Clovisor traces (see port_marks). */
+ * connection Clovisor traces (see port_marks). The lower port is tested
+ * first: it is usually the server's, the one marked, so a traced packet
+ * usually reads one word of the bitmap, not two. */
 static __always_inline int may_track(__u16 sport, __u16 dport)
 {
-	return track_all || port_marked(sport) || port_marked(dport) || port_marked(0);
+	__u16 lo = sport < dport ? sport : dport, hi = sport ^ dport ^ lo;
+	return track_all || port_marked(lo) || port_marked(hi) || port_marked(0);
 }
 
 /* server_match reports whether (addr, port) is a server Clovisor traces on

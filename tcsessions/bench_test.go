@@ -123,6 +123,11 @@ func BenchmarkWireCost(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer tr.Close()
+			if dir := os.Getenv("CLOVISOR_JIT_LINES"); dir != "" {
+				if err := writeJitLines(dir, tr.Programs()); err != nil {
+					b.Fatal(err)
+				}
+			}
 			var exchanges, wirePackets uint64
 			stop := make(chan struct{})
 			done := make(chan struct{})
@@ -264,4 +269,33 @@ func BenchmarkAssembler(b *testing.B) {
 			}
 		}
 	}
+}
+
+// writeJitLines writes, for each program, dir/NAME.lines: one line per
+// entry of the program's BTF line info, "JIT offset<TAB>source line<TAB>
+// source text", the offset from the start of its JIT image. With it,
+// scripts/bpf-lines.py puts the samples of a perf profile taken inside a
+// program (bpf_prog_TAG_NAME+OFFSET) on source lines, which perf and
+// bpftool cannot do when built without libbfd.
+func writeJitLines(dir string, progs map[string]*ebpf.Program) error {
+	for name, p := range progs {
+		info, err := p.Info()
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		ksyms, ok1 := info.JitedKsymAddrs()
+		jited, ok2 := info.JitedLineInfos()
+		lines, err := info.LineInfos()
+		if !ok1 || !ok2 || err != nil || len(ksyms) == 0 || len(jited) != len(lines) {
+			return fmt.Errorf("%s: no JIT line info (%d symbols, %d JIT lines, %d lines, %v)", name, len(ksyms), len(jited), len(lines), err)
+		}
+		var out strings.Builder
+		for i, l := range lines {
+			fmt.Fprintf(&out, "%d\t%d\t%s\n", jited[i]-uint64(ksyms[0]), l.Line.LineNumber(), strings.TrimSpace(l.Line.Line()))
+		}
+		if err := os.WriteFile(filepath.Join(dir, name+".lines"), []byte(out.String()), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -174,12 +174,31 @@ struct dir_counters {
 				* retransmissions, or packets reordered (between CPUs, too) */
 };
 
-/* One direction of a connection. The fields every packet of the direction
- * writes (the second half) are kept more than a cache line away from those
- * of the other direction, and from the fields every packet reads (the head
- * of struct session, the table's key): the two directions of a connection
- * usually run on two CPUs at once, and a line that one CPU writes and the
- * other reads moves between their caches on every packet. */
+/*
+ * The sessions table's entries are laid out for the cache lines a packet
+ * touches. The table is a preallocated hash map: its elements sit one after
+ * the other, each a header (56 bytes with the 8-byte key: the bucket's
+ * list, the LRU's node, the hash, the key) followed by the value, struct
+ * session. At 56 + 328 = 384 bytes an element is six whole cache lines, so
+ * every element begins a line, and the fields land on lines as follows:
+ *
+ *   line 0  the element's header, then state      (the lookup; every packet)
+ *   line 1  the rest of the head and the key      (every packet reads it)
+ *   line 2  the request direction's cold half     (exchange boundaries)
+ *   line 3  the request direction's live half     (its every packet)
+ *   line 4  the response direction's cold half
+ *   line 5  the response direction's live half
+ *
+ * A packet reads lines 0 and 1 and writes the live line of its direction:
+ * three lines, each of which no other CPU writes per packet (the two
+ * directions of a connection usually run on two CPUs at once, and a line
+ * one CPU writes and another reads moves between their caches every time).
+ * A kernel whose element header has another size gets the same fields on
+ * more lines: slower, not wrong.
+ */
+#define SESSION_ELEM_HEAD 56
+
+/* One direction of a connection: 128 bytes, two lines. */
 struct dir_state {
 	/* Written when an exchange begins or ends (64 bytes). */
 	struct dir_counters base; /* total when the current exchange began */
@@ -188,38 +207,40 @@ struct dir_state {
 			  * SYN-ACK; 0 if not seen */
 	__u32 marks;     /* message-start captures in the current exchange */
 	__u32 _pad;
-	/* Written by every packet of the direction (56 bytes). */
+	/* Written by every packet of the direction (56 bytes, a line of its own). */
 	struct dir_counters total; /* whole connection; only added to */
 	__u64 last_ts;   /* the current exchange's last new payload */
 	__u32 high_end;  /* the highest sequence seen (SYN + 1, or the end of the highest
 			  * payload); only raised, by compare-and-exchange (CONN_HIGH_*) */
 	__u32 flags;     /* TCP flags seen in the current exchange */
+	__u64 _pad2;
 };
 
 struct session {
-	/* Read by every packet, written rarely (56 bytes). */
+	/* Read by every packet, written rarely (72 bytes: the end of line 0
+	 * and line 1). */
 	__u64 state;      /* exchange index << 8 | enum tc_phase; changed by cmpxchg only */
 	__u32 conn_flags; /* enum conn_flag */
 	__u16 proto;      /* protocol id from the table that matched (0 if none) */
 	__u8 client_is_lo;/* the client is flow_key's lo endpoint */
 	__u8 _pad;
 	struct flow_key key; /* the connection: the table's key is its fingerprint (flow_fp) */
-	struct dir_state dir[2]; /* by enum tc_dir */
-	/* Written once; with the padding, the response direction's live
-	 * fields stay a line away from the next entry of the table. */
 	__u64 first_ts;   /* when the connection was first seen: with the tuple, its identity */
 	__u32 req_seq0;   /* the sequence number of the client's first byte (CONN_SEQ0) */
 	__u32 _pad1;
-	__u64 _gap[6];
+	struct dir_state dir[2]; /* by enum tc_dir */
 };
 
-/* The layout above, checked: more than 63 bytes between what one
- * direction writes per packet and anything else touched per packet. */
+/* The layout above, checked. */
+#define SESSION_LINE(off) ((SESSION_ELEM_HEAD + (off)) / 64)
 #define DIR_LIVE_START(d) (__builtin_offsetof(struct session, dir[d].total))
 #define DIR_LIVE_END(d) (__builtin_offsetof(struct session, dir[d].flags) + sizeof(__u32))
-_Static_assert(DIR_LIVE_START(0) - __builtin_offsetof(struct session, dir) >= 64, "head and request live fields share a line");
-_Static_assert(DIR_LIVE_START(1) - DIR_LIVE_END(0) >= 64, "the two directions' live fields share a line");
-_Static_assert(sizeof(struct session) - DIR_LIVE_END(1) >= 64, "response live fields and the next entry share a line");
+_Static_assert((SESSION_ELEM_HEAD + sizeof(struct session)) % 64 == 0, "table elements are not whole lines");
+_Static_assert(SESSION_LINE(__builtin_offsetof(struct session, first_ts) + 12) == 1, "the head is not on lines 0 and 1");
+_Static_assert(SESSION_LINE(DIR_LIVE_START(0)) == 3 && SESSION_LINE(DIR_LIVE_END(0) - 1) == 3,
+	       "the request direction's live fields are not on line 3");
+_Static_assert(SESSION_LINE(DIR_LIVE_START(1)) == 5 && SESSION_LINE(DIR_LIVE_END(1) - 1) == 5,
+	       "the response direction's live fields are not on line 5");
 
 /* The connection of an event, in client/server order. */
 struct conn_tuple {

@@ -41,7 +41,12 @@
 //     packet pays cheaper. A connection whose fingerprint another
 //     connection's entry holds (a chance of about 2^-64 per pair, seed
 //     random per load) is not traced and counted (Stats.KeyCollisions).
-//     Each entry holds the connection's counters and current exchange.
+//     Each entry holds the connection's counters and current exchange,
+//     laid out so that a table element (header and entry, 384 bytes) is
+//     six whole cache lines and a packet touches three of them: the
+//     element's header with the exchange state, the key line, and its
+//     direction's counters (TestSessionElementLayout checks the kernel's
+//     element header against it).
 //   - ifaces, ifaces_high: what to do on each interface (sessions;
 //     workload counts), by ifindex: an array for indexes below 32768
 //     (every packet looks its interface up; an array lookup is inlined),

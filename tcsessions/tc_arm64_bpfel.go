@@ -64,6 +64,7 @@ type tcDirState struct {
 	LastTs  uint64
 	HighEnd uint32
 	Flags   uint32
+	Pad2    uint64
 }
 
 type tcEgressKey struct {
@@ -169,11 +170,10 @@ type tcSession struct {
 	ClientIsLo uint8
 	Pad        uint8
 	Key        tcFlowKey
-	Dir        [2]tcDirState
 	FirstTs    uint64
 	ReqSeq0    uint32
 	Pad1       uint32
-	Gap        [6]uint64
+	Dir        [2]tcDirState
 }
 
 type tcTcDir uint32

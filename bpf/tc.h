@@ -47,6 +47,23 @@
 #include "bpf_helpers.h"
 #include "bpf_endian.h"
 
+/*
+ * CLV_COLD marks the functions that run at most a few times per connection
+ * or only on rare paths (opening a session, making a record, capturing a
+ * prefix, IPv6 extension headers, workload counts, error counters). They are
+ * BPF subprograms, out of line, so that the code every packet runs is short
+ * and contiguous and takes fewer lines of the instruction cache, which a
+ * packet's trip through the stack empties between two runs. Verifiers before
+ * Linux 6.4 cannot track precision across BPF-to-BPF calls and take minutes
+ * over such a program: the object built with CLV_INLINE_ALL (tcInline, which
+ * user space loads on those kernels) inlines them all.
+ */
+#ifdef CLV_INLINE_ALL
+#define CLV_COLD __always_inline
+#else
+#define CLV_COLD __noinline
+#endif
+
 /* TC_ACT_UNSPEC (cls_bpf) and TCX_NEXT (tcx): let the packet go on. */
 #define TC_PASS (-1)
 
@@ -462,7 +479,8 @@ const enum conn_flag *unused_conn_flag __attribute__((unused));
 const enum iface_flag *unused_iface_flag __attribute__((unused));
 const enum tc_stat_index *unused_tc_stat_index __attribute__((unused));
 
-static __always_inline void tc_count(__u32 idx)
+/* Out of line (see CLV_COLD): every call is on a rare path. */
+static CLV_COLD void tc_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&tc_stats, &idx);
 	if (v)
@@ -518,6 +536,60 @@ static __always_inline void map_v4(struct addr16 *dst, __u32 addr)
 		__ret;                                                                 \
 	})
 
+/* parse_ip6 is parse_ip for an IPv6 packet: out of line (see CLV_COLD),
+ * as its extension headers' loop is most of parse_ip's code. */
+static CLV_COLD int parse_ip6(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ipv6hdr ip6;
+	if (LOAD_HDR(skb, ETH_HLEN, &ip6))
+		goto fault;
+	if (ip6.version != 6)
+		goto fault;
+	__u32 plen = bpf_ntohs(ip6.payload_len);
+	if (plen == 0 && skb->len > ETH_HLEN + sizeof(ip6))
+		plen = skb->len - ETH_HLEN - sizeof(ip6); /* jumbo / BIG TCP */
+	__builtin_memcpy(p->saddr.a, &ip6.saddr, 16);
+	__builtin_memcpy(p->daddr.a, &ip6.daddr, 16);
+	p->ip_len = sizeof(ip6) + plen;
+	__u32 off = ETH_HLEN + sizeof(ip6);
+	__u8 next = ip6.nexthdr;
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXT; i++) {
+		if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
+		    next != NEXTHDR_AUTH && next != NEXTHDR_FRAGMENT)
+			break;
+		__u8 h[4];
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+			goto fault;
+		if (next == NEXTHDR_FRAGMENT) {
+			__u16 fo = ((__u16)h[2] << 8) | h[3];
+			p->fragment = 1;
+			if (fo & 0xfff8)
+				p->later_fragment = 1;
+			off += 8;
+		} else if (next == NEXTHDR_AUTH) {
+			off += ((__u32)h[1] + 2) * 4;
+		} else {
+			off += ((__u32)h[1] + 1) * 8;
+		}
+		next = h[0];
+	}
+	if (next == NEXTHDR_HOP || next == NEXTHDR_ROUTING || next == NEXTHDR_DEST || next == NEXTHDR_AUTH ||
+	    next == NEXTHDR_FRAGMENT) {
+		tc_count(TC_STAT_EXT_HDR_LIMIT);
+		next = 0; /* L4 header not found */
+	}
+	p->l3_hlen = off - ETH_HLEN;
+	if (p->l3_hlen > p->ip_len)
+		goto fault;
+	p->l4_off = off;
+	p->l4proto = next;
+	return 0;
+fault:
+	tc_count(TC_STAT_HEADER_FAULT);
+	return -1;
+}
+
 /* parse_ip reads the IP header (and IPv6 extension headers) of an Ethernet
  * frame. It returns 0 for an IP packet it understood, -1 otherwise. */
 static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
@@ -545,62 +617,33 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 		p->later_fragment = (frag & 0x1fff) != 0;
 		return 0;
 	}
-	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
-		if (LOAD_HDR(skb, ETH_HLEN, &ip6))
-			goto fault;
-		if (ip6.version != 6)
-			goto fault;
-		__u32 plen = bpf_ntohs(ip6.payload_len);
-		if (plen == 0 && skb->len > ETH_HLEN + sizeof(ip6))
-			plen = skb->len - ETH_HLEN - sizeof(ip6); /* jumbo / BIG TCP */
-		__builtin_memcpy(p->saddr.a, &ip6.saddr, 16);
-		__builtin_memcpy(p->daddr.a, &ip6.daddr, 16);
-		p->ip_len = sizeof(ip6) + plen;
-		__u32 off = ETH_HLEN + sizeof(ip6);
-		__u8 next = ip6.nexthdr;
-#pragma unroll
-		for (int i = 0; i < MAX_IPV6_EXT; i++) {
-			if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
-			    next != NEXTHDR_AUTH && next != NEXTHDR_FRAGMENT)
-				break;
-			__u8 h[4];
-			if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
-				goto fault;
-			if (next == NEXTHDR_FRAGMENT) {
-				__u16 fo = ((__u16)h[2] << 8) | h[3];
-				p->fragment = 1;
-				if (fo & 0xfff8)
-					p->later_fragment = 1;
-				off += 8;
-			} else if (next == NEXTHDR_AUTH) {
-				off += ((__u32)h[1] + 2) * 4;
-			} else {
-				off += ((__u32)h[1] + 1) * 8;
-			}
-			next = h[0];
-		}
-		if (next == NEXTHDR_HOP || next == NEXTHDR_ROUTING || next == NEXTHDR_DEST || next == NEXTHDR_AUTH ||
-		    next == NEXTHDR_FRAGMENT) {
-			tc_count(TC_STAT_EXT_HDR_LIMIT);
-			next = 0; /* L4 header not found */
-		}
-		p->l3_hlen = off - ETH_HLEN;
-		if (p->l3_hlen > p->ip_len)
-			goto fault;
-		p->l4_off = off;
-		p->l4proto = next;
-		return 0;
-	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return parse_ip6(skb, p);
 	return -1;
 fault:
 	tc_count(TC_STAT_HEADER_FAULT);
 	return -1;
 }
 
-/* count_workloads adds a packet to the workloads it comes from and goes to. */
-static __always_inline void count_workloads(struct pkt *p, __u64 bytes, __u64 packets)
+/* count_workloads adds a packet (segs segments; tcp: a TCP packet whose
+ * header is there) to the workloads it comes from and goes to. Out of line
+ * (see CLV_COLD): only node interfaces count workloads. */
+static CLV_COLD void count_workloads(struct __sk_buff *skb, struct pkt *p, __u64 segs, int tcp)
 {
+	/* Per segment headers for GSO/GRO packets: IP, and TCP when it can
+	 * be read (UDP GSO: 8 bytes). */
+	__u64 bytes = p->ip_len, packets = segs;
+	if (segs > 1) {
+		__u32 l4h = 0;
+		if (tcp) {
+			__u8 doff;
+			if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) == 0)
+				l4h = (doff >> 4) * 4;
+		} else if (p->l4proto == IPPROTO_UDP) {
+			l4h = 8;
+		}
+		bytes += (segs - 1) * (__u64)(p->l3_hlen + l4h);
+	}
 	__u32 *idx = bpf_map_lookup_elem(&workload_ips, &p->saddr);
 	if (idx) {
 		struct workload_counters *w = bpf_map_lookup_elem(&workload_traffic, idx);
@@ -684,10 +727,11 @@ static __always_inline void fill_tuple(struct conn_tuple *t, const struct flow_k
  * end_exchange makes the record of the exchange (index, phase) of s and
  * starts the counts of the next one: the caller won the transition that
  * ended it. The record is lost (and counted) when the ring buffer is full;
- * the counts move on either way.
+ * the counts move on either way. The connection is the entry's key (a BPF
+ * function takes five arguments at most).
+ * Out of line: see CLV_COLD.
  */
-static __always_inline void end_exchange(struct session *s, const struct flow_key *k, __u32 index, __u8 phase,
-					 __u8 end, __u64 now)
+static CLV_COLD void end_exchange(struct session *s, __u32 index, __u8 phase, __u8 end, __u64 now)
 {
 	__u32 zero = 0;
 	struct exchange_event *e = bpf_map_lookup_elem(&exchange_scratch, &zero);
@@ -698,7 +742,7 @@ static __always_inline void end_exchange(struct session *s, const struct flow_ke
 		e->_pad0 = 0;
 		e->proto = s->proto;
 		e->_pad1 = 0;
-		fill_tuple(&e->tuple, k, s->client_is_lo);
+		fill_tuple(&e->tuple, &s->key, s->client_is_lo);
 		e->index = index;
 		e->conn_flags = s->conn_flags;
 		e->req_seq0 = s->req_seq0;
@@ -742,29 +786,44 @@ struct pkt_counts {
 	__u64 bytes, packets, payload, advance, old;
 };
 
+/* What capture is to send (a BPF function takes five arguments at most). */
+struct capture_args {
+	struct pkt_counts c; /* the packet's own counts, already added */
+	__u64 now;
+	__u32 index;
+	__u32 off;  /* the new payload's offset in the packet */
+	__u32 len;  /* and its length */
+	__u32 seq;  /* its first byte's sequence number */
+	__u32 dcap; /* the direction's prefix length */
+	__u16 mark;
+	__u8 dir;
+	__u8 _pad;
+};
+
 /* capture sends the first dcap bytes of the packet's new payload (at off,
  * len bytes long) to user space, with the exchange's counts in this
  * direction before the packet (the packet's own, c, are already added) and
  * the other direction's progress. */
-static __always_inline void capture(struct __sk_buff *skb, struct session *s, const struct flow_key *k,
-				    __u8 dir, __u32 index, __u16 mark, __u32 off, __u32 len, __u32 seq,
-				    const struct pkt_counts *c, __u32 dcap, __u64 now)
+static CLV_COLD void capture(struct __sk_buff *skb, struct session *s, const struct flow_key *k,
+			       const struct capture_args *a)
 {
 	__u32 zero = 0;
 	struct payload_scratch *sc = bpf_map_lookup_elem(&tc_scratch, &zero);
 	if (!sc)
 		return;
 	struct payload_event *e = &sc->ev;
-	__u32 d = dir & 1;
+	__u8 dir = a->dir;
+	__u32 d = dir & 1, off = a->off, len = a->len, dcap = a->dcap;
+	const struct pkt_counts *c = &a->c;
 	e->kind = TC_EVENT_PAYLOAD;
 	e->dir = dir;
-	e->index = index;
+	e->index = a->index;
 	fill_tuple(&e->tuple, k, s->client_is_lo);
 	e->first_ts = s->first_ts;
-	e->ts = now;
+	e->ts = a->now;
 	e->len = len;
-	e->seq = seq;
-	e->mark = mark;
+	e->seq = a->seq;
+	e->mark = a->mark;
 	e->proto = s->proto;
 	e->_pad1 = 0;
 	e->at.bytes = s->dir[d].total.bytes - s->dir[d].base.bytes - c->bytes;
@@ -802,7 +861,7 @@ static __always_inline void capture(struct __sk_buff *skb, struct session *s, co
  * HTTP/1.x message of direction dir: a request line with a standard method,
  * or a status line ("HTTP/1."). The objects are little-endian only
  * (bpf2go -target amd64,arm64), which W4 assumes. */
-static __always_inline int http_start(struct __sk_buff *skb, __u32 off, __u32 len, __u8 dir)
+static CLV_COLD int http_start(struct __sk_buff *skb, __u32 off, __u32 len, __u8 dir)
 {
 	if (len < 8)
 		return 0;
@@ -902,16 +961,69 @@ static __always_inline struct session *new_session(const struct flow_key *k, __u
 	return s;
 }
 
+/* What open_session needs to know of a packet besides its addresses. */
+struct open_args {
+	__u64 now;
+	__u16 sport, dport;
+	__u8 from_lo; /* the packet's source is the key's lo endpoint */
+	__u8 syn, synack;
+	__u8 ingress; /* the hook is ingress */
+};
+
+/* open_session makes the entry of a connection whose packet (p, k, a) has
+ * none yet, when a table says it is traced (or track_all), and finds which
+ * end is the client. It returns 0 for a connection not traced. */
+static CLV_COLD struct session *open_session(const struct pkt *p, const struct flow_key *k,
+					       const struct open_args *a)
+{
+	__u32 ifindex = k->ifindex, proto = 0, origin;
+	__u16 sport = a->sport, dport = a->dport;
+	__u8 client_is_src;
+	if (a->syn) {
+		if (!server_match(ifindex, &p->daddr, dport, &proto) && (proto == PROTO_IGNORE || !track_all))
+			return 0;
+		client_is_src = 1;
+		origin = CONN_FROM_SYN;
+	} else if (a->synack) {
+		if (!server_match(ifindex, &p->saddr, sport, &proto) && (proto == PROTO_IGNORE || !track_all))
+			return 0;
+		client_is_src = 0;
+		origin = CONN_FROM_SYNACK;
+	} else {
+		origin = CONN_FROM_MIDSTREAM;
+		if (server_match(ifindex, &p->daddr, dport, &proto)) {
+			client_is_src = 1;
+		} else if (proto == PROTO_IGNORE) {
+			return 0;
+		} else if (server_match(ifindex, &p->saddr, sport, &proto)) {
+			client_is_src = 0;
+		} else if (proto == PROTO_IGNORE || !track_all) {
+			return 0;
+		} else {
+			/* Nothing says which end serves: ephemeral ports are
+			 * the higher ones. */
+			client_is_src = sport > dport || (sport == dport && a->from_lo);
+			origin |= CONN_ROLES_GUESSED;
+		}
+	}
+	/* The client's packets cross this hook when this one is the client's
+	 * and the hook is ingress, or neither. */
+	if (client_is_src == a->ingress)
+		origin |= CONN_CLIENT_INGRESS;
+	__u8 client_is_lo = client_is_src ? a->from_lo : !a->from_lo;
+	return new_session(k, client_is_lo, proto, origin, a->now);
+}
+
 /* close_session makes the last record of a connection and removes it; only
  * the caller that sets CONN_CLOSED does. */
-static __always_inline void close_session(struct session *s, const struct flow_key *k, __u8 end, __u64 now)
+static CLV_COLD void close_session(struct session *s, __u8 end, __u64 now)
 {
 	__u32 old = __sync_fetch_and_or(&s->conn_flags, CONN_CLOSED);
 	if (old & CONN_CLOSED)
 		return;
 	__u64 st = *(volatile __u64 *)&s->state;
-	end_exchange(s, k, st >> 8, st & 0xff, end, now);
-	__u64 fp = flow_fp(k);
+	end_exchange(s, st >> 8, st & 0xff, end, now);
+	__u64 fp = flow_fp(&s->key);
 	bpf_map_delete_elem(&sessions, &fp);
 	tc_count(TC_STAT_SESSION_CLOSED);
 }
@@ -979,46 +1091,21 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		 * the SYN is a retransmission: then nothing happened yet). */
 		__u64 st = *(volatile __u64 *)&s->state;
 		if (st != 0 || (s->conn_flags & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))) {
-			close_session(s, &k, END_REUSED, now);
+			close_session(s, END_REUSED, now);
 			s = 0;
 		}
 	}
 	if (!s) {
-		__u32 proto = 0, origin;
-		__u8 client_is_src;
-		if (syn) {
-			if (!server_match(ifindex, &p->daddr, dport, &proto) && (proto == PROTO_IGNORE || !track_all))
-				return;
-			client_is_src = 1;
-			origin = CONN_FROM_SYN;
-		} else if (synack) {
-			if (!server_match(ifindex, &p->saddr, sport, &proto) && (proto == PROTO_IGNORE || !track_all))
-				return;
-			client_is_src = 0;
-			origin = CONN_FROM_SYNACK;
-		} else {
-			origin = CONN_FROM_MIDSTREAM;
-			if (server_match(ifindex, &p->daddr, dport, &proto)) {
-				client_is_src = 1;
-			} else if (proto == PROTO_IGNORE) {
-				return;
-			} else if (server_match(ifindex, &p->saddr, sport, &proto)) {
-				client_is_src = 0;
-			} else if (proto == PROTO_IGNORE || !track_all) {
-				return;
-			} else {
-				/* Nothing says which end serves: ephemeral
-				 * ports are the higher ones. */
-				client_is_src = sport > dport || (sport == dport && from_lo);
-				origin |= CONN_ROLES_GUESSED;
-			}
-		}
-		/* The client's packets cross this hook when this one is the
-		 * client's and the hook is ingress, or neither. */
-		if (client_is_src == !!ingress)
-			origin |= CONN_CLIENT_INGRESS;
-		__u8 client_is_lo = client_is_src ? from_lo : !from_lo;
-		s = new_session(&k, client_is_lo, proto, origin, now);
+		struct open_args oa = {
+			.now = now,
+			.sport = sport,
+			.dport = dport,
+			.from_lo = from_lo,
+			.syn = syn,
+			.synack = synack,
+			.ingress = !!ingress,
+		};
+		s = open_session(p, &k, &oa);
 		if (!s)
 			return;
 	}
@@ -1116,7 +1203,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 				if (__sync_val_compare_and_swap(&s->state, st, next) != st)
 					continue;
 				if (phase == PHASE_RESPONSE) {
-					end_exchange(s, &k, index, phase, END_NEXT_REQUEST, now);
+					end_exchange(s, index, phase, END_NEXT_REQUEST, now);
 					index++;
 				}
 				s->dir[TC_DIR_REQUEST].first_ts = now;
@@ -1172,17 +1259,27 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 		__sync_fetch_and_or(&s->dir[d1].flags, tflags);
 
 	if (cap && dcap) {
-		struct pkt_counts pc = {wire_bytes, segs, payload, advance, old};
-		capture(skb, s, &k, dir, index, mark, poff, fresh, seq + old, &pc, dcap, now);
+		struct capture_args ca = {
+			.c = {wire_bytes, segs, payload, advance, old},
+			.now = now,
+			.index = index,
+			.off = poff,
+			.len = fresh,
+			.seq = seq + old,
+			.dcap = dcap,
+			.mark = mark,
+			.dir = dir,
+		};
+		capture(skb, s, &k, &ca);
 	}
 
 	if (tflags & TCP_RST) {
-		close_session(s, &k, END_RST, now);
+		close_session(s, END_RST, now);
 	} else if (tflags & TCP_FIN) {
 		__u32 bit = dir == TC_DIR_REQUEST ? CONN_FIN_REQUEST : CONN_FIN_RESPONSE;
 		__u32 before = __sync_fetch_and_or(&s->conn_flags, bit);
 		if (((before | bit) & (CONN_FIN_REQUEST | CONN_FIN_RESPONSE)) == (CONN_FIN_REQUEST | CONN_FIN_RESPONSE))
-			close_session(s, &k, END_FIN, now);
+			close_session(s, END_FIN, now);
 	}
 }
 
@@ -1214,21 +1311,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	int tcp = p.l4proto == IPPROTO_TCP && !p.later_fragment;
 
 	if (flags & IFACE_WORKLOADS) {
-		/* Per segment headers for GSO/GRO packets: IP, and TCP when
-		 * it can be read (UDP GSO: 8 bytes). */
-		__u64 bytes = p.ip_len;
-		if (segs > 1) {
-			__u32 l4h = 0;
-			if (tcp) {
-				__u8 doff;
-				if (bpf_skb_load_bytes(skb, p.l4_off + 12, &doff, 1) == 0)
-					l4h = (doff >> 4) * 4;
-			} else if (p.l4proto == IPPROTO_UDP) {
-				l4h = 8;
-			}
-			bytes += (segs - 1) * (__u64)(p.l3_hlen + l4h);
-		}
-		count_workloads(&p, bytes, segs);
+		count_workloads(skb, &p, segs, tcp);
 	}
 	if (p.later_fragment)
 		tc_count(TC_STAT_FRAGMENTS);

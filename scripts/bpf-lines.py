@@ -7,7 +7,13 @@ without libbfd neither perf nor bpftool can annotate it. BenchmarkWireCost
 writes each program's table of JIT offsets and source lines (from the
 kernel's JITed line info) when CLOVISOR_JIT_LINES names a directory; the
 offsets are the same for every load of the same object. Each sample goes
-to the last line-info entry at or before its offset.
+to the last line-info entry at or before its offset. A program's BPF
+subprograms (its __noinline functions) have images of their own, which
+perf names by the function (bpf_prog_TAG_end_exchange+OFFSET): their
+tables are FUNCTION.lines, with offsets from the start of each image.
+The benchmark also writes each program's machine code (PROGRAM.jit, the
+images one after another, their lengths in PROGRAM.funcs), which
+`objdump -b binary -m i386:x86-64 -D` disassembles.
 
     sudo CLOVISOR_JIT_LINES=/tmp/jit taskset -c 1 /tmp/tcs.test -test.run='^$' \\
         -test.bench='WireCost/iperf3' -test.benchtime=1x &

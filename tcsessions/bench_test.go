@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -286,15 +287,57 @@ func writeJitLines(dir string, progs map[string]*ebpf.Program) error {
 		ksyms, ok1 := info.JitedKsymAddrs()
 		jited, ok2 := info.JitedLineInfos()
 		lines, err := info.LineInfos()
-		if !ok1 || !ok2 || err != nil || len(ksyms) == 0 || len(jited) != len(lines) {
-			return fmt.Errorf("%s: no JIT line info (%d symbols, %d JIT lines, %d lines, %v)", name, len(ksyms), len(jited), len(lines), err)
+		funcs, ferr := info.FuncInfos()
+		if !ok1 || !ok2 || err != nil || ferr != nil || len(ksyms) == 0 || len(jited) != len(lines) ||
+			len(funcs) != len(ksyms) {
+			return fmt.Errorf("%s: no JIT line info (%d symbols, %d functions, %d JIT lines, %d lines, %v, %v)",
+				name, len(ksyms), len(funcs), len(jited), len(lines), err, ferr)
 		}
-		var out strings.Builder
+		// Each function (the program, then its subprograms) has an
+		// image of its own, named in perf's samples by its BTF name;
+		// a line's offset is from the start of its function's image.
+		sorted := slices.Clone(ksyms)
+		slices.Sort(sorted)
+		fname := map[uintptr]string{}
+		for i, f := range funcs {
+			fname[ksyms[i]] = f.Func.Name
+		}
+		fname[ksyms[0]] = name
+		out := map[string]*strings.Builder{}
 		for i, l := range lines {
-			fmt.Fprintf(&out, "%d\t%d\t%s\n", jited[i]-uint64(ksyms[0]), l.Line.LineNumber(), strings.TrimSpace(l.Line.Line()))
+			j, found := slices.BinarySearch(sorted, uintptr(jited[i]))
+			if !found {
+				j--
+			}
+			if j < 0 {
+				return fmt.Errorf("%s: JIT line at %#x before the first function", name, jited[i])
+			}
+			f := fname[sorted[j]]
+			if out[f] == nil {
+				out[f] = &strings.Builder{}
+			}
+			fmt.Fprintf(out[f], "%d\t%d\t%s\n", uintptr(jited[i])-sorted[j], l.Line.LineNumber(), strings.TrimSpace(l.Line.Line()))
 		}
-		if err := os.WriteFile(filepath.Join(dir, name+".lines"), []byte(out.String()), 0o644); err != nil {
-			return err
+		for f, b := range out {
+			if err := os.WriteFile(filepath.Join(dir, f+".lines"), []byte(b.String()), 0o644); err != nil {
+				return err
+			}
+		}
+		// The machine code too, for a disassembler (objdump -b binary
+		// -m i386:x86-64 -D): the functions' images one after another,
+		// as the kernel gives them, with their lengths in .funcs.
+		if insns, ok := info.JitedInsns(); ok {
+			lens, _ := info.JitedFuncLens()
+			var fl strings.Builder
+			for i, n := range lens {
+				fmt.Fprintf(&fl, "%s\t%d\n", fname[ksyms[i]], n)
+			}
+			if err := os.WriteFile(filepath.Join(dir, name+".jit"), insns, 0o644); err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dir, name+".funcs"), []byte(fl.String()), 0o644); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

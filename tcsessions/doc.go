@@ -13,6 +13,17 @@
 // auto mode the first attach decides. The programs never change, redirect
 // or drop a packet: they return TC_ACT_UNSPEC / TCX_NEXT.
 //
+// The programs come in two builds of the same source (bpf/tc.h). In tc,
+// the rare paths (opening a session, making a record, capturing a prefix,
+// IPv6 extension headers, workload counts, error counters) are BPF
+// subprograms, out of line, so that the code every packet runs is about a
+// third of the program's image and takes fewer lines of the instruction
+// cache. Verifiers before Linux 6.4 cannot follow precision across
+// BPF-to-BPF calls and take minutes over such a program, so those kernels
+// get tcInline, the same code with every function inlined
+// (inlineKernel; TestProgramVariant checks the choice on 6.1, 6.12 and
+// the host).
+//
 // Interfaces are selected by name, shell pattern or selector: every veth
 // whose peer lives in another network namespace (SelectHostVeths: the host
 // side of a pod's veth) as a pod veth, and the interfaces of the default

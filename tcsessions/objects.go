@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Kernel types as bpf2go generated them from bpf/tc.h.
@@ -113,7 +114,11 @@ type objects struct {
 // loadObjects loads the programs and maps with the configuration's
 // settings (cfg must be normalized), without attaching anything.
 func loadObjects(cfg *Config) (*objects, error) {
-	spec, err := loadTc()
+	load := loadTc
+	if inlineKernel(kernelRelease()) {
+		load = loadTcInline
+	}
+	spec, err := load()
 	if err != nil {
 		return nil, err
 	}
@@ -149,6 +154,31 @@ func loadObjects(cfg *Config) (*objects, error) {
 		return nil, fmt.Errorf("loading the tc programs: %w", err)
 	}
 	return o, nil
+}
+
+// inlineKernel reports whether a kernel (uname -r) gets the programs with
+// every function inlined (tcInline) instead of those with their rare paths
+// in BPF subprograms (tc, bpf/tc.h's CLV_COLD). Verifiers before Linux 6.4
+// give up precision tracking at a BPF-to-BPF call and mark every scalar
+// precise, which takes the out-of-line programs minutes to load on 6.1;
+// from 6.4 on (precision propagation across subprograms) they load as fast
+// as the inlined ones. A release that does not parse gets the inlined
+// programs, which every supported kernel loads.
+func inlineKernel(release string) bool {
+	var major, minor int
+	if _, err := fmt.Sscanf(release, "%d.%d", &major, &minor); err != nil {
+		return true
+	}
+	return major < 6 || (major == 6 && minor < 4)
+}
+
+// kernelRelease is uname -r ("" if it cannot be read).
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
 }
 
 func boolByte(b bool) uint8 {

@@ -1,0 +1,61 @@
+package tcsessions
+
+import (
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+)
+
+// TestProgramVariant checks which programs a kernel gets (inlineKernel)
+// and that this kernel got them: before 6.4 every function inlined
+// (tcInline, one JITed image per program), from 6.4 on the rare paths in
+// BPF subprograms (tc, one image per function). In the VM matrix it runs
+// on 6.1 (inlined) and 6.12 (subprograms); on the host, 6.18. It also
+// bounds the load's time: the out-of-line programs on 6.1 took minutes.
+func TestProgramVariant(t *testing.T) {
+	for release, want := range map[string]bool{
+		"6.1.0-56-cloud-amd64":       true,
+		"5.15.0-91-generic":          true,
+		"4.19.0":                     true,
+		"6.3.13":                     true,
+		"6.4.0":                      false,
+		"6.12.117+deb12-cloud-amd64": false,
+		"6.18.44-fc-v1252":           false,
+		"7.0.1":                      false,
+		"":                           true,
+		"linux":                      true,
+	} {
+		if got := inlineKernel(release); got != want {
+			t.Errorf("inlineKernel(%q) = %v, want %v", release, got, want)
+		}
+	}
+
+	cfg := Config{}
+	if err := cfg.normalize(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	h := newHarness(t, cfg, 0)
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("loading the programs took %v", d)
+	}
+	inline := inlineKernel(kernelRelease())
+	for name, prog := range map[string]*ebpf.Program{"clv_tc_ingress": h.o.ClvTcIngress, "clv_tc_egress": h.o.ClvTcEgress} {
+		info, err := prog.Info()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		lens, ok := info.JitedFuncLens()
+		if !ok {
+			t.Fatalf("%s: the kernel gives no JITed function lengths", name)
+		}
+		if inline && len(lens) != 1 {
+			t.Errorf("%s on Linux %s: %d JITed functions, want 1 (every function inlined)", name, kernelRelease(), len(lens))
+		}
+		if !inline && len(lens) < 2 {
+			t.Errorf("%s on Linux %s: %d JITed functions, want the program and its subprograms", name, kernelRelease(), len(lens))
+		}
+		t.Logf("%s on Linux %s: JITed functions of %v bytes", name, kernelRelease(), lens)
+	}
+}

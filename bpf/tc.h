@@ -803,9 +803,8 @@ struct capture_args {
 /* capture sends the first dcap bytes of the packet's new payload (at off,
  * len bytes long) to user space, with the exchange's counts in this
  * direction before the packet (the packet's own, c, are already added) and
- * the other direction's progress. */
-static CLV_COLD void capture(struct __sk_buff *skb, struct session *s, const struct flow_key *k,
-			       const struct capture_args *a)
+ * the other direction's progress. The connection is the entry's key. */
+static CLV_COLD void capture(struct __sk_buff *skb, struct session *s, const struct capture_args *a)
 {
 	__u32 zero = 0;
 	struct payload_scratch *sc = bpf_map_lookup_elem(&tc_scratch, &zero);
@@ -818,7 +817,7 @@ static CLV_COLD void capture(struct __sk_buff *skb, struct session *s, const str
 	e->kind = TC_EVENT_PAYLOAD;
 	e->dir = dir;
 	e->index = a->index;
-	fill_tuple(&e->tuple, k, s->client_is_lo);
+	fill_tuple(&e->tuple, &s->key, s->client_is_lo);
 	e->first_ts = s->first_ts;
 	e->ts = a->now;
 	e->len = len;
@@ -1270,7 +1269,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			.mark = mark,
 			.dir = dir,
 		};
-		capture(skb, s, &k, &ca);
+		capture(skb, s, &ca);
 	}
 
 	if (tflags & TCP_RST) {

@@ -10,7 +10,8 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+
+	"github.com/clovisor/clovisor/probes"
 )
 
 // Kernel types as bpf2go generated them from bpf/tc.h.
@@ -115,7 +116,7 @@ type objects struct {
 // settings (cfg must be normalized), without attaching anything.
 func loadObjects(cfg *Config) (*objects, error) {
 	load := loadTc
-	if inlineKernel(kernelRelease()) {
+	if inlineKernel(probes.KernelRelease()) {
 		load = loadTcInline
 	}
 	spec, err := load()
@@ -170,15 +171,6 @@ func inlineKernel(release string) bool {
 		return true
 	}
 	return major < 6 || (major == 6 && minor < 4)
-}
-
-// kernelRelease is uname -r ("" if it cannot be read).
-func kernelRelease() string {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return ""
-	}
-	return unix.ByteSliceToString(u.Release[:])
 }
 
 func boolByte(b bool) uint8 {

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/clovisor/clovisor/probes"
 )
 
 // TestProgramVariant checks which programs a kernel gets (inlineKernel)
@@ -40,7 +42,7 @@ func TestProgramVariant(t *testing.T) {
 	if d := time.Since(start); d > 20*time.Second {
 		t.Errorf("loading the programs took %v", d)
 	}
-	inline := inlineKernel(kernelRelease())
+	inline := inlineKernel(probes.KernelRelease())
 	for name, prog := range map[string]*ebpf.Program{"clv_tc_ingress": h.o.ClvTcIngress, "clv_tc_egress": h.o.ClvTcEgress} {
 		info, err := prog.Info()
 		if err != nil {
@@ -51,11 +53,11 @@ func TestProgramVariant(t *testing.T) {
 			t.Fatalf("%s: the kernel gives no JITed function lengths", name)
 		}
 		if inline && len(lens) != 1 {
-			t.Errorf("%s on Linux %s: %d JITed functions, want 1 (every function inlined)", name, kernelRelease(), len(lens))
+			t.Errorf("%s on Linux %s: %d JITed functions, want 1 (every function inlined)", name, probes.KernelRelease(), len(lens))
 		}
 		if !inline && len(lens) < 2 {
-			t.Errorf("%s on Linux %s: %d JITed functions, want the program and its subprograms", name, kernelRelease(), len(lens))
+			t.Errorf("%s on Linux %s: %d JITed functions, want the program and its subprograms", name, probes.KernelRelease(), len(lens))
 		}
-		t.Logf("%s on Linux %s: JITed functions of %v bytes", name, kernelRelease(), lens)
+		t.Logf("%s on Linux %s: JITed functions of %v bytes", name, probes.KernelRelease(), lens)
 	}
 }

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Wire-level session tracing with tc programs (tcx or cls_bpf), shared by
- * the ingress and egress programs of bpf/tc.c. Both run the same code: a
- * packet's direction within its connection comes from the connection's
- * roles (client -> server is the request direction), not from the hook.
+ * Wire-level session tracing with tc programs (tcx or cls_bpf): the
+ * programs of bpf/tc.c. A packet's direction within its connection comes
+ * from the connection's roles (client -> server is the request direction),
+ * not from the hook; the hook matters only when a connection's entry is
+ * made (CONN_CLIENT_INGRESS).
  *
  * The programs never change, redirect or drop a packet: they always return
  * TC_PASS (TC_ACT_UNSPEC for cls_bpf, TCX_NEXT for tcx: both -1).
@@ -46,6 +47,7 @@
 #include "vmlinux.h"
 #include "bpf_helpers.h"
 #include "bpf_endian.h"
+#include "bpf_core_read.h"
 
 /*
  * CLV_COLD marks the functions that run at most a few times per connection
@@ -63,6 +65,13 @@
 #else
 #define CLV_COLD __noinline
 #endif
+
+/* The hook a program runs at: known when it is built (tcInline: a program
+ * for each hook), or asked of the kernel when a connection's entry is made
+ * (tc: one program on both hooks). */
+#define HOOK_EGRESS 0
+#define HOOK_INGRESS 1
+#define HOOK_ASK 2
 
 /* TC_ACT_UNSPEC (cls_bpf) and TCX_NEXT (tcx): let the packet go on. */
 #define TC_PASS (-1)
@@ -960,6 +969,29 @@ static __always_inline struct session *new_session(const struct flow_key *k, __u
 	return s;
 }
 
+#ifndef CLV_INLINE_ALL
+/* at_ingress says whether the run is at an ingress hook: the sk_buff's
+ * tc_at_ingress bit, which the kernel sets before running ingress programs
+ * and clears before egress ones (kernels with bpf_cast_to_kern_ctx: 6.2+;
+ * tc is loaded from 6.4 on). A packet that leaves by the interface it came
+ * in by (a hairpin) has ingress_ifindex == ifindex at egress as well, so
+ * that comparison does not tell the hooks apart. */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+struct sk_buff___clv {
+	__u8 tc_at_ingress : 1;
+} __attribute__((preserve_access_index));
+static __always_inline int at_ingress(struct __sk_buff *skb)
+{
+	struct sk_buff___clv *k = bpf_cast_to_kern_ctx(skb);
+	return BPF_CORE_READ_BITFIELD(k, tc_at_ingress);
+}
+#else
+static __always_inline int at_ingress(struct __sk_buff *skb)
+{
+	return 0; /* not used: tcInline's programs know their hook */
+}
+#endif
+
 /* What open_session needs to know of a packet besides its addresses. */
 struct open_args {
 	__u64 now;
@@ -1027,10 +1059,10 @@ static CLV_COLD void close_session(struct session *s, __u8 end, __u64 now)
 	tc_count(TC_STAT_SESSION_CLOSED);
 }
 
-/* track_tcp follows one TCP packet of a connection; ingress says which
- * hook runs. */
+/* track_tcp follows one TCP packet of a connection; hook says which hook
+ * runs (HOOK_*). */
 static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u64 wire_bytes, __u64 segs,
-				      int ingress)
+				      int hook)
 {
 	struct tcphdr tcp;
 	if (LOAD_HDR(skb, p->l4_off, &tcp)) {
@@ -1102,7 +1134,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			.from_lo = from_lo,
 			.syn = syn,
 			.synack = synack,
-			.ingress = !!ingress,
+			.ingress = hook == HOOK_ASK ? at_ingress(skb) : hook == HOOK_INGRESS,
 		};
 		s = open_session(p, &k, &oa);
 		if (!s)
@@ -1282,8 +1314,9 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	}
 }
 
+
 /* handle is the whole program: it always lets the packet pass. */
-static __always_inline int handle(struct __sk_buff *skb, int ingress)
+static __always_inline int handle(struct __sk_buff *skb, int hook)
 {
 	__u32 ifindex = skb->ifindex;
 	struct iface_cfg *cfg;
@@ -1315,7 +1348,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	if (p.later_fragment)
 		tc_count(TC_STAT_FRAGMENTS);
 	if ((flags & IFACE_SESSIONS) && tcp)
-		track_tcp(skb, &p, p.ip_len, segs, ingress);
+		track_tcp(skb, &p, p.ip_len, segs, hook);
 	return TC_PASS;
 }
 

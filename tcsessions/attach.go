@@ -91,9 +91,9 @@ func (a *attachment) info() Interface {
 
 func (t *Tracer) program(h hook) *ebpf.Program {
 	if h.name == "ingress" {
-		return t.objs.ClvTcIngress
+		return t.objs.Ingress
 	}
-	return t.objs.ClvTcEgress
+	return t.objs.Egress
 }
 
 // attachTCX attaches both programs with tcx links, first in the chain of

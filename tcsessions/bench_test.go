@@ -75,12 +75,12 @@ func BenchmarkProgram(b *testing.B) {
 			}
 			// Open the session first (when the interface traces).
 			for _, s := range []seg{syn, synack, ack} {
-				if _, err := o.ClvTcIngress.Run(&ebpf.RunOptions{Data: s.frame()}); err != nil {
+				if _, err := o.Ingress.Run(&ebpf.RunOptions{Data: s.frame()}); err != nil {
 					b.Fatal(err)
 				}
 			}
 			b.ResetTimer()
-			ret, per, err := o.ClvTcIngress.Benchmark(tc.frame, b.N, nil)
+			ret, per, err := o.Ingress.Benchmark(tc.frame, b.N, nil)
 			b.StopTimer()
 			if err != nil {
 				b.Fatal(err)

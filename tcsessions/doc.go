@@ -6,8 +6,8 @@
 //
 // # Attaching
 //
-// Open loads the programs and attaches one to the ingress and one to the
-// egress hook of each selected interface: with tcx links (Linux 6.6+), first
+// Open loads the programs and attaches them to the ingress and the egress
+// hook of each selected interface: with tcx links (Linux 6.6+), first
 // in each chain, or as cls_bpf filters in direct-action mode under a clsact
 // qdisc (made when the interface has none). Config.Attach forces either; in
 // auto mode the first attach decides. The programs never change, redirect
@@ -23,6 +23,14 @@
 // get tcInline, the same code with every function inlined
 // (inlineKernel; TestProgramVariant checks the choice on 6.1, 6.12 and
 // the host).
+//
+// tc is one program, clv_tc, on both hooks: a packet that crosses two
+// traced interfaces (from one pod to another) runs the same code twice,
+// and the second run finds it in the instruction cache. The hook matters
+// only when a connection's entry is made (which end is the client inside
+// the interface): the program reads it then from the sk_buff
+// (bpf_cast_to_kern_ctx, tc_at_ingress). tcInline has a program for each
+// hook, clv_tc_ingress and clv_tc_egress, which know theirs.
 //
 // Interfaces are selected by name, shell pattern or selector: every veth
 // whose peer lives in another network namespace (SelectHostVeths: the host

@@ -107,16 +107,40 @@ const maxWorkloads = 4096
 
 // objects are the loaded programs and maps.
 type objects struct {
-	tcObjects
+	tcMaps
+	tcVariables
+	// Ingress and Egress are the programs of the two hooks: one program,
+	// clv_tc, in tc (it asks the kernel which hook it runs at when it
+	// needs to know), clv_tc_ingress and clv_tc_egress in tcInline.
+	Ingress, Egress *ebpf.Program
 	// marksMu serializes the read-modify-write of port_marks words.
 	marksMu sync.Mutex
+}
+
+// Close closes the programs and the maps.
+func (o *objects) Close() error {
+	errs := []error{o.Ingress.Close()}
+	if o.Egress != o.Ingress {
+		errs = append(errs, o.Egress.Close())
+	}
+	return errors.Join(append(errs, o.tcMaps.Close())...)
+}
+
+// programs returns the hooks' programs by name (one name for both hooks in
+// tc).
+func (o *objects) programs() map[string]*ebpf.Program {
+	if o.Ingress == o.Egress {
+		return map[string]*ebpf.Program{"clv_tc": o.Ingress}
+	}
+	return map[string]*ebpf.Program{"clv_tc_ingress": o.Ingress, "clv_tc_egress": o.Egress}
 }
 
 // loadObjects loads the programs and maps with the configuration's
 // settings (cfg must be normalized), without attaching anything.
 func loadObjects(cfg *Config) (*objects, error) {
+	inline := inlineKernel(probes.KernelRelease())
 	load := loadTc
-	if inlineKernel(probes.KernelRelease()) {
+	if inline {
 		load = loadTcInline
 	}
 	spec, err := load()
@@ -147,7 +171,24 @@ func loadObjects(cfg *Config) (*objects, error) {
 	spec.Maps["tc_events"].MaxEntries = uint32(cfg.RingBytes)
 	spec.Maps["sessions"].MaxEntries = uint32(cfg.MaxSessions)
 	o := &objects{}
-	if err := spec.LoadAndAssign(&o.tcObjects, nil); err != nil {
+	if inline {
+		var l struct {
+			tcMaps
+			tcVariables
+			tcInlinePrograms
+		}
+		err = spec.LoadAndAssign(&l, nil)
+		o.tcMaps, o.tcVariables, o.Ingress, o.Egress = l.tcMaps, l.tcVariables, l.ClvTcIngress, l.ClvTcEgress
+	} else {
+		var l struct {
+			tcMaps
+			tcVariables
+			tcPrograms
+		}
+		err = spec.LoadAndAssign(&l, nil)
+		o.tcMaps, o.tcVariables, o.Ingress, o.Egress = l.tcMaps, l.tcVariables, l.ClvTc, l.ClvTc
+	}
+	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("loading the tc programs: %+.30v", ve)

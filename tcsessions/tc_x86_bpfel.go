@@ -241,8 +241,7 @@ const (
 	tcMapTcStats             = "tc_stats"
 	tcMapWorkloadIps         = "workload_ips"
 	tcMapWorkloadTraffic     = "workload_traffic"
-	tcProgClvTcEgress        = "clv_tc_egress"
-	tcProgClvTcIngress       = "clv_tc_ingress"
+	tcProgClvTc              = "clv_tc"
 	tcVarFpSeed              = "fp_seed"
 	tcVarPayloadCap          = "payload_cap"
 	tcVarPayloadCapResp      = "payload_cap_resp"
@@ -301,8 +300,7 @@ type tcSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcProgramSpecs struct {
-	ClvTcEgress  *ebpf.ProgramSpec `ebpf:"clv_tc_egress"`
-	ClvTcIngress *ebpf.ProgramSpec `ebpf:"clv_tc_ingress"`
+	ClvTc *ebpf.ProgramSpec `ebpf:"clv_tc"`
 }
 
 // tcMapSpecs contains maps before they are loaded into the kernel.
@@ -421,14 +419,12 @@ type tcVariables struct {
 //
 // It can be passed to loadTcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcPrograms struct {
-	ClvTcEgress  *ebpf.Program `ebpf:"clv_tc_egress"`
-	ClvTcIngress *ebpf.Program `ebpf:"clv_tc_ingress"`
+	ClvTc *ebpf.Program `ebpf:"clv_tc"`
 }
 
 func (p *tcPrograms) Close() error {
 	return _TcClose(
-		p.ClvTcEgress,
-		p.ClvTcIngress,
+		p.ClvTc,
 	)
 }
 

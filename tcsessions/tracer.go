@@ -437,10 +437,10 @@ func (t *Tracer) Cleaned() CleanupReport { return t.cleaned }
 // (read it with Run).
 func (t *Tracer) Events() *ebpf.Map { return t.objs.TcEvents }
 
-// Programs returns the programs by name (for their run-time statistics).
-func (t *Tracer) Programs() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{"clv_tc_ingress": t.objs.ClvTcIngress, "clv_tc_egress": t.objs.ClvTcEgress}
-}
+// Programs returns the hooks' programs by name, for their run-time
+// statistics: clv_tc on both hooks (kernels from 6.4 on), or clv_tc_ingress
+// and clv_tc_egress.
+func (t *Tracer) Programs() map[string]*ebpf.Program { return t.objs.programs() }
 
 // Stats reads the kernel's counters.
 func (t *Tracer) Stats() (Stats, error) { return t.objs.readStats() }

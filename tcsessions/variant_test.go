@@ -1,18 +1,19 @@
 package tcsessions
 
 import (
+	"maps"
+	"slices"
 	"testing"
 	"time"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/clovisor/clovisor/probes"
 )
 
 // TestProgramVariant checks which programs a kernel gets (inlineKernel)
-// and that this kernel got them: before 6.4 every function inlined
-// (tcInline, one JITed image per program), from 6.4 on the rare paths in
-// BPF subprograms (tc, one image per function). In the VM matrix it runs
+// and that this kernel got them: before 6.4 a program for each hook with
+// every function inlined (tcInline, one JITed image per program), from 6.4
+// on one program for both hooks with the rare paths in BPF subprograms
+// (tc, one image per function). In the VM matrix it runs
 // on 6.1 (inlined) and 6.12 (subprograms); on the host, 6.18. It also
 // bounds the load's time: the out-of-line programs on 6.1 took minutes.
 func TestProgramVariant(t *testing.T) {
@@ -43,7 +44,14 @@ func TestProgramVariant(t *testing.T) {
 		t.Errorf("loading the programs took %v", d)
 	}
 	inline := inlineKernel(probes.KernelRelease())
-	for name, prog := range map[string]*ebpf.Program{"clv_tc_ingress": h.o.ClvTcIngress, "clv_tc_egress": h.o.ClvTcEgress} {
+	progs := h.o.programs()
+	if want := map[bool][]string{true: {"clv_tc_egress", "clv_tc_ingress"}, false: {"clv_tc"}}[inline]; !slices.Equal(slices.Sorted(maps.Keys(progs)), want) {
+		t.Errorf("programs %v, want %v", slices.Sorted(maps.Keys(progs)), want)
+	}
+	if (h.o.Ingress == h.o.Egress) == inline {
+		t.Errorf("the hooks' programs are the same one: %v, want %v", h.o.Ingress == h.o.Egress, !inline)
+	}
+	for name, prog := range progs {
 		info, err := prog.Info()
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -1327,5 +1328,57 @@ func TestInterfaceIndexes(t *testing.T) {
 	}
 	if err := h.o.setInterface(0, ifaceSessions); err == nil {
 		t.Errorf("interface index 0 accepted")
+	}
+}
+
+// TestConcurrentStream: one direction's packets run on two CPUs at once,
+// as a flow's packets do when they are spread over queues or a packet is
+// retransmitted while its first copy is still in flight. Two threads run
+// the same stream, every packet of it, at the same time. The highest
+// sequence is raised by compare-and-exchange, retried when another CPU
+// moved it first, so exactly one copy of each packet advances the stream
+// and the other is old data: the new bytes are the stream's, and the
+// packets of old data exactly half. (Whether a compare-and-exchange lost
+// in a run is not observable.)
+func TestConcurrentStream(t *testing.T) {
+	h := newHarness(t, httpPorts, ifaceSessions)
+	c := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	h.handshake(c)
+	const n, size = 20000, 10
+	frames := make([][]byte, n)
+	for i := range frames {
+		frames[i] = c.fromClient(fACK, strings.Repeat("x", size)).frame()
+	}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for g := 0; g < 2; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			<-start
+			for _, f := range frames {
+				if _, err := h.o.Ingress.Run(&ebpf.RunOptions{Data: f}); err != nil {
+					t.Errorf("prog.Run: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	s := h.sessions()
+	if len(s) != 1 {
+		t.Fatalf("sessions %+v", s)
+	}
+	got := s[0].Entry.Dir[0].Total
+	if got.NewBytes != n*size || got.PayloadBytes != 2*n*size || got.Packets != 2*n+2 || got.RetransPackets != n ||
+		s[0].Entry.Dir[0].HighEnd != c.cseq {
+		t.Errorf("request totals %+v, high %d: want new bytes %d, payload bytes %d, %d packets, %d of old data, high %d",
+			got, s[0].Entry.Dir[0].HighEnd, n*size, 2*n*size, 2*n+2, n, c.cseq)
+	}
+	if st := h.stats(); st.StateRaces != 0 {
+		t.Errorf("stats %+v", st)
 	}
 }

@@ -30,7 +30,9 @@
 // only when a connection's entry is made (which end is the client inside
 // the interface): the program reads it then from the sk_buff
 // (bpf_cast_to_kern_ctx, tc_at_ingress). tcInline has a program for each
-// hook, clv_tc_ingress and clv_tc_egress, which know theirs.
+// hook, clv_tc_ingress and clv_tc_egress, which know theirs; a kernel
+// without BTF, which tc needs for that read, gets tcInline too
+// (inlineVariant).
 //
 // Interfaces are selected by name, shell pattern or selector: every veth
 // whose peer lives in another network namespace (SelectHostVeths: the host

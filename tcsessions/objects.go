@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 
 	"github.com/clovisor/clovisor/probes"
 )
@@ -138,7 +139,7 @@ func (o *objects) programs() map[string]*ebpf.Program {
 // loadObjects loads the programs and maps with the configuration's
 // settings (cfg must be normalized), without attaching anything.
 func loadObjects(cfg *Config) (*objects, error) {
-	inline := inlineKernel(probes.KernelRelease())
+	inline := inlineVariant()
 	load := loadTc
 	if inline {
 		load = loadTcInline
@@ -196,6 +197,18 @@ func loadObjects(cfg *Config) (*objects, error) {
 		return nil, fmt.Errorf("loading the tc programs: %w", err)
 	}
 	return o, nil
+}
+
+// inlineVariant reports whether this kernel gets tcInline: by its release
+// (inlineKernel), or because it has no BTF (/sys/kernel/btf/vmlinux), which
+// tc needs to read the hook from the sk_buff (a kfunc and a CO-RE
+// relocation) and tcInline does not.
+func inlineVariant() bool {
+	if inlineKernel(probes.KernelRelease()) {
+		return true
+	}
+	_, err := btf.LoadKernelSpec()
+	return err != nil
 }
 
 // inlineKernel reports whether a kernel (uname -r) gets the programs with

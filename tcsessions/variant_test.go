@@ -2,6 +2,7 @@ package tcsessions
 
 import (
 	"maps"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -43,7 +44,10 @@ func TestProgramVariant(t *testing.T) {
 	if d := time.Since(start); d > 20*time.Second {
 		t.Errorf("loading the programs took %v", d)
 	}
-	inline := inlineKernel(probes.KernelRelease())
+	inline := inlineVariant()
+	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err == nil && inline != inlineKernel(probes.KernelRelease()) {
+		t.Errorf("a kernel with BTF: inlineVariant %v, want inlineKernel's %v", inline, !inline)
+	}
 	progs := h.o.programs()
 	if want := map[bool][]string{true: {"clv_tc_egress", "clv_tc_ingress"}, false: {"clv_tc"}}[inline]; !slices.Equal(slices.Sorted(maps.Keys(progs)), want) {
 		t.Errorf("programs %v, want %v", slices.Sorted(maps.Keys(progs)), want)

@@ -970,27 +970,29 @@ static __always_inline struct session *new_session(const struct flow_key *k, __u
 }
 
 #ifndef CLV_INLINE_ALL
-/* at_ingress says whether the run is at an ingress hook: the sk_buff's
- * tc_at_ingress bit, which the kernel sets before running ingress programs
- * and clears before egress ones (kernels with bpf_cast_to_kern_ctx: 6.2+;
- * tc is loaded from 6.4 on). A packet that leaves by the interface it came
- * in by (a hairpin) has ingress_ifindex == ifindex at egress as well, so
- * that comparison does not tell the hooks apart. */
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 struct sk_buff___clv {
 	__u8 tc_at_ingress : 1;
 } __attribute__((preserve_access_index));
-static __always_inline int at_ingress(struct __sk_buff *skb)
-{
-	struct sk_buff___clv *k = bpf_cast_to_kern_ctx(skb);
-	return BPF_CORE_READ_BITFIELD(k, tc_at_ingress);
-}
-#else
-static __always_inline int at_ingress(struct __sk_buff *skb)
-{
-	return 0; /* not used: tcInline's programs know their hook */
-}
 #endif
+
+/* hook_ingress says whether the run is at an ingress hook: from the
+ * program's hook (HOOK_INGRESS, HOOK_EGRESS) or, for HOOK_ASK, from the
+ * sk_buff's tc_at_ingress bit, which the kernel sets before running ingress
+ * programs and clears before egress ones (bpf_cast_to_kern_ctx: 6.2+; tc is
+ * loaded from 6.4 on). A packet that leaves by the interface it came in by
+ * (a hairpin) has ingress_ifindex == ifindex at egress as well, so that
+ * comparison does not tell the hooks apart. */
+static __always_inline int hook_ingress(struct __sk_buff *skb, int hook)
+{
+#ifndef CLV_INLINE_ALL
+	if (hook == HOOK_ASK) {
+		struct sk_buff___clv *k = bpf_cast_to_kern_ctx(skb);
+		return BPF_CORE_READ_BITFIELD(k, tc_at_ingress);
+	}
+#endif
+	return hook == HOOK_INGRESS;
+}
 
 /* What open_session needs to know of a packet besides its addresses. */
 struct open_args {
@@ -1134,7 +1136,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			.from_lo = from_lo,
 			.syn = syn,
 			.synack = synack,
-			.ingress = hook == HOOK_ASK ? at_ingress(skb) : hook == HOOK_INGRESS,
+			.ingress = hook_ingress(skb, hook),
 		};
 		s = open_session(p, &k, &oa);
 		if (!s)
@@ -1313,7 +1315,6 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 			close_session(s, END_FIN, now);
 	}
 }
-
 
 /* handle is the whole program: it always lets the packet pass. */
 static __always_inline int handle(struct __sk_buff *skb, int hook)

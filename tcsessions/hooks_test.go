@@ -33,27 +33,7 @@ type hookRig struct {
 func newHookRig(t *testing.T, cfg Config) *hookRig {
 	t.Helper()
 	testbed.RequireRoot(t)
-	// Two namespaces, made on a locked thread that goes back to its own
-	// after.
-	runtime.LockOSThread()
-	root, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	traced, err := netns.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := netns.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netns.Set(root); err != nil {
-		t.Fatal(err) // the thread stays locked and dies with the test
-	}
-	runtime.UnlockOSThread()
-	root.Close()
-	t.Cleanup(func() { traced.Close(); peer.Close() })
+	traced, peer := newNetns(t), newNetns(t)
 
 	ht, err := netlink.NewHandleAt(traced, unix.NETLINK_ROUTE)
 	if err != nil {
@@ -102,9 +82,26 @@ func newHookRig(t *testing.T, cfg Config) *hookRig {
 	return r
 }
 
-// packetSocket is an AF_PACKET socket of namespace ns that sends on the
-// interface ifindex; closed when the test ends.
-func packetSocket(t *testing.T, ns netns.NsHandle, ifindex int) int {
+// newNetns makes a network namespace without a name (no ip netns: the VM
+// kernels' guests have no ip tool), closed when the test ends. It is made on
+// a locked thread, which goes back to its own namespace after.
+func newNetns(t *testing.T) netns.NsHandle {
+	t.Helper()
+	var ns netns.NsHandle
+	inNetns(t, 0, func() {
+		var err error
+		if ns, err = netns.New(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Cleanup(func() { ns.Close() })
+	return ns
+}
+
+// inNetns runs fn on a locked thread in namespace ns (0: the thread's own),
+// then puts the thread back in its own namespace. What fn makes there
+// (sockets, namespaces) stays there, and can be used from any thread.
+func inNetns(t *testing.T, ns netns.NsHandle, fn func()) {
 	t.Helper()
 	runtime.LockOSThread()
 	orig, err := netns.Get()
@@ -112,16 +109,27 @@ func packetSocket(t *testing.T, ns netns.NsHandle, ifindex int) int {
 		t.Fatal(err)
 	}
 	defer orig.Close()
-	if err := netns.Set(ns); err != nil {
-		t.Fatal(err)
+	if ns != 0 {
+		if err := netns.Set(ns); err != nil {
+			t.Fatal(err)
+		}
 	}
-	fd, serr := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0) // sends only
+	fn()
 	if err := netns.Set(orig); err != nil {
 		t.Fatal(err) // the thread stays locked and dies with the test
 	}
 	runtime.UnlockOSThread()
-	if serr != nil {
-		t.Fatalf("AF_PACKET socket: %v", serr)
+}
+
+// packetSocket is an AF_PACKET socket of namespace ns that sends on the
+// interface ifindex; closed when the test ends.
+func packetSocket(t *testing.T, ns netns.NsHandle, ifindex int) int {
+	t.Helper()
+	var fd int
+	var err error
+	inNetns(t, ns, func() { fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0) }) // sends only
+	if err != nil {
+		t.Fatalf("AF_PACKET socket: %v", err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Ifindex: ifindex}); err != nil {
@@ -184,15 +192,15 @@ func TestHookRolesAndSeq0(t *testing.T) {
 	e := newConv("10.1.0.1:40004", "10.1.0.2:8080")
 	r.ingress(e.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n"))
 	got := map[uint16]SessionEntry{}
-	s := r.sessions(5)
-	for _, s := range s {
+	all := r.sessions(5)
+	for _, s := range all {
 		if s.Ifindex != r.outIdx {
 			t.Errorf("session of port %d on ifindex %d, want ch0's %d", s.Client.Port(), s.Ifindex, r.outIdx)
 		}
 		got[s.Client.Port()] = s.Entry
 	}
 	if len(got) != 5 {
-		t.Fatalf("%d sessions, want 5: %+v", len(got), s)
+		t.Fatalf("%d sessions, want 5: %+v", len(got), all)
 	}
 	for _, tc := range []struct {
 		port    uint16

@@ -7,14 +7,12 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/clovisor/clovisor/internal/testbed"
@@ -74,22 +72,7 @@ func TestGuestAttach(t *testing.T) {
 		t.Skip("runs in a vmtest VM (TestKernelMatrix)")
 	}
 	want := os.Getenv(wantModeEnv)
-	// The server's namespace: made on a locked thread, which goes back to
-	// the root namespace after.
-	runtime.LockOSThread()
-	root, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvNS, err := netns.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netns.Set(root); err != nil {
-		t.Fatal(err)
-	}
-	runtime.UnlockOSThread()
-	defer srvNS.Close()
+	srvNS := newNetns(t) // the server's namespace
 
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vg0"}, PeerName: "vg1"}
 	if err := netlink.LinkAdd(veth); err != nil {
@@ -134,15 +117,7 @@ func TestGuestAttach(t *testing.T) {
 	// The listener is made in the server's namespace and served from any
 	// goroutine.
 	var ln net.Listener
-	runtime.LockOSThread()
-	if err := netns.Set(srvNS); err != nil {
-		t.Fatal(err)
-	}
-	ln, err = net.Listen("tcp", "10.201.30.2:8080")
-	if serr := netns.Set(root); serr != nil {
-		t.Fatal(serr) // the thread stays locked and dies with the test
-	}
-	runtime.UnlockOSThread()
+	inNetns(t, srvNS, func() { ln, err = net.Listen("tcp", "10.201.30.2:8080") })
 	if err != nil {
 		t.Fatal(err)
 	}

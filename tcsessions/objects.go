@@ -131,9 +131,9 @@ func (o *objects) Close() error {
 // tc).
 func (o *objects) programs() map[string]*ebpf.Program {
 	if o.Ingress == o.Egress {
-		return map[string]*ebpf.Program{"clv_tc": o.Ingress}
+		return map[string]*ebpf.Program{tcProgClvTc: o.Ingress}
 	}
-	return map[string]*ebpf.Program{"clv_tc_ingress": o.Ingress, "clv_tc_egress": o.Egress}
+	return map[string]*ebpf.Program{tcInlineProgClvTcIngress: o.Ingress, tcInlineProgClvTcEgress: o.Egress}
 }
 
 // loadObjects loads the programs and maps with the configuration's

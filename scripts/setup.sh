@@ -12,6 +12,7 @@ set -euo pipefail
 packages=(
 	clang-14 llvm-14 libbpf-dev bpftool # building and inspecting BPF programs
 	iproute2 procps util-linux          # ip netns / ip link, ps, flock, nsenter
+	nftables                            # a Service's NAT in a test node (tcsessions hairpin test)
 	iputils-ping                        # ping across test veths
 	curl jq                             # HTTP peer, JSON in scripts
 	nginx-light                         # HTTP(S) server peer

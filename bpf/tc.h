@@ -994,6 +994,28 @@ static __always_inline int hook_ingress(struct __sk_buff *skb, int hook)
 	return hook == HOOK_INGRESS;
 }
 
+/* packet_time is the time of a packet that needs one, in CLOCK_MONOTONIC
+ * nanoseconds. A packet that a TCP stack of this node sent carries its
+ * departure time in skb->tstamp (EDT: tcp_wstamp_ns, the time the stack
+ * sent it, or the time a pacing qdisc may let it go), marked
+ * BPF_SKB_CLOCK_MONOTONIC, and the kernel keeps it across veths and
+ * forwarding (Linux 5.18 on): that time is taken, which spares the clock
+ * read, about a seventh of a run. Any other packet (one from another
+ * machine, whose tstamp is a receive time in CLOCK_REALTIME or 0) takes the
+ * clock now. tcInline (kernels before 6.4, where __sk_buff->tstamp_type
+ * may not exist: it came in 5.18) always reads the clock. */
+static __always_inline __u64 packet_time(struct __sk_buff *skb)
+{
+#ifndef CLV_INLINE_ALL
+	if (skb->tstamp_type == BPF_SKB_CLOCK_MONOTONIC) {
+		__u64 t = skb->tstamp;
+		if (t)
+			return t;
+	}
+#endif
+	return bpf_ktime_get_ns();
+}
+
 /* What open_session needs to know of a packet besides its addresses. */
 struct open_args {
 	__u64 now;
@@ -1118,7 +1140,7 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	/* A pure ACK of a known connection needs no time. */
 	__u64 now = 0;
 	if (!s || payload > 0 || (tflags & (TCP_SYN | TCP_FIN | TCP_RST)))
-		now = bpf_ktime_get_ns();
+		now = packet_time(skb);
 	if (s && syn) {
 		/* A new connection on the tuple of one that never closed (or
 		 * the SYN is a retransmission: then nothing happened yet). */

@@ -106,6 +106,17 @@
 // cross (ConnClientIngress) and the sequence number of the client's first
 // byte (from the SYN, or the SYN-ACK's acknowledgement: ReqSeq0).
 //
+// The timestamps are CLOCK_MONOTONIC nanoseconds. A packet that a TCP
+// stack of this node sent (a pod's, the node's own) carries its departure
+// time (skb->tstamp, marked monotonic: the time the stack sent it, or,
+// behind a pacing qdisc, the time it may leave), which the kernel keeps
+// across veths, bridges and forwarding; that time is the packet's, and it
+// spares the programs a clock read. A packet from another machine carries
+// none, and takes the time the program ran. The two differ by the time a
+// packet takes from its sender's TCP stack to the hook: microseconds on a
+// node's veths, more behind a queue in the pod. tcInline (kernels before
+// 6.4) always reads the clock.
+//
 // The first new payload of each direction of each exchange sends a prefix
 // to user space (Config.PayloadBytes for requests, 1024 by default;
 // Config.ResponsePayloadBytes for responses, 512: an HTTP parser needs the

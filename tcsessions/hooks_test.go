@@ -1,12 +1,15 @@
 package tcsessions
 
 import (
+	"encoding/binary"
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -227,5 +230,76 @@ func TestHookRolesAndSeq0(t *testing.T) {
 	}
 	if st, err := r.tr.Stats(); err != nil || st.HeaderFaults != 0 || st.SessionsCreated != 5 {
 		t.Errorf("stats %+v, %v: want 5 sessions made, no header fault", st, err)
+	}
+}
+
+// sendAt writes a frame on the socket fd's interface with a departure time
+// (SO_TXTIME, CLOCK_MONOTONIC): the kernel puts it in skb->tstamp, marked
+// monotonic, as a TCP stack does with every packet it sends.
+func (r *hookRig) sendAt(fd, ifindex int, s seg, at uint64) {
+	r.t.Helper()
+	txtime := make([]byte, 8) // struct sock_txtime: clockid, flags
+	binary.NativeEndian.PutUint32(txtime, unix.CLOCK_MONOTONIC)
+	if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_TXTIME, string(txtime)); err != nil {
+		r.t.Fatalf("SO_TXTIME: %v", err)
+	}
+	oob := make([]byte, unix.CmsgSpace(8))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_SOCKET, unix.SCM_TXTIME
+	h.SetLen(unix.CmsgLen(8))
+	binary.NativeEndian.PutUint64(oob[unix.CmsgLen(0):], at)
+	if err := unix.Sendmsg(fd, s.frame(), oob, &unix.SockaddrLinklayer{Ifindex: ifindex}, 0); err != nil {
+		r.t.Fatalf("sending a frame with a departure time: %v", err)
+	}
+}
+
+// TestPacketTime: a packet that carries a departure time in CLOCK_MONOTONIC
+// (skb->tstamp, as every packet a TCP stack of the node sends does; here
+// set through SO_TXTIME on the AF_PACKET sockets) is timed by it, exactly,
+// at either hook, and one that carries none by the clock when the program
+// ran. tcInline times every packet by the clock.
+func TestPacketTime(t *testing.T) {
+	r := newHookRig(t, httpPorts)
+	lo := monotonicNow()
+	// Departure times a second in the past, a few microseconds apart (the
+	// kernel passes them on as they are: veths have no qdisc to hold a
+	// packet until then).
+	t1 := lo - uint64(time.Second)
+	t2, t3 := t1+1500, t1+4000
+	a := newConv("10.1.0.1:40000", "10.1.0.2:8080")
+	r.sendAt(r.in, r.inIdx, a.fromClient(fSYN, ""), t1)
+	r.sendAt(r.in, r.inIdx, a.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n"), t2)
+	r.sendAt(r.out, r.outIdx, a.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n"), t3)
+	b := newConv("10.1.0.1:40001", "10.1.0.2:8080")
+	r.ingress(b.fromClient(fSYN, ""), b.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n"))
+	r.egress(b.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n"))
+	s := r.sessions(2)
+	hi := monotonicNow()
+	if len(s) != 2 || s[0].Client.Port() != 40000 || s[1].Client.Port() != 40001 {
+		t.Fatalf("sessions %+v, want ports 40000 and 40001", s)
+	}
+	times := func(e SessionEntry) []uint64 {
+		q, p := e.Dir[dirRequest], e.Dir[dirResponse]
+		return []uint64{e.FirstTs, q.OpenTs, q.FirstTs, q.LastTs, p.FirstTs, p.LastTs}
+	}
+	inClock := func(ts []uint64) bool {
+		for _, v := range ts {
+			if v < lo || v > hi {
+				return false
+			}
+		}
+		return true
+	}
+	// Connection start, SYN, request first and last, response first and last.
+	got := times(s[0].Entry)
+	if inlineVariant() {
+		if !inClock(got) {
+			t.Errorf("tcInline: times %v, want the clock's, in [%d, %d]", got, lo, hi)
+		}
+	} else if want := []uint64{t1, t1, t2, t2, t3, t3}; !slices.Equal(got, want) {
+		t.Errorf("times %v, want the packets' departure times %v", got, want)
+	}
+	if got := times(s[1].Entry); !inClock(got) {
+		t.Errorf("packets without a departure time: times %v, want the clock's, in [%d, %d]", got, lo, hi)
 	}
 }

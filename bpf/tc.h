@@ -1168,7 +1168,11 @@ static __always_inline void track_tcp(struct __sk_buff *skb, struct pkt *p, __u6
 	__u8 dir = from_lo == s->client_is_lo ? TC_DIR_REQUEST : TC_DIR_RESPONSE;
 	__u32 seq = bpf_ntohl(tcp.seq);
 	if (syn && dir == TC_DIR_REQUEST) {
-		s->dir[TC_DIR_REQUEST].open_ts = now;
+		/* The first SYN's time: a retransmission's wait is part of
+		 * the handshake the client waited for, and the SYN-ACK may
+		 * answer the first SYN (sent before the retransmission). */
+		if (s->dir[TC_DIR_REQUEST].open_ts == 0)
+			s->dir[TC_DIR_REQUEST].open_ts = now;
 		if (!(s->conn_flags & CONN_SEQ0)) {
 			s->req_seq0 = seq + 1;
 			__sync_fetch_and_or(&s->conn_flags, CONN_SEQ0);

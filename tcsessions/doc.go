@@ -96,8 +96,9 @@
 // exchange, Index 0, 1, ...), or to the close: both FINs seen, a RST, or a
 // new SYN on the same tuple. Its record holds the kernel timestamps of the
 // first and last packet with new payload of each direction, the client's
-// SYN and the server's SYN-ACK on this interface (the handshake's round
-// trip), and per direction: IP bytes and wire packets (GSO/GRO packets count
+// first SYN and the server's first SYN-ACK on this interface (the
+// handshake's round trip, with the wait of any retransmitted SYN), and per
+// direction: IP bytes and wire packets (GSO/GRO packets count
 // as their segments, each with its headers), TCP payload bytes, new bytes
 // (how far the highest sequence advanced: exact whatever is retransmitted
 // or reordered), packets carrying old data, and the TCP flags seen. The

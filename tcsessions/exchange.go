@@ -56,7 +56,8 @@ type Exchange struct {
 	// ConnStart is when the connection was first seen (with the tuple and
 	// the interface, its identity).
 	ConnStart uint64
-	// SYN and SYNACK: the client's SYN and the server's SYN-ACK.
+	// SYN and SYNACK: the client's first SYN and the server's first
+	// SYN-ACK (a retransmitted SYN's wait is between them).
 	SYN, SYNACK uint64
 	// ReqFirst, ReqLast, RespFirst, RespLast: the first and last packet
 	// with new payload in each direction.
@@ -123,7 +124,9 @@ func (x *Exchange) notePiece(k uint32) {
 // single reports whether every piece counted came from wire exchange k.
 func (x *Exchange) single(k uint32) bool { return x.pieceIdx == int64(k)+1 }
 
-// HandshakeRTT is SYN to SYN-ACK on the interface (0 when not seen).
+// HandshakeRTT is the client's first SYN to the server's first SYN-ACK on
+// the interface (0 when not seen): the round trip, plus the waits of
+// retransmitted SYNs, which the client waited too.
 func (x *Exchange) HandshakeRTT() time.Duration {
 	if x.SYN == 0 || x.SYNACK < x.SYN {
 		return 0

@@ -257,7 +257,9 @@ func (r *hookRig) sendAt(fd, ifindex int, s seg, at uint64) {
 // (skb->tstamp, as every packet a TCP stack of the node sends does; here
 // set through SO_TXTIME on the AF_PACKET sockets) is timed by it, exactly,
 // at either hook, and one that carries none by the clock when the program
-// ran. tcInline times every packet by the clock.
+// ran. A connection's SYN time is its first SYN's, also when a SYN-ACK
+// older than a retransmitted SYN answers it. tcInline times every packet
+// by the clock.
 func TestPacketTime(t *testing.T) {
 	r := newHookRig(t, httpPorts)
 	lo := monotonicNow()
@@ -273,10 +275,18 @@ func TestPacketTime(t *testing.T) {
 	b := newConv("10.1.0.1:40001", "10.1.0.2:8080")
 	r.ingress(b.fromClient(fSYN, ""), b.fromClient(fPSH|fACK, "GET / HTTP/1.1\r\n\r\n"))
 	r.egress(b.fromServer(fPSH|fACK, "HTTP/1.1 200 OK\r\n\r\n"))
-	s := r.sessions(2)
+	// A SYN sent again (t1+2000) before the SYN-ACK that answers the
+	// first one (sent at t1+1000) arrives: the handshake runs from the
+	// first SYN.
+	c := newConv("10.1.0.1:40002", "10.1.0.2:8080")
+	syn := c.fromClient(fSYN, "")
+	r.sendAt(r.in, r.inIdx, syn, t1)
+	r.sendAt(r.in, r.inIdx, syn, t1+2000)
+	r.sendAt(r.out, r.outIdx, c.fromServer(fSYN|fACK, ""), t1+1000)
+	s := r.sessions(3)
 	hi := monotonicNow()
-	if len(s) != 2 || s[0].Client.Port() != 40000 || s[1].Client.Port() != 40001 {
-		t.Fatalf("sessions %+v, want ports 40000 and 40001", s)
+	if len(s) != 3 || s[0].Client.Port() != 40000 || s[1].Client.Port() != 40001 || s[2].Client.Port() != 40002 {
+		t.Fatalf("sessions %+v, want ports 40000, 40001 and 40002", s)
 	}
 	times := func(e SessionEntry) []uint64 {
 		q, p := e.Dir[dirRequest], e.Dir[dirResponse]
@@ -301,5 +311,15 @@ func TestPacketTime(t *testing.T) {
 	}
 	if got := times(s[1].Entry); !inClock(got) {
 		t.Errorf("packets without a departure time: times %v, want the clock's, in [%d, %d]", got, lo, hi)
+	}
+	// SYN and SYN-ACK of the connection whose SYN went twice.
+	e := s[2].Entry
+	syn0, synack := e.Dir[dirRequest].OpenTs, e.Dir[dirResponse].OpenTs
+	if inlineVariant() {
+		if !inClock([]uint64{syn0, synack}) || synack <= syn0 {
+			t.Errorf("tcInline: SYN %d, SYN-ACK %d: want the clock's, in order, in [%d, %d]", syn0, synack, lo, hi)
+		}
+	} else if syn0 != t1 || synack != t1+1000 {
+		t.Errorf("SYN %d, SYN-ACK %d: want the first SYN's %d and %d", syn0, synack, t1, t1+1000)
 	}
 }

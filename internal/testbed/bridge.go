@@ -168,8 +168,10 @@ func (n *Node) AddPodAt(t testing.TB, name string, hostIndex int) *Pod {
 		p.NS.IP(t, "-6", "route", "add", "default", "via", nth(bridgeNet6, 1).String())
 	case Routed:
 		p.IP, p.IP6 = nth(routedNet4, idx), nth(routedNet6, idx)
-		// The node answers for the pod's gateway on the veth.
-		sysctl(t, n.NS, "net.ipv4.conf."+p.HostVeth+".proxy_arp=1")
+		// The node answers for the pod's gateway on the veth, at once
+		// (as Calico sets it: by default a proxy ARP answer waits up
+		// to 0.8 s, which can make a pod's first SYN go twice).
+		sysctl(t, n.NS, "net.ipv4.conf."+p.HostVeth+".proxy_arp=1", "net.ipv4.neigh."+p.HostVeth+".proxy_delay=0")
 		n.NS.IP(t, "link", "set", p.HostVeth, "up")
 		n.NS.IP(t, "addr", "add", "fe80::1/64", "dev", p.HostVeth, "nodad")
 		n.NS.IP(t, "route", "add", p.IP.String()+"/32", "dev", p.HostVeth, "scope", "link")
